@@ -1,0 +1,121 @@
+"""The `sphuatuo` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sphuatuo.recipe import RecipeError, load_recipe
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
+
+EPILOG = """examples:
+  sphuatuo demo                                   the Self-Play pipeline on SmolLM2-135M, local Ray, CPU
+  sphuatuo validate pipelines/sp_huatuo_7b.yaml   check a recipe without running anything
+  sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
+  sphuatuo data check questions.csv --format cmexam
+  sphuatuo report runs/demo
+"""
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a recipe field, e.g. --set stages.sft.learning_rate=2e-5 (repeatable)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sphuatuo", description="Self-Play medical reasoning recipes on Ray, vLLM and DeepSpeed.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a recipe (resumes: finished stages are skipped)")
+    run.add_argument("recipe", help="recipe YAML file")
+    _overrides(run)
+
+    demo = commands.add_parser("demo", help="run the demo recipe (SmolLM2-135M on local Ray, a few minutes on CPU)")
+    demo.add_argument("--run-root", default=None, help="where the run goes (default: the recipe's, runs/demo)")
+    _overrides(demo)
+
+    validate = commands.add_parser("validate", help="check recipe files; print every error with its field")
+    validate.add_argument("recipes", nargs="+", help="recipe YAML files")
+    _overrides(validate)
+
+    data = commands.add_parser("data", help="question files")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = data_commands.add_parser("check", help="load a question file; print valid/rejected counts and reasons")
+    check.add_argument("path")
+    check.add_argument("--format", default=None, help="loader name (default: detected)")
+    check.add_argument("--rejects", default=None, help="also write the rejects as JSONL to this file")
+
+    report = commands.add_parser("report", help="(re)write report.md of a run")
+    report.add_argument("run_root")
+
+    models = commands.add_parser("models", help="build the models that ship with no download")
+    models.add_argument("which", choices=["tiny", "smollm2"], help="tiny random Qwen2, or SmolLM2-135M-Instruct")
+    return parser
+
+
+def _run(recipe_path: str, overrides: list[str]) -> int:
+    from sphuatuo.pipeline import run_pipeline
+    from sphuatuo.report import write_report
+
+    recipe = load_recipe(recipe_path, overrides)
+    run = run_pipeline(recipe)
+    print(f"report: {write_report(run)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args.recipe, args.overrides)
+        if args.command == "demo":
+            overrides = args.overrides + ([f"run_root={args.run_root}"] if args.run_root else [])
+            return _run(str(DEMO_RECIPE), overrides)
+        if args.command == "validate":
+            failed = 0
+            for path in args.recipes:
+                try:
+                    recipe = load_recipe(path, args.overrides)
+                    print(f"{path}: valid recipe {recipe.name!r}")
+                except RecipeError as err:
+                    print(err, file=sys.stderr)
+                    failed += 1
+            return 1 if failed else 0
+        if args.command == "data":
+            from sphuatuo.data.loaders import load_questions, summarize, write_rejects
+            from sphuatuo.stages.questions import resolve_source_path
+
+            result = load_questions(resolve_source_path(args.path), format=args.format)
+            print(summarize(result))
+            if args.rejects:
+                write_rejects(result.rejects, args.rejects)
+            return 0
+        if args.command == "report":
+            from sphuatuo.report import write_report
+            from sphuatuo.runs import RunRoot
+
+            print(f"report: {write_report(RunRoot(args.run_root))}")
+            return 0
+        if args.command == "models":
+            from sphuatuo.local_models import build_smollm2, build_tiny_model
+
+            print(build_tiny_model() if args.which == "tiny" else build_smollm2())
+            return 0
+    except RecipeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Inference back-ends behind one interface.
+
+`generate(ds, engine, sampling)` takes a Ray Dataset whose rows carry a `messages` column (OpenAI chat
+format) and returns it with four columns added:
+
+    generated_text, num_input_tokens, num_generated_tokens, finish_reason ("stop" | "length")
+
+The chat template is the model's own (applied by the engine), so a model is prompted the same way
+when it is trained, sampled and evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ray.data
+
+from sphuatuo.local_models import resolve_model
+from sphuatuo.recipe import EngineConfig, SamplingConfig
+
+GENERATION_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Sampling for every row of one `generate` call."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, sampling: SamplingConfig, allowed_token_ids: Sequence[int] | None = None) -> Request:
+        return cls(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            allowed_token_ids=tuple(allowed_token_ids) if allowed_token_ids else None,
+        )
+
+
+def cpu_runtime_env() -> dict[str, dict[str, str]]:
+    """Environment an engine actor needs on a CPU-only node (harmless where GPUs exist)."""
+    defaults = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {"env_vars": {key: os.environ.get(key, value) for key, value in defaults.items()}}
+
+
+def generate(
+    ds: ray.data.Dataset,
+    engine: EngineConfig,
+    request: Request,
+    *,
+    model: str | None = None,
+) -> ray.data.Dataset:
+    """Run every row's `messages` through `model` (default: the engine's own) and add the outputs."""
+    model_path = resolve_model(model or engine.model)
+    if engine.backend == "vllm":
+        from sphuatuo.engines.vllm import generate_vllm
+
+        return generate_vllm(ds, engine, request, model_path)
+    from sphuatuo.engines.hf import generate_hf
+
+    return generate_hf(ds, engine, request, model_path)

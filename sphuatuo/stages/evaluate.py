@@ -1,0 +1,84 @@
+"""Evaluation of the base, SFT and DPO students on the held-out questions (METHOD A.6, B.5).
+
+Greedy decoding by default, a token budget that fits the chain of thought (the original 450 cut it
+short). Multiple-choice items are scored by option-letter set equality, open-ended ones by the judge.
+First-match and last-match accuracy are reported separately, and an empty or unparsable reply counts
+as wrong and is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from sphuatuo.data.questions import Question
+from sphuatuo.parsing import first_and_last_answers
+from sphuatuo.stages import StageContext, StageSkipped, log
+from sphuatuo.stages.generation import Row, count_tokens
+from sphuatuo.stages.student_answers import answer_questions
+from sphuatuo.stages.training import model_of
+
+NAME = "evaluate"
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of a proportion; sound at small n and near 0 or 1, unlike p ± 2σ."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def score(rows: list[Row]) -> dict:
+    """Accuracy (last match = the judge's verdict), first-match accuracy, unparsable count, per source."""
+    first_correct = 0
+    unparsable = 0
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in rows:
+        question = Question.from_row(row)
+        if question.is_multiple_choice:
+            first, last = first_and_last_answers(row["generated_text"], question.options)
+            first_correct += first == frozenset(question.answer)
+            unparsable += not last
+        else:
+            first_correct += bool(row["judge_verdict"])
+            unparsable += row["judge_verdict"] is None or not row["generated_text"].strip()
+        per_source[question.source or "unknown"][0] += bool(row["judge_verdict"])
+        per_source[question.source or "unknown"][1] += 1
+    correct = sum(1 for row in rows if row["judge_verdict"])
+    total = len(rows)
+    return {
+        "n": total,
+        "correct": correct,
+        "accuracy": correct / total if total else 0.0,
+        "ci95": wilson_interval(correct, total),
+        "first_match_accuracy": first_correct / total if total else 0.0,
+        "unparsable": unparsable,
+        "truncated": sum(1 for row in rows if row["truncated"]),
+        "per_source": {source: {"n": n, "accuracy": c / n} for source, (c, n) in sorted(per_source.items())},
+    }
+
+
+def run(ctx: StageContext) -> None:
+    stage = ctx.recipe.stages.evaluate
+    questions = ctx.run.read_rows("questions", "test")
+    ctx.record.rows_in = len(questions)
+    if not questions:
+        raise StageSkipped("no test questions (set data.test or data.test_fraction)")
+    results = ctx.record.details.setdefault("models", {})
+    all_rows: list[Row] = []
+    for name in stage.models:
+        try:
+            model = model_of(ctx, name)
+        except StageSkipped as missing:
+            ctx.note(f"not evaluating {name}: {missing}")
+            continue
+        log.info("evaluating %s (%s) on %d questions", name, model, len(questions))
+        rows = answer_questions(ctx, questions, f"{NAME}/{name}", model, stage.prompt, stage.sampling)
+        results[name] = score(rows)
+        all_rows.extend(rows)
+        ctx.note(f"{name}: accuracy {results[name]['accuracy']:.1%} on {len(rows)} questions")
+    ctx.record.rows_out = len(all_rows)
+    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(all_rows)

@@ -1,0 +1,79 @@
+"""One resumable generation pass: prompt rows, run them through an engine, append to a dataset folder.
+
+Keys already present in the folder are not generated again, so a pass interrupted by a crash loses at
+most the batches in flight, and a finished pass costs nothing when re-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ray.data
+
+from sphuatuo import engines
+from sphuatuo.engines import Request
+from sphuatuo.parsing import split_think_answer
+from sphuatuo.prompts import Messages
+from sphuatuo.recipe import EngineConfig
+from sphuatuo.stages import StageContext, log
+
+Row = dict[str, Any]
+
+
+def missing_rows(ctx: StageContext, rows: list[Row], folder: str, key: str = "key") -> list[Row]:
+    done = set(ctx.run.read_column(key, folder))
+    todo = [row for row in rows if row[key] not in done]
+    if done:
+        log.info("%s: %d rows already written, %d to go", folder, len(rows) - len(todo), len(todo))
+    return todo
+
+
+def generate_pass(
+    ctx: StageContext,
+    rows: list[Row],
+    folder: str,
+    *,
+    engine: EngineConfig,
+    request: Request,
+    messages: Callable[[Row], Messages],
+    model: str | None = None,
+) -> int:
+    """Generate a reply for each row not yet in `folder`; return how many rows were written now.
+
+    Each row needs a unique `key`. Output rows are the input rows plus the engine's columns
+    (see `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
+    """
+    todo = missing_rows(ctx, rows, folder)
+    if not todo:
+        return 0
+    model_name = model or engine.model
+    ds = ray.data.from_items([{**row, "messages": messages(row)} for row in todo])
+    ds = engines.generate(ds, engine, request, model=model_name)
+    ds = ds.map(lambda row: {**{k: v for k, v in row.items() if k != "messages"}, "model": model_name})
+    write_rows(ctx, ds, folder)
+    return len(todo)
+
+
+def write_rows(ctx: StageContext, ds: ray.data.Dataset, folder: str) -> None:
+    ds.write_parquet(ctx.run.join(folder))
+
+
+def count_tokens(rows: list[Row]) -> tuple[int, int]:
+    return (
+        sum(int(row.get("num_input_tokens") or 0) for row in rows),
+        sum(int(row.get("num_generated_tokens") or 0) for row in rows),
+    )
+
+
+def parse_reply(row: Row) -> Row:
+    """Split the reply into thought and answer; a reply cut at the token budget is never complete."""
+    parsed = split_think_answer(row["generated_text"])
+    truncated = row["finish_reason"] == "length"
+    return {
+        **row,
+        "think": parsed.think,
+        "answer_text": parsed.answer,
+        "truncated": truncated,
+        "parse_error": "truncated at max_tokens" if truncated else parsed.parse_error,
+    }

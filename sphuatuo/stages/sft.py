@@ -1,0 +1,49 @@
+"""SFT of the student on the teacher's accepted chains of thought (METHOD A.2).
+
+One example per question: its accepted teacher answer (an unhinted one when both exist), prompted
+exactly as the student is prompted at test time, so train and test share one chat format.
+"""
+
+from __future__ import annotations
+
+from sphuatuo.data.questions import Question
+from sphuatuo.prompts import get_prompt, options_block
+from sphuatuo.stages import StageContext
+from sphuatuo.stages.generation import Row
+from sphuatuo.stages.training import model_of, train_stage
+from sphuatuo.train.sft import sft_worker
+
+NAME = "sft"
+
+
+def format_cot(think: str, answer: str) -> str:
+    return f"<think>\n{think.strip()}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
+
+
+def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:
+    prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
+    best: dict[str, Row] = {}
+    for row in teacher_rows:
+        if not row["judge_verdict"] or row["truncated"] or row["parse_error"]:
+            continue
+        if row["id"] not in best or (best[row["id"]]["hinted"] and not row["hinted"]):
+            best[row["id"]] = row
+    examples = []
+    for qid, row in sorted(best.items()):
+        question = Question.from_row(row)
+        examples.append({
+            "id": qid,
+            "prompt": prompt.messages(question=question.question, options_block=options_block(question)),
+            "completion": [{"role": "assistant", "content": format_cot(row["think"], row["answer_text"])}],
+            "teacher_model": row["model"],
+            "teacher_prompt": row["prompt"],
+            "hinted": row["hinted"],
+        })
+    return examples
+
+
+def run(ctx: StageContext) -> None:
+    teacher_rows = ctx.run.read_rows("teacher_cot", "first") + ctx.run.read_rows("teacher_cot", "hinted")
+    ctx.record.rows_in = len(teacher_rows)
+    examples = sft_examples(ctx, teacher_rows)
+    train_stage(ctx, NAME, ctx.recipe.stages.sft, examples, sft_worker, model_of(ctx, "base"))

@@ -1,0 +1,71 @@
+"""Teacher long chain-of-thought (METHOD A.1).
+
+For each training question the teacher writes `<think>…</think><answer>…</answer>`. The gold answer is
+not shown (unlike the original script, whose one-shot example leaked it) unless the recipe sets
+`reveal_reference`. Every answer is judged against the reference, and only accepted, complete answers
+go on to SFT: rejection sampling. With `retry_with_reference`, rejected questions are asked once more
+with the reference shown, and those rows are marked `hinted`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sphuatuo.data.questions import Question
+from sphuatuo.engines import Request
+from sphuatuo.judge import generate_and_judge
+from sphuatuo.prompts import get_prompt, options_block
+from sphuatuo.stages import StageContext, StageSkipped
+from sphuatuo.stages.generation import Row, count_tokens
+
+NAME = "teacher_cot"
+
+
+def teacher_messages(ctx: StageContext, row: Row) -> list[dict[str, str]]:
+    stage = ctx.recipe.stages.teacher_cot
+    question = Question.from_row(row)
+    hint = get_prompt("self_play/reference_hint").render_user(reference=question.answer_text) if row["hinted"] else ""
+    return get_prompt(stage.prompt).messages(
+        question=question.question, options_block=options_block(question), reference_hint=hint
+    )
+
+
+def run(ctx: StageContext) -> None:
+    stage = ctx.recipe.stages.teacher_cot
+    teacher = ctx.recipe.models.teacher
+    questions = ctx.run.read_rows("questions", "train")
+    ctx.record.rows_in = len(questions)
+    if not questions:
+        raise StageSkipped("no training questions (the questions stage wrote zero valid rows)")
+
+    prompt = get_prompt(stage.prompt)
+    request = Request.from_config(stage.sampling)
+    meta = {"prompt": prompt.tag, "sampling": json.dumps(stage.sampling.model_dump())}
+    first = [{**q, **meta, "key": q["id"], "hinted": stage.reveal_reference} for q in questions]
+    generate_and_judge(ctx, first, f"{NAME}/first", engine=teacher, request=request,
+                       messages=lambda row: teacher_messages(ctx, row))
+
+    if stage.retry_with_reference and not stage.reveal_reference:
+        judged = ctx.run.read_rows(NAME, "first")
+        rejected_ids = {row["id"] for row in judged if not _usable(row)}
+        retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True} for row in first if row["id"] in rejected_ids]
+        ctx.note(f"{len(retry)} rejected questions asked again with the reference shown (hinted)")
+        generate_and_judge(ctx, retry, f"{NAME}/hinted", engine=teacher, request=request,
+                           messages=lambda row: teacher_messages(ctx, row))
+
+    rows = ctx.run.read_rows(NAME, "first") + ctx.run.read_rows(NAME, "hinted")
+    accepted = {row["id"] for row in rows if _usable(row)}
+    ctx.record.rows_out = len(accepted)
+    ctx.record.rows_failed = sum(1 for row in rows if row["parse_error"])
+    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(rows)
+    ctx.record.details.update(
+        samples=len(rows),
+        accepted_unhinted=sum(1 for row in rows if _usable(row) and not row["hinted"]),
+        accepted_hinted=sum(1 for row in rows if _usable(row) and row["hinted"]),
+        truncated=sum(1 for row in rows if row["truncated"]),
+    )
+    ctx.note(f"{len(accepted)} of {len(questions)} questions have an accepted teacher answer")
+
+
+def _usable(row: Row) -> bool:
+    return bool(row["judge_verdict"]) and not row["truncated"]

@@ -1,0 +1,196 @@
+"""Ray Train launch of a TRL trainer: one TorchTrainer per training stage.
+
+Checkpoints go to `<run root>/checkpoints/<stage>` through Ray Train's own storage, so every node
+sees them and a re-run with the same name resumes. The stage's product is one consolidated Hugging
+Face model directory at `<run root>/<stage>/model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from sphuatuo.recipe import TrainStage
+from sphuatuo.runs import RunRoot
+from sphuatuo.train.deepspeed import deepspeed_config
+
+WORKER_ENV_CPU = {
+    "DS_ACCELERATOR": "cpu",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def fit(
+    run: RunRoot,
+    stage_name: str,
+    stage: TrainStage,
+    worker_fn: Callable[[dict[str, Any]], None],
+    worker_config: dict[str, Any],
+) -> None:
+    """Run `worker_fn` on `stage.scaling.num_workers` Ray Train workers; raise if training fails."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = stage.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    env = {key: os.environ.get(key, value) for key, value in WORKER_ENV_CPU.items()}
+    if scaling.use_gpu:
+        env.pop("DS_ACCELERATOR")
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker_fn,
+        train_loop_config={**worker_config, "stage": stage.model_dump(mode="json"), "run_root": run.uri,
+                           "stage_name": stage_name},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=stage_name,
+            storage_path=run.join("checkpoints"),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=stage.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    trainer.fit()
+
+
+def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> dict[str, Any]:
+    """Arguments shared by SFTConfig and DPOConfig, straight from the recipe."""
+    return {
+        "output_dir": output_dir,
+        "learning_rate": stage.learning_rate,
+        "num_train_epochs": stage.epochs,
+        "max_steps": stage.max_steps,
+        "lr_scheduler_type": stage.lr_scheduler,
+        "warmup_ratio": stage.warmup_ratio,
+        "weight_decay": stage.weight_decay,
+        "per_device_train_batch_size": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.grad_accumulation,
+        "max_length": stage.max_length,
+        "bf16": stage.precision == "bf16",
+        "gradient_checkpointing": stage.gradient_checkpointing,
+        "seed": stage.seed,
+        "data_seed": stage.seed,
+        "logging_steps": 1,
+        "logging_first_step": True,
+        "save_strategy": "steps" if stage.checkpoint_every_steps else "no",
+        "save_steps": stage.checkpoint_every_steps or 500,
+        "save_total_limit": 1,
+        "report_to": list(stage.report_to),
+        "disable_tqdm": True,
+        "use_cpu": not on_gpu,
+        "deepspeed": deepspeed_config(stage.scaling.zero_stage, on_gpu=on_gpu),
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": True,
+    }
+
+
+@dataclass
+class WorkerSetup:
+    """What every training worker builds before its TRL trainer: the same for SFT and DPO."""
+
+    config: dict[str, Any]
+    stage: Any
+    model: Any
+    tokenizer: Any
+    peft_config: Any
+    arguments: dict[str, Any]
+    callbacks: list[Any]
+
+    def dataset(self, columns: list[str]) -> Any:
+        from datasets import Dataset
+
+        rows = RunRoot(self.config["run_root"]).read_rows(self.config["data"])
+        return Dataset.from_list([{column: row[column] for column in columns} for row in rows])
+
+    def train_and_export(self, trainer: Any) -> None:
+        from ray.train.huggingface.transformers import prepare_trainer
+
+        trainer = prepare_trainer(trainer)
+        trainer.train(resume_from_checkpoint=resume_checkpoint())
+        export_model(trainer, self.config["model"], self.config["run_root"], self.config["stage_name"],
+                     self.stage.finetuning)
+
+
+def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> WorkerSetup:
+    """Distributed init, model, tokenizer, LoRA config and Trainer arguments from the recipe stage."""
+    import deepspeed
+    from peft import LoraConfig
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage = stage_type.model_validate(config["stage"])
+    on_gpu = stage.scaling.use_gpu
+    if stage.scaling.zero_stage and not on_gpu:
+        # Before any Trainer config: ZeRO-3 on gloo otherwise miscounts the world size.
+        deepspeed.init_distributed(dist_backend="gloo")
+    peft_config = None
+    if stage.finetuning == "lora":
+        lora = stage.lora
+        peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return WorkerSetup(
+        config=config,
+        stage=stage,
+        model=AutoModelForCausalLM.from_pretrained(
+            config["model"], dtype="bfloat16" if stage.precision == "bf16" else "float32"
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(config["model"]),
+        peft_config=peft_config,
+        arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu),
+        callbacks=[RayTrainReportCallback()],
+    )
+
+
+def resume_checkpoint() -> str | None:
+    """The Hugging Face checkpoint inside Ray Train's latest checkpoint, copied locally, if any."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = checkpoint.to_directory()
+    return str(Path(local) / "checkpoint")
+
+
+def export_model(trainer: Any, base_model: str, run_root: str, stage_name: str, finetuning: str) -> None:
+    """Save one consolidated HF model directory (LoRA merged) plus the loss log, from rank 0.
+
+    Every rank calls `save_model` (ZeRO-3 gathers the shards collectively); rank 0 writes the rest.
+    """
+    local = tempfile.mkdtemp(prefix=f"sphuatuo-{stage_name}-")
+    trainer.save_model(local)
+    if trainer.args.process_index == 0:
+        if finetuning == "lora":
+            _merge_lora(local, base_model)
+        trainer.processing_class.save_pretrained(local)
+        run = RunRoot(run_root)
+        run.write_text(json.dumps(trainer.state.log_history, indent=1), stage_name, "train_log.json")
+        destination = run.fs_path(stage_name, "model")
+        if run.exists(stage_name, "model"):
+            run.fs.delete_dir(destination)
+        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _merge_lora(adapter_dir: str, base_model: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    for name in os.listdir(adapter_dir):
+        if name.startswith("adapter_"):
+            os.remove(os.path.join(adapter_dir, name))
+    merged.save_pretrained(adapter_dir, safe_serialization=True)

