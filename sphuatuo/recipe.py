@@ -50,6 +50,8 @@ class EngineConfig(Strict):
     replicas: int = Field(default=1, ge=1, description="engine actors (data parallel)")
     batch_size: int = Field(default=16, ge=1)
     cpus_per_replica: float = Field(default=1, gt=0)
+    cpu_threads: int | None = Field(default=None, ge=1, description="CPU engines: compute threads per replica "
+                                                                   "(default: cpus_per_replica rounded up)")
     gpus_per_replica: float = Field(default=0, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int = Field(default=4096, ge=64)

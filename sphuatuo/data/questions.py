@@ -57,6 +57,8 @@ class Question(BaseModel):
     def _answer_letters(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [ch for ch in value.upper() if ch in OPTION_LETTERS]
+        if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"answer must be option letter(s), got {value!r}")
         return tuple(sorted({str(letter).strip().upper() for letter in value}))
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ when it is trained, sampled and evaluated.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,9 +45,16 @@ class Request:
         )
 
 
-def cpu_runtime_env() -> dict[str, dict[str, str]]:
-    """Environment an engine actor needs on a CPU-only node (harmless where GPUs exist)."""
+# CPUs asked for by the row-wise steps around an engine (prompt building, parsing, writing): small, so
+# that on a 2-core machine they never wait for the cores the engine replicas hold.
+LIGHT_CPUS = 0.1
+
+
+def cpu_runtime_env(engine: EngineConfig) -> dict[str, dict[str, str]]:
+    """Environment an engine actor needs on a CPU-only node."""
     defaults = {
+        # Ray would set this to the actor's CPU count rounded down; an engine should use its share.
+        "OMP_NUM_THREADS": str(engine.cpu_threads or max(1, math.ceil(engine.cpus_per_replica))),
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -97,5 +97,5 @@ def generate_hf(ds: ray.data.Dataset, engine: EngineConfig, request: Request, mo
         concurrency=engine.replicas,
         num_cpus=engine.cpus_per_replica,
         num_gpus=engine.gpus_per_replica,
-        runtime_env=cpu_runtime_env(),
+        runtime_env=None if engine.gpus_per_replica else cpu_runtime_env(engine),
     )

@@ -8,7 +8,7 @@ from typing import Any
 import ray.data
 from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-from sphuatuo.engines import Request, cpu_runtime_env
+from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env
 from sphuatuo.recipe import EngineConfig
 
 
@@ -45,12 +45,14 @@ def processor_config(engine: EngineConfig, model_path: str) -> vLLMEngineProcess
         batch_size=engine.batch_size,
         concurrency=engine.replicas,
         placement_group_config={"bundle_per_worker": bundle},
-        runtime_env=None if on_gpu else cpu_runtime_env(),
+        runtime_env=None if on_gpu else cpu_runtime_env(engine),
         # vLLM tokenizes and detokenizes inside the engine; separate Ray stages would only add
         # actors competing for the same cores.
         tokenize_stage=False,
         detokenize_stage=False,
-        chat_template_stage={"enabled": True, "concurrency": 1, "batch_size": engine.batch_size},
+        # Templating is light: a sliver of a CPU, so it never waits behind the engine for a core.
+        chat_template_stage={"enabled": True, "concurrency": 1, "batch_size": engine.batch_size,
+                             "num_cpus": LIGHT_CPUS},
         # Needs Ray's Prometheus metrics stack, which only the `ray[default]` dashboard brings up.
         log_engine_metrics=False,
     )
@@ -73,5 +75,7 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
         return out
 
     _input_columns = set(ds.columns())
-    processor = build_processor(processor_config(engine, model_path), preprocess=preprocess, postprocess=postprocess)
+    processor = build_processor(processor_config(engine, model_path), preprocess=preprocess, postprocess=postprocess,
+                                preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
+                                postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
     return processor(ds)

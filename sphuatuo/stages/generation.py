@@ -12,7 +12,7 @@ from typing import Any
 import ray.data
 
 from sphuatuo import engines
-from sphuatuo.engines import Request
+from sphuatuo.engines import LIGHT_CPUS, Request
 from sphuatuo.parsing import split_think_answer
 from sphuatuo.prompts import Messages
 from sphuatuo.recipe import EngineConfig
@@ -50,13 +50,14 @@ def generate_pass(
     model_name = model or engine.model
     ds = ray.data.from_items([{**row, "messages": messages(row)} for row in todo])
     ds = engines.generate(ds, engine, request, model=model_name)
-    ds = ds.map(lambda row: {**{k: v for k, v in row.items() if k != "messages"}, "model": model_name})
+    ds = ds.map(lambda row: {**{k: v for k, v in row.items() if k != "messages"}, "model": model_name},
+                num_cpus=LIGHT_CPUS)
     write_rows(ctx, ds, folder)
     return len(todo)
 
 
 def write_rows(ctx: StageContext, ds: ray.data.Dataset, folder: str) -> None:
-    ds.write_parquet(ctx.run.join(folder))
+    ds.write_parquet(ctx.run.join(folder), ray_remote_args={"num_cpus": LIGHT_CPUS})
 
 
 def count_tokens(rows: list[Row]) -> tuple[int, int]:

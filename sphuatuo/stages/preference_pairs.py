@@ -37,12 +37,14 @@ def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.preference_pairs
     answers = ctx.run.read_rows("student_answers", "judged")
     ctx.record.rows_in = len(answers)
+    if not answers:
+        raise StageSkipped("no student answers to correct (the student_answers stage wrote none)")
     wrong = [row for row in answers if not row["judge_verdict"] and row["generated_text"].strip()]
     if not wrong:
         raise StageSkipped("the SFT student answered no training question wrongly: nothing to correct")
 
     question_columns = list(Question.model_fields)
-    meta = {"prompt": get_prompt(stage.prompt).tag, "sampling": json.dumps(stage.sampling.model_dump()),
+    meta = {"prompt_version": get_prompt(stage.prompt).tag, "sampling": json.dumps(stage.sampling.model_dump()),
             "hinted": True}
     requests = [
         {**{c: row[c] for c in question_columns}, **meta, "key": row["id"], "original_key": row["key"],

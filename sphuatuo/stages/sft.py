@@ -36,7 +36,7 @@ def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:
             "prompt": prompt.messages(question=question.question, options_block=options_block(question)),
             "completion": [{"role": "assistant", "content": format_cot(row["think"], row["answer_text"])}],
             "teacher_model": row["model"],
-            "teacher_prompt": row["prompt"],
+            "teacher_prompt_version": row["prompt_version"],
             "hinted": row["hinted"],
         })
     return examples

@@ -27,7 +27,7 @@ def student_messages(prompt_name: str, row: Row) -> Messages:
 def answer_questions(ctx: StageContext, questions: list[Row], folder: str, model: str, prompt_name: str,
                      sampling: SamplingConfig) -> list[Row]:
     """One judged answer per question from `model` (the student engine), in `folder`."""
-    meta = {"prompt": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump())}
+    meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump())}
     rows = [{**q, **meta, "key": q["id"], "hinted": False} for q in questions]
     return generate_and_judge(ctx, rows, folder, engine=ctx.recipe.models.student,
                               request=Request.from_config(sampling), model=model,

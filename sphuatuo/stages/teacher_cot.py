@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> None:
 
     prompt = get_prompt(stage.prompt)
     request = Request.from_config(stage.sampling)
-    meta = {"prompt": prompt.tag, "sampling": json.dumps(stage.sampling.model_dump())}
+    meta = {"prompt_version": prompt.tag, "sampling": json.dumps(stage.sampling.model_dump())}
     first = [{**q, **meta, "key": q["id"], "hinted": stage.reveal_reference} for q in questions]
     generate_and_judge(ctx, first, f"{NAME}/first", engine=teacher, request=request,
                        messages=lambda row: teacher_messages(ctx, row))

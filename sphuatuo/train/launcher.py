@@ -73,7 +73,7 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> d
         "num_train_epochs": stage.epochs,
         "max_steps": stage.max_steps,
         "lr_scheduler_type": stage.lr_scheduler,
-        "warmup_ratio": stage.warmup_ratio,
+        "warmup_steps": stage.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
         "weight_decay": stage.weight_decay,
         "per_device_train_batch_size": stage.micro_batch_size,
         "gradient_accumulation_steps": stage.grad_accumulation,
@@ -87,7 +87,7 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> d
         "save_strategy": "steps" if stage.checkpoint_every_steps else "no",
         "save_steps": stage.checkpoint_every_steps or 500,
         "save_total_limit": 1,
-        "report_to": list(stage.report_to),
+        "report_to": list(stage.report_to) or "none",
         "disable_tqdm": True,
         "use_cpu": not on_gpu,
         "deepspeed": deepspeed_config(stage.scaling.zero_stage, on_gpu=on_gpu),
@@ -177,9 +177,12 @@ def export_model(trainer: Any, base_model: str, run_root: str, stage_name: str, 
         trainer.processing_class.save_pretrained(local)
         run = RunRoot(run_root)
         run.write_text(json.dumps(trainer.state.log_history, indent=1), stage_name, "train_log.json")
+        # A pickle of the Trainer's arguments: no one should have to unpickle it to load the model.
+        Path(local, "training_args.bin").unlink(missing_ok=True)
         destination = run.fs_path(stage_name, "model")
         if run.exists(stage_name, "model"):
             run.fs.delete_dir(destination)
+        run.fs.create_dir(destination, recursive=True)
         pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
     shutil.rmtree(local, ignore_errors=True)
 

@@ -1,0 +1,88 @@
+"""Recipes: every shipped recipe validates; a broken one is refused with each field named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sphuatuo.recipe import RecipeError, load_recipe
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return path
+
+
+def _demo_raw() -> dict:
+    return yaml.safe_load((PIPELINES / "demo.yaml").read_text())
+
+
+def test_wrong_type_and_unknown_key_are_named_with_the_file(tmp_path: Path) -> None:
+    raw = _demo_raw()
+    raw["stages"]["sft"]["learning_rate"] = "fast"
+    raw["stages"]["dpo"]["betta"] = 0.1
+    path = _write(tmp_path, raw)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "stages.sft.learning_rate:" in message and "'fast'" in message
+    assert "stages.dpo.betta: unknown field" in message
+    assert len(caught.value.problems) == 2
+
+
+def test_missing_required_field_and_bad_values(tmp_path: Path) -> None:
+    raw = _demo_raw()
+    del raw["models"]["teacher"]["model"]
+    raw["stages"]["teacher_cot"]["sampling"]["top_p"] = 1.5
+    raw["models"]["judge"] = {"kind": "llm"}
+    problems = "\n".join(pytest.raises(RecipeError, load_recipe, _write(tmp_path, raw)).value.problems)
+    assert "models.teacher.model: Field required" in problems
+    assert "stages.teacher_cot.sampling.top_p:" in problems
+    assert "models.judge: Value error, judge kind 'llm' needs an `engine`" in problems
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_overrides_are_typed_and_validated() -> None:
+    recipe = load_recipe(PIPELINES / "demo.yaml", ["stages.sft.epochs=2", "run_root=/tmp/x", "data.test_fraction=0.5"])
+    assert recipe.stages.sft.epochs == 2.0 and recipe.run_root == "/tmp/x" and recipe.data.test_fraction == 0.5
+    with pytest.raises(RecipeError, match="stages.sft.epochs"):
+        load_recipe(PIPELINES / "demo.yaml", ["stages.sft.epochs=-1"])
+    with pytest.raises(RecipeError, match="not of the form"):
+        load_recipe(PIPELINES / "demo.yaml", ["stages.sft.epochs"])
+
+
+def test_validate_command_exit_codes(tmp_path: Path) -> None:
+    good = subprocess.run([sys.executable, "-m", "sphuatuo.cli", "validate", str(PIPELINES / "demo.yaml")],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "valid recipe 'demo'" in good.stdout
+
+    raw = _demo_raw()
+    raw["stages"]["sft"]["scaling"]["zero_stage"] = 1
+    bad = subprocess.run([sys.executable, "-m", "sphuatuo.cli", "validate", str(_write(tmp_path, raw))],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "recipe.yaml: invalid recipe" in bad.stderr
+    assert "stages.sft.scaling.zero_stage:" in bad.stderr

@@ -1,0 +1,207 @@
+"""Each stage on the tiny model through real Ray: vLLM via ray.data.llm, transformers actor pools,
+Ray Train + DeepSpeed ZeRO-2 with TRL's SFT and DPO trainers.
+
+The tiny model is random, so its answers are gibberish and a judge never accepts its chains of
+thought; the training stages therefore get their inputs written by `_accepted_teacher_rows` /
+`_pairs` below — real text built from the sample bank's explanations — and are then run for real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_recipe
+from sphuatuo.data.questions import Question
+from sphuatuo.pipeline import run_pipeline
+from sphuatuo.report import write_report
+from sphuatuo.runs import RunRoot, StageRecord
+from sphuatuo.stages import StageContext, StageFailed, StageSkipped, dpo, evaluate, preference_pairs, questions, sft
+from sphuatuo.stages import student_answers, teacher_cot
+from sphuatuo.stages.sft import format_cot
+
+pytestmark = pytest.mark.slow
+
+FIXTURES = Path(__file__).parent / "fixtures" / "questions"
+
+
+def _context(recipe, stage_name: str = "test") -> StageContext:
+    return StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
+
+
+def _accepted_teacher_rows(run: RunRoot) -> list[dict]:
+    """What a good teacher would have produced: the bank's explanation as thought, the gold letters."""
+    rows = []
+    for q in run.read_rows("questions", "train"):
+        question = Question.from_row(q)
+        answer = ", ".join(question.answer)
+        text = format_cot(question.explanation, f"{answer}. {question.answer_text}")
+        rows.append({**q, "key": q["id"], "prompt_version": "self_play/teacher_cot@v1", "sampling": "{}",
+                     "hinted": False, "generated_text": text, "think": question.explanation,
+                     "answer_text": f"{answer}. {question.answer_text}", "parse_error": None, "truncated": False,
+                     "finish_reason": "stop", "num_input_tokens": 10, "num_generated_tokens": 20,
+                     "judge_verdict": True, "judged_by": "rule", "judge_raw": answer, "model": "teacher"})
+    return rows
+
+
+def test_questions_stage_keeps_good_rows_and_lists_rejects(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(FIXTURES / "broken_native.jsonl")}],
+                                              "data.test_fraction": 0.0, "data.max_error_share": 0.8})
+    ctx = _context(recipe)
+    questions.run(ctx)
+    rejects = [json.loads(line) for line in ctx.run.read_text("questions", "rejects.jsonl").splitlines()]
+    assert ctx.record.rows_rejected == len(rejects) > 0
+    assert ctx.record.rows_out == len(ctx.run.read_rows("questions", "train")) > 0
+    assert all(r["reason"] and r["row"] >= 1 and r["file"].endswith("broken_native.jsonl") for r in rejects)
+
+    strict = tiny_recipe(tmp_path / "strict", **{"data.train": [{"path": str(FIXTURES / "broken_native.jsonl")}],
+                                                 "data.max_error_share": 0.5})
+    with pytest.raises(StageFailed, match=r"rows rejected, more than data.max_error_share=0.5"):
+        questions.run(_context(strict))
+
+
+def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 4}],
+                                              "data.test_fraction": 0.0,
+                                              "stages.teacher_cot.retry_with_reference": False})
+    questions.run(_context(recipe))
+    ctx = _context(recipe)
+    teacher_cot.run(ctx)
+    rows = ctx.run.read_rows("teacher_cot", "first")
+    assert sorted(r["id"] for r in rows) == sorted(q["id"] for q in ctx.run.read_rows("questions", "train"))
+    for row in rows:
+        assert row["judged_by"] == "llm:builtin:tiny" and row["judge_raw"] in ("1", "2")
+        assert row["judge_verdict"] is (row["judge_raw"] == "1")
+        assert row["prompt_version"] == "self_play/teacher_cot@v1" and row["model"] == "builtin:tiny"
+        assert row["num_input_tokens"] > 0 and 0 < row["num_generated_tokens"] <= 32
+        # The budget is 32 tokens and the random model never stops: every reply is flagged truncated.
+        assert row["truncated"] and row["parse_error"] == "truncated at max_tokens"
+    assert ctx.record.input_tokens > 0 and ctx.record.rows_out == 0
+
+    files_before = ctx.run.parquet_files("teacher_cot", "first_generated")
+    teacher_cot.run(_context(recipe))
+    assert ctx.run.parquet_files("teacher_cot", "first_generated") == files_before
+
+
+def test_teacher_cot_on_hf_with_rule_judge_retries_rejected_questions_hinted(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 3}],
+                                              "data.test_fraction": 0.0,
+                                              "models.teacher.backend": "hf",
+                                              "models.judge.kind": "rule"})
+    questions.run(_context(recipe))
+    ctx = _context(recipe)
+    teacher_cot.run(ctx)
+    first = ctx.run.read_rows("teacher_cot", "first")
+    hinted = ctx.run.read_rows("teacher_cot", "hinted")
+    assert all(r["judged_by"] == "rule" and r["judge_verdict"] is False for r in first)
+    assert sorted(r["key"] for r in hinted) == sorted(f"{r['id']}:hinted" for r in first)
+    assert all(r["hinted"] for r in hinted) and not any(r["hinted"] for r in first)
+    assert ctx.record.details["samples"] == 6
+
+
+def test_sft_stage_trains_with_deepspeed_and_exports_a_model(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 8}],
+                                              "data.test_fraction": 0.0})
+    questions.run(_context(recipe))
+    run = RunRoot(recipe.run_root)
+    teacher = _accepted_teacher_rows(run)
+    run.write_rows([{**r, "hinted": True, "key": r["key"] + ":hinted"} for r in teacher[:2]], "teacher_cot", "hinted")
+    run.write_rows(teacher[2:], "teacher_cot", "first")
+    ctx = _context(recipe)
+    sft.run(ctx)
+
+    examples = run.read_rows("sft", "data")
+    assert len(examples) == 8 and sum(e["hinted"] for e in examples) == 2
+    example = examples[0]
+    assert [m["role"] for m in example["prompt"]] == ["system", "user"]
+    assert "<think>" in example["completion"][0]["content"] and "teacher_cot" not in example["prompt"][1]["content"]
+    log = json.loads(run.read_text("sft", "train_log.json"))
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 4  # 8 examples, micro batch 1 x 2 workers, 1 epoch
+    assert all(loss == loss and loss > 0 for loss in losses)  # finite
+    assert losses[-1] < losses[0]
+    assert run.exists("sft", "model", "model.safetensors") and run.exists("sft", "model", "tokenizer.json")
+    assert ctx.record.details["zero_stage"] == 2 and ctx.record.details["steps"] == 4
+
+
+def test_student_pairs_dpo_and_evaluate_after_sft(tmp_path: Path, ray_cluster) -> None:
+    # The rule judge: only answers with the right option letters count.
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 8}],
+                                              "data.test_fraction": 0.25, "models.judge.kind": "rule"})
+    run = RunRoot(recipe.run_root)
+    questions.run(_context(recipe))
+    run.write_rows(_accepted_teacher_rows(run), "teacher_cot", "first")
+    sft.run(_context(recipe))
+
+    answers = _context(recipe)
+    student_answers.run(answers)
+    rows = run.read_rows("student_answers", "judged")
+    assert len(rows) == 6 and all(r["model"].endswith("sft/model") for r in rows)
+    wrong = sum(1 for r in rows if not r["judge_verdict"])
+    assert answers.record.details["wrong"] == wrong and answers.record.details["correct"] == 6 - wrong
+    assert wrong > 0
+
+    pairs_ctx = _context(recipe)
+    preference_pairs.run(pairs_ctx)
+    details = pairs_ctx.record.details
+    corrections = run.read_rows("preference_pairs", "corrections")
+    assert details["wrong"] == details["corrected"] == len(corrections) == wrong
+    assert all(c["flawed_reply"] and c["original_key"] == c["id"] and c["hinted"] for c in corrections)
+    pairs = run.read_rows("preference_pairs", "pairs")
+    assert details["paired"] == len(pairs) <= details["verified"]
+    for pair in pairs:
+        assert pair["chosen"][0]["content"] != pair["rejected"][0]["content"]
+        assert pair["prompt"][-1]["content"].startswith(Question.from_row(
+            next(q for q in run.read_rows("questions", "train") if q["id"] == pair["id"])).question)
+
+    # Pairs from the bank: the gold chain of thought over a wrong letter, to train DPO for real.
+    run.write_rows(_pairs(run), "preference_pairs", "pairs")
+    dpo_ctx = _context(recipe)
+    dpo.run(dpo_ctx)
+    log = json.loads(run.read_text("dpo", "train_log.json"))
+    assert any("rewards/margins" in entry for entry in log)
+    assert run.exists("dpo", "model", "model.safetensors")
+
+    eval_ctx = _context(recipe)
+    evaluate.run(eval_ctx)
+    models = eval_ctx.record.details["models"]
+    assert set(models) == {"base", "sft", "dpo"}
+    for result in models.values():
+        assert result["n"] == 2 and 0.0 <= result["accuracy"] <= 1.0
+        low, high = result["ci95"]
+        assert low <= result["accuracy"] <= high
+
+
+def _pairs(run: RunRoot) -> list[dict]:
+    pairs = []
+    for q in run.read_rows("questions", "train"):
+        question = Question.from_row(q)
+        wrong = next(letter for letter in question.options if letter not in question.answer)
+        pairs.append({
+            "id": question.id, "strategy": "self_correction",
+            "prompt": [{"role": "user", "content": question.question}],
+            "chosen": [{"role": "assistant", "content": format_cot(question.explanation, ", ".join(question.answer))}],
+            "rejected": [{"role": "assistant", "content": format_cot("I am not sure.", wrong)}],
+        })
+    return pairs
+
+
+def test_a_stage_with_zero_rows_is_skipped_with_its_reason(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 2}],
+                                              "data.test_fraction": 0.0,
+                                              "models.judge.kind": "rule",
+                                              "stages.teacher_cot.retry_with_reference": False,
+                                              "models.teacher.backend": "hf"})
+    run = run_pipeline(recipe)
+    manifest = json.loads(run.read_text("manifest.json"))["stages"]
+    assert manifest["teacher_cot"]["status"] == "done" and manifest["teacher_cot"]["rows_out"] == 0
+    assert manifest["sft"]["status"] == "skipped"
+    assert "zero training examples" in manifest["sft"]["error"]
+    assert manifest["evaluate"]["status"] == "skipped" and "no test questions" in manifest["evaluate"]["error"]
+    report = run.read_text("report.md") if run.exists("report.md") else Path(write_report(run)).read_text()
+    assert "zero training examples for sft" in report
+
+    with pytest.raises(StageSkipped, match="no sft model"):
+        student_answers.run(_context(recipe))
