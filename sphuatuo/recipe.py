@@ -218,18 +218,23 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw recipe dict."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw recipe dict; a number selects a
+    list item (`data.train.0.limit=10`)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form field.path=value")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
+        node: Any = raw
+        *parents, leaf = key.split(".")
+        try:
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(leaf)] = yaml.safe_load(value)
+            else:
+                node[leaf] = yaml.safe_load(value)
+        except (ValueError, IndexError, AttributeError, TypeError):
+            raise ValueError(f"override {item!r}: {key} does not name a field of this recipe") from None
     return raw
 
 

@@ -36,11 +36,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A local Ray head on 127.0.0.1 with the job server; stopped at the end of the session."""
     port, dashboard_port = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
+    # Job drivers inherit the head's environment: put this venv's `sphuatuo` first on their PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(
         [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     )
     head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}"}
     try:

@@ -44,14 +44,16 @@ class HFChatGenerator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         request = self.request
-        prompts = [
-            self.tokenizer.apply_chat_template(
+        prompts = []
+        for messages in batch["messages"]:
+            # A chat ending in an assistant turn is a prefilled reply to continue (as ray.data.llm does).
+            prefilled = messages[-1]["role"] == "assistant"
+            prompts.append(self.tokenizer.apply_chat_template(
                 [{"role": m["role"], "content": m["content"]} for m in messages],
                 tokenize=False,
-                add_generation_prompt=True,
-            )
-            for messages in batch["messages"]
-        ]
+                add_generation_prompt=not prefilled,
+                continue_final_message=prefilled,
+            ))
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         sampling = request.temperature > 0
         if request.seed is not None:

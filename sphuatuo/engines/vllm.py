@@ -12,20 +12,20 @@ from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env
 from sphuatuo.recipe import EngineConfig
 
 
-def _sampling_params(request: Request) -> dict[str, Any]:
+def _sampling_params(request: Request, per_request_seed: bool) -> dict[str, Any]:
     params: dict[str, Any] = {
         "temperature": request.temperature,
         "top_p": request.top_p,
         "max_tokens": request.max_tokens,
     }
-    if request.seed is not None:
+    if request.seed is not None and per_request_seed:
         params["seed"] = request.seed
     if request.allowed_token_ids:
         params["allowed_token_ids"] = list(request.allowed_token_ids)
     return params
 
 
-def processor_config(engine: EngineConfig, model_path: str) -> vLLMEngineProcessorConfig:
+def processor_config(engine: EngineConfig, model_path: str, seed: int | None) -> vLLMEngineProcessorConfig:
     on_gpu = engine.gpus_per_replica > 0
     engine_kwargs = {
         "max_model_len": engine.max_model_len,
@@ -34,6 +34,9 @@ def processor_config(engine: EngineConfig, model_path: str) -> vLLMEngineProcess
         # On CPU, torch.compile costs a minute of engine start and recompiles on the first batches
         # for little throughput; measured: SmolLM2 starts in 5 s eager vs 60-80 s compiled.
         "enforce_eager": not on_gpu,
+        # vLLM 0.32 on CPU crashes on per-request seeds once a prompt is prefilled in chunks
+        # ("CPU Generator does not use offset"): seed the engine instead.
+        **({} if on_gpu or seed is None else {"seed": seed}),
         **engine.engine_kwargs,
     }
     bundle = {"CPU": engine.cpus_per_replica}
@@ -59,7 +62,8 @@ def processor_config(engine: EngineConfig, model_path: str) -> vLLMEngineProcess
 
 
 def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str) -> ray.data.Dataset:
-    sampling_params = _sampling_params(request)
+    on_gpu = engine.gpus_per_replica > 0
+    sampling_params = _sampling_params(request, per_request_seed=on_gpu)
     max_tokens = request.max_tokens
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +79,7 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
         return out
 
     _input_columns = set(ds.columns())
-    processor = build_processor(processor_config(engine, model_path), preprocess=preprocess, postprocess=postprocess,
+    processor = build_processor(processor_config(engine, model_path, request.seed), preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
                                 postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
     return processor(ds)

@@ -14,14 +14,28 @@ from sphuatuo.data.questions import Question
 Messages = list[dict[str, str]]
 
 
+class Example(BaseModel):
+    """A worked exchange shown before the question (few-shot, as chat turns)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str
+    assistant: str
+
+
 class PromptTemplate(BaseModel):
+    """System text, few-shot examples, a user message with named {fields}, and optionally the start of
+    the assistant's reply, which the model continues (e.g. `<think>` to enter the reasoning format)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     version: int
     description: str = ""
     system: str | None = None
+    examples: tuple[Example, ...] = ()
     user: str
+    assistant_prefix: str = ""
     fields: tuple[str, ...]
 
     @property
@@ -39,9 +53,20 @@ class PromptTemplate(BaseModel):
         return self.user.format(**values)
 
     def messages(self, **values: str) -> Messages:
+        """The chat to send; ends with the assistant prefix when there is one (the engine continues it)."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
+        for example in self.examples:
+            messages += [{"role": "user", "content": example.user}, {"role": "assistant", "content": example.assistant}]
         messages.append({"role": "user", "content": self.render_user(**values)})
+        if self.assistant_prefix:
+            messages.append({"role": "assistant", "content": self.assistant_prefix})
         return messages
+
+    def training_prompt(self, **values: str) -> Messages:
+        """The chat a training example is prompted with: the same, less the assistant prefix (which
+        belongs to the completion)."""
+        messages = self.messages(**values)
+        return messages[:-1] if self.assistant_prefix else messages
 
 
 @cache

@@ -50,10 +50,18 @@ def generate_pass(
     model_name = model or engine.model
     ds = ray.data.from_items([{**row, "messages": messages(row)} for row in todo])
     ds = engines.generate(ds, engine, request, model=model_name)
-    ds = ds.map(lambda row: {**{k: v for k, v in row.items() if k != "messages"}, "model": model_name},
-                num_cpus=LIGHT_CPUS)
+    ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
     write_rows(ctx, ds, folder)
     return len(todo)
+
+
+def _whole_reply(row: Row, model_name: str) -> Row:
+    """Drop the chat; when it ended with a prefilled assistant turn, keep that start in the reply, so
+    `generated_text` is the whole assistant message."""
+    last = row["messages"][-1]
+    prefix = last["content"] if last["role"] == "assistant" else ""
+    out = {key: value for key, value in row.items() if key != "messages"}
+    return {**out, "generated_text": prefix + row["generated_text"], "model": model_name}
 
 
 def write_rows(ctx: StageContext, ds: ray.data.Dataset, folder: str) -> None:

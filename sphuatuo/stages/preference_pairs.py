@@ -17,7 +17,6 @@ from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.generation import Row, count_tokens
 from sphuatuo.stages.sft import format_cot
-from sphuatuo.stages.student_answers import student_messages
 from sphuatuo.stages.training import model_of
 
 NAME = "preference_pairs"
@@ -57,7 +56,7 @@ def run(ctx: StageContext) -> None:
         messages=lambda row: correction_messages(stage.prompt, row),
     )
 
-    student_prompt = ctx.recipe.stages.student_answers.prompt
+    student_prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
     pairs = []
     for row in sorted(corrections, key=lambda r: r["key"]):
         if not row["judge_verdict"] or row["truncated"] or row["parse_error"]:
@@ -65,7 +64,8 @@ def run(ctx: StageContext) -> None:
         pairs.append({
             "id": row["id"],
             "strategy": stage.strategy,
-            "prompt": student_messages(student_prompt, row),
+            "prompt": student_prompt.training_prompt(question=row["question"],
+                                                     options_block=options_block(Question.from_row(row))),
             "chosen": [{"role": "assistant", "content": format_cot(row["think"], row["answer_text"])}],
             "rejected": [{"role": "assistant", "content": row["flawed_reply"]}],
             "chosen_key": row["key"],

@@ -33,7 +33,7 @@ def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:
         question = Question.from_row(row)
         examples.append({
             "id": qid,
-            "prompt": prompt.messages(question=question.question, options_block=options_block(question)),
+            "prompt": prompt.training_prompt(question=question.question, options_block=options_block(question)),
             "completion": [{"role": "assistant", "content": format_cot(row["think"], row["answer_text"])}],
             "teacher_model": row["model"],
             "teacher_prompt_version": row["prompt_version"],
