@@ -54,6 +54,14 @@ def _build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="(re)write report.md of a run")
     report.add_argument("run_root")
 
+    plan = commands.add_parser("plan", help="per stage: Ray resources, GPU memory, a rough duration; exit 1 if "
+                                            "a stage does not fit")
+    plan.add_argument("recipe", help="recipe YAML file")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80, help="memory of one GPU (default: 80, an H100)")
+    plan.add_argument("--gpu-bandwidth-tbs", type=float, default=3.35,
+                      help="memory bandwidth of one GPU in TB/s (default: 3.35, an H100 SXM)")
+    _overrides(plan)
+
     models = commands.add_parser("models", help="build the models that ship with no download")
     models.add_argument("which", choices=["tiny", "smollm2"], help="tiny random Qwen2, or SmolLM2-135M-Instruct")
     return parser
@@ -103,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {write_report(RunRoot(args.run_root))}")
             return 0
+        if args.command == "plan":
+            from sphuatuo.plan import format_plan, plan
+
+            result = plan(load_recipe(args.recipe, args.overrides), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
+            print(format_plan(result))
+            return 0 if result.fits else 1
         if args.command == "models":
             from sphuatuo.local_models import build_smollm2, build_tiny_model
 

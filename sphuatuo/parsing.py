@@ -67,6 +67,9 @@ _THINKING_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]*Thinking\b[ \t]*:?", re.IGNO
 _FINAL_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]*Final[ \t]+Response\b[ \t]*:?", re.IGNORECASE | re.MULTILINE)
 
 
+NO_ANSWER_SECTION = "no <answer> section"
+
+
 def split_think_answer(text: str) -> ThinkAnswer:
     """Split a Self-Play reply ``<think>...</think><answer>...</answer>``.
 
@@ -82,7 +85,7 @@ def split_think_answer(text: str) -> ThinkAnswer:
 
     answer_opens = list(_ANSWER_OPEN.finditer(text))
     if not answer_opens:
-        return ThinkAnswer(think=think, answer="", parse_error="no <answer> section")
+        return ThinkAnswer(think=think, answer="", parse_error=NO_ANSWER_SECTION)
     answer_start = answer_opens[-1].end()
     closing = _ANSWER_CLOSE.search(text, answer_start)
     answer = text[answer_start : closing.start() if closing else len(text)].strip()

@@ -101,6 +101,10 @@ class TeacherCotStage(Strict):
     retry_with_reference: bool = Field(
         default=False, description="re-ask rejected questions with the reference shown; such rows are hinted=true"
     )
+    answer_from_thought: bool = Field(
+        default=False, description="multiple-choice replies that stop after </think> with a verified answer in "
+                                   "the thought get the judged option(s) as their <answer> (for small teachers)"
+    )
     max_error_share: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
@@ -164,6 +168,7 @@ class PreferencePairsStage(Strict):
     strategy: Literal["self_correction"] = "self_correction"
     prompt: str = "self_play/self_correction"
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=2048)
+    answer_from_thought: bool = Field(default=False, description="as in teacher_cot, for the corrected replies")
     max_pairs: int | None = Field(default=None, ge=1)
 
 

@@ -2,7 +2,7 @@
 
 For every training question the fine-tuned student got wrong, the same student is shown its own
 flawed reply and the reference, and writes a corrected trajectory. A correction counts only if the
-judge accepts it. Pair: chosen = the corrected trajectory, rejected = the original wrong reply, both
+judge accepts it (and, like a teacher answer, is complete; see `teacher_cot.training_answer`). Pair: chosen = the corrected trajectory, rejected = the original wrong reply, both
 under the student's test-time prompt.
 """
 
@@ -17,6 +17,7 @@ from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.generation import Row, count_tokens
 from sphuatuo.stages.sft import format_cot
+from sphuatuo.stages.teacher_cot import training_answer
 from sphuatuo.stages.training import model_of
 
 NAME = "preference_pairs"
@@ -59,14 +60,15 @@ def run(ctx: StageContext) -> None:
     student_prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
     pairs = []
     for row in sorted(corrections, key=lambda r: r["key"]):
-        if not row["judge_verdict"] or row["truncated"] or row["parse_error"]:
+        answer = training_answer(row, stage.answer_from_thought)
+        if answer is None:
             continue
         pairs.append({
             "id": row["id"],
             "strategy": stage.strategy,
             "prompt": student_prompt.training_prompt(question=row["question"],
                                                      options_block=options_block(Question.from_row(row))),
-            "chosen": [{"role": "assistant", "content": format_cot(row["think"], row["answer_text"])}],
+            "chosen": [{"role": "assistant", "content": format_cot(row["think"], answer)}],
             "rejected": [{"role": "assistant", "content": row["flawed_reply"]}],
             "chosen_key": row["key"],
             "rejected_key": row["original_key"],

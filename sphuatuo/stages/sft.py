@@ -10,6 +10,7 @@ from sphuatuo.data.questions import Question
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.stages import StageContext
 from sphuatuo.stages.generation import Row
+from sphuatuo.stages.teacher_cot import training_answer
 from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.sft import sft_worker
 
@@ -22,12 +23,14 @@ def format_cot(think: str, answer: str) -> str:
 
 def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:
     prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
+    answer_from_thought = ctx.recipe.stages.teacher_cot.answer_from_thought
     best: dict[str, Row] = {}
     for row in teacher_rows:
-        if not row["judge_verdict"] or row["truncated"] or row["parse_error"]:
+        answer = training_answer(row, answer_from_thought)
+        if answer is None:
             continue
         if row["id"] not in best or (best[row["id"]]["hinted"] and not row["hinted"]):
-            best[row["id"]] = row
+            best[row["id"]] = {**row, "answer_text": answer}
     examples = []
     for qid, row in sorted(best.items()):
         question = Question.from_row(row)

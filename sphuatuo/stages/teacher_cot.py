@@ -14,6 +14,7 @@ import json
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
 from sphuatuo.judge import generate_and_judge
+from sphuatuo.parsing import NO_ANSWER_SECTION
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.generation import Row, count_tokens
@@ -45,27 +46,43 @@ def run(ctx: StageContext) -> None:
     generate_and_judge(ctx, first, f"{NAME}/first", engine=teacher, request=request,
                        messages=lambda row: teacher_messages(ctx, row))
 
+    def usable(row: Row) -> bool:
+        return training_answer(row, stage.answer_from_thought) is not None
+
     if stage.retry_with_reference and not stage.reveal_reference:
         judged = ctx.run.read_rows(NAME, "first")
-        rejected_ids = {row["id"] for row in judged if not _usable(row)}
+        rejected_ids = {row["id"] for row in judged if not usable(row)}
         retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True} for row in first if row["id"] in rejected_ids]
         ctx.note(f"{len(retry)} rejected questions asked again with the reference shown (hinted)")
         generate_and_judge(ctx, retry, f"{NAME}/hinted", engine=teacher, request=request,
                            messages=lambda row: teacher_messages(ctx, row))
 
     rows = ctx.run.read_rows(NAME, "first") + ctx.run.read_rows(NAME, "hinted")
-    accepted = {row["id"] for row in rows if _usable(row)}
+    accepted = {row["id"] for row in rows if usable(row)}
     ctx.record.rows_out = len(accepted)
     ctx.record.rows_failed = sum(1 for row in rows if row["parse_error"])
     ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(rows)
     ctx.record.details.update(
         samples=len(rows),
-        accepted_unhinted=sum(1 for row in rows if _usable(row) and not row["hinted"]),
-        accepted_hinted=sum(1 for row in rows if _usable(row) and row["hinted"]),
+        accepted_unhinted=sum(1 for row in rows if usable(row) and not row["hinted"]),
+        accepted_hinted=sum(1 for row in rows if usable(row) and row["hinted"]),
         truncated=sum(1 for row in rows if row["truncated"]),
     )
     ctx.note(f"{len(accepted)} of {len(questions)} questions have an accepted teacher answer")
 
 
-def _usable(row: Row) -> bool:
-    return bool(row["judge_verdict"]) and not row["truncated"]
+def training_answer(row: Row, answer_from_thought: bool) -> str | None:
+    """The formal answer an accepted reply contributes to SFT; None when it cannot be used.
+
+    A reply must be judged correct and complete (not cut at the token budget) and have an <answer>
+    section. With `answer_from_thought`, a multiple-choice reply whose thought ends in a verified
+    answer but that stopped before writing <answer> gets the judged option(s) as its formal answer
+    (small models often stop right after </think>).
+    """
+    if not row["judge_verdict"] or row["truncated"]:
+        return None
+    if row["parse_error"] is None:
+        return row["answer_text"]
+    if answer_from_thought and row["parse_error"] == NO_ANSWER_SECTION and row["judged_by"] == "rule":
+        return Question.from_row(row).answer_text  # the judge found exactly the gold letters in the thought
+    return None

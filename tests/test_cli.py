@@ -1,0 +1,41 @@
+"""The `sphuatuo` command as a user types it (no Ray needed for these)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures" / "questions"
+
+
+def _sphuatuo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sphuatuo.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_command() -> None:
+    result = _sphuatuo("--help")
+    assert result.returncode == 0
+    for command in ("run", "demo", "validate", "data", "report", "models"):
+        assert command in result.stdout
+
+
+def test_data_check_prints_counts_and_each_reason_and_writes_rejects(tmp_path: Path) -> None:
+    rejects = tmp_path / "rejects.jsonl"
+    result = _sphuatuo("data", "check", str(FIXTURES / "medmcqa_sample.jsonl"), "--rejects", str(rejects))
+    assert result.returncode == 0, result.stderr
+    first_line = result.stdout.splitlines()[0]
+    valid, rejected = int(first_line.split()[0]), int(first_line.split(",")[1].split()[0])
+    assert valid > 0 and rejected > 0
+    written = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert len(written) == rejected
+    for reject in written:
+        assert f"row {reject['row']}" in result.stdout and reject["reason"] in result.stdout
+
+
+def test_data_check_of_the_shipped_bank_and_of_a_missing_file() -> None:
+    bank = _sphuatuo("data", "check", "builtin:sample_bank")
+    assert bank.returncode == 0 and ", 0 rejected" in bank.stdout.splitlines()[0]
+    missing = _sphuatuo("data", "check", "no/such/file.csv")
+    assert missing.returncode == 2 and "no/such/file.csv" in missing.stderr
