@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ EPILOG = """examples:
   sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
   sphuatuo data check questions.csv --format cmexam
   sphuatuo report runs/demo
+  sphuatuo plan pipelines/sp_huatuo_7b.yaml       GPUs, memory and time per stage, before anything starts
+  sphuatuo doctor pipelines/sp_huatuo_7b.yaml --address auto
+  sphuatuo submit pipelines/sp_huatuo_7b.yaml --address http://HEAD:8265
 """
 
 
@@ -50,6 +54,21 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.add_argument("--format", default=None, help="loader name (default: detected)")
     check.add_argument("--rejects", default=None, help="also write the rejects as JSONL to this file")
+
+    submit = commands.add_parser("submit", help="validate a recipe, submit it as a Ray job, follow its logs")
+    submit.add_argument("recipe", help="recipe YAML file (a path inside the working directory)")
+    submit.add_argument("--address", default=None,
+                        help="the cluster's job server, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default=".", help="uploaded to the cluster (default: .)")
+    submit.add_argument("--runtime-env", default="cluster/runtime_env.yaml",
+                        help="runtime environment YAML (default: cluster/runtime_env.yaml)")
+    submit.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    _overrides(submit)
+
+    doctor = commands.add_parser("doctor", help="check the connected Ray cluster against a recipe")
+    doctor.add_argument("recipe", help="recipe YAML file")
+    doctor.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or auto)")
+    _overrides(doctor)
 
     report = commands.add_parser("report", help="(re)write report.md of a run")
     report.add_argument("run_root")
@@ -105,6 +124,24 @@ def main(argv: list[str] | None = None) -> int:
             if args.rejects:
                 write_rejects(result.rejects, args.rejects)
             return 0
+        if args.command == "submit":
+            from sphuatuo.submit import submit
+
+            address = args.address or os.environ.get("RAY_ADDRESS")
+            if not address:
+                raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+            return submit(args.recipe, address, overrides=args.overrides, working_dir=args.working_dir,
+                          runtime_env_file=Path(args.runtime_env), follow=not args.no_follow)
+        if args.command == "doctor":
+            import ray
+
+            from sphuatuo.doctor import doctor, format_checks
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+            checks = doctor(recipe)
+            print(format_checks(checks))
+            return 0 if all(check.ok for check in checks) else 1
         if args.command == "report":
             from sphuatuo.report import write_report
             from sphuatuo.runs import RunRoot

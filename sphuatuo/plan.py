@@ -240,8 +240,11 @@ def _engine_plan(stage: str, role: str, engine: EngineConfig, gpu_memory_gb: flo
     if max_tokens is None:
         out.notes.append("one output token per row: prefill-bound, not estimated")
     size = model_size(engine.model)
-    if size is None or "quantization" in engine.engine_kwargs:
+    if size is None:
         out.reason = "unknown model size"
+        return out
+    if "quantization" in engine.engine_kwargs:
+        out.reason = f"unknown model size: quantization {engine.engine_kwargs['quantization']!r} is not modelled"
         return out
     if engine.gpus_per_replica == 0:
         out.reason = "CPU engine: no GPU memory to check"
@@ -304,7 +307,7 @@ def _train_plan(stage: str, config: TrainStage, model: str, gpu_memory_gb: float
         return out
 
     workers, zero = scaling.num_workers, scaling.zero_stage
-    bytes_16 = 2 if config.precision == "bf16" else 4
+    param_bytes = 2 if config.precision == "bf16" else 4
     base = size.params
     if config.finetuning == "full":
         trainable, frozen = base, 0
@@ -315,8 +318,8 @@ def _train_plan(stage: str, config: TrainStage, model: str, gpu_memory_gb: float
         if unknown:
             out.notes.append(f"LoRA targets not counted: {', '.join(unknown)}")
     # Mixed precision keeps an fp32 master copy next to Adam's two fp32 moments: 4 + 2 x 4 bytes per
-    # trainable parameter (fp32 training has no separate master copy), with 16-bit weights and grads.
-    optimizer_bytes = 8 + (4 if bytes_16 == 2 else 0)
+    # trainable parameter besides its 16-bit weight and grad (fp32 training has no separate master copy).
+    optimizer_bytes = 8 + (4 if param_bytes == 2 else 0)
 
     def shard(n_bytes: float, from_stage: int) -> float:
         """ZeRO-2 shards gradients and optimizer state over the workers, ZeRO-3 the weights too."""
@@ -331,11 +334,11 @@ def _train_plan(stage: str, config: TrainStage, model: str, gpu_memory_gb: float
     per_layer = 4 * h + 2 * size.num_heads * size.head_dim + 2 * kv + 4 * size.intermediate_size
     kept = size.num_layers * h + per_layer if config.gradient_checkpointing else size.num_layers * per_layer
     out.memory_gib = {
-        "weights": shard((frozen + trainable + reference) * bytes_16, 3) / GIB,
-        "grads": shard(trainable * bytes_16, 2) / GIB,
+        "weights": shard((frozen + trainable + reference) * param_bytes, 3) / GIB,
+        "grads": shard(trainable * param_bytes, 2) / GIB,
         "optimizer": shard(trainable * optimizer_bytes, 2) / GIB,
         # plus fp32 logits over the vocabulary and their gradient, for the loss
-        "activations": tokens * (kept * bytes_16 + 2 * 4 * size.vocab_size) / GIB,
+        "activations": tokens * (kept * param_bytes + 2 * 4 * size.vocab_size) / GIB,
         "runtime": RUNTIME_RESERVE_GIB,
     }
     out.usable_gib = gpu_memory_gb
@@ -345,7 +348,9 @@ def _train_plan(stage: str, config: TrainStage, model: str, gpu_memory_gb: float
         parts = " + ".join(f"{name} {gib:.1f}" for name, gib in out.memory_gib.items())
         out.reason = (f"{parts} = {total:.1f} GiB per GPU > {gpu_memory_gb:g} GiB; use ZeRO-3, more workers, "
                       "LoRA or gradient checkpointing")
-    out.notes.append(f"{trainable / 1e6:,.1f}M trainable of {base / 1e9:.2f}B parameters, ZeRO-{zero} over {workers}")
+    trained = (f"all {base / 1e9:.2f}B parameters" if config.finetuning == "full"
+               else f"LoRA rank {config.lora.rank}: {trainable / 1e6:.1f}M of {base / 1e9:.2f}B parameters")
+    out.notes.append(f"{trained} trained, {f'ZeRO-{zero}' if zero else 'DDP'} over {workers} workers")
     return out
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_recipe
 from sphuatuo.data.questions import Question
 from sphuatuo.pipeline import run_pipeline
+from sphuatuo.prompts import get_prompt
 from sphuatuo.report import write_report
 from sphuatuo.runs import RunRoot, StageRecord
 from sphuatuo.stages import StageContext, StageFailed, StageSkipped, dpo, evaluate, preference_pairs, questions, sft
@@ -38,7 +39,7 @@ def _accepted_teacher_rows(run: RunRoot) -> list[dict]:
         question = Question.from_row(q)
         answer = ", ".join(question.answer)
         text = format_cot(question.explanation, f"{answer}. {question.answer_text}")
-        rows.append({**q, "key": q["id"], "prompt_version": "self_play/teacher_cot@v1", "sampling": "{}",
+        rows.append({**q, "key": q["id"], "prompt_version": get_prompt("self_play/teacher_cot").tag, "sampling": "{}",
                      "hinted": False, "generated_text": text, "think": question.explanation,
                      "answer_text": f"{answer}. {question.answer_text}", "parse_error": None, "truncated": False,
                      "finish_reason": "stop", "num_input_tokens": 10, "num_generated_tokens": 20,
@@ -74,7 +75,7 @@ def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp
     for row in rows:
         assert row["judged_by"] == "llm:builtin:tiny" and row["judge_raw"] in ("1", "2")
         assert row["judge_verdict"] is (row["judge_raw"] == "1")
-        assert row["prompt_version"] == "self_play/teacher_cot@v1" and row["model"] == "builtin:tiny"
+        assert row["prompt_version"] == get_prompt("self_play/teacher_cot").tag and row["model"] == "builtin:tiny"
         assert row["num_input_tokens"] > 0 and 0 < row["num_generated_tokens"] <= 32
         # The budget is 32 tokens and the random model never stops: every reply is flagged truncated.
         assert row["truncated"] and row["parse_error"] == "truncated at max_tokens"
