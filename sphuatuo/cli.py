@@ -18,6 +18,7 @@ EPILOG = """examples:
   sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
   sphuatuo data check questions.csv --format cmexam
   sphuatuo report runs/demo
+  sphuatuo export runs/demo --out exports/demo    SFT data and pairs for LLaMA-Factory and HF datasets
   sphuatuo plan pipelines/sp_huatuo_7b.yaml       GPUs, memory and time per stage, before anything starts
   sphuatuo doctor pipelines/sp_huatuo_7b.yaml --address auto
   sphuatuo submit pipelines/sp_huatuo_7b.yaml --address http://HEAD:8265
@@ -69,6 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("recipe", help="recipe YAML file")
     doctor.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or auto)")
     _overrides(doctor)
+
+    export = commands.add_parser("export", help="a run's SFT data and preference pairs for LLaMA-Factory and HF datasets")
+    export.add_argument("run_root")
+    export.add_argument("--out", required=True, help="output folder (llamafactory/ and hf/ go inside)")
 
     report = commands.add_parser("report", help="(re)write report.md of a run")
     report.add_argument("run_root")
@@ -142,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             checks = doctor(recipe)
             print(format_checks(checks))
             return 0 if all(check.ok for check in checks) else 1
+        if args.command == "export":
+            from sphuatuo.export import export_run
+            from sphuatuo.runs import RunRoot
+
+            for name, path in export_run(RunRoot(args.run_root), Path(args.out)).items():
+                print(f"{name}: {path}")
+            return 0
         if args.command == "report":
             from sphuatuo.report import write_report
             from sphuatuo.runs import RunRoot

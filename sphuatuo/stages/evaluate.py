@@ -32,10 +32,13 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def score(rows: list[Row]) -> dict:
-    """Accuracy (last match = the judge's verdict), first-match accuracy, unparsable count, per source."""
+    """Accuracy (the judge's verdict on the final answer), first-match accuracy, unparsable and
+    truncated counts, and accuracy per source and per metadata field (CMExam: disease group,
+    department, difficulty, …)."""
     first_correct = 0
     unparsable = 0
-    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    # group ("source" or a metadata key) -> value -> [correct, total]
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for row in rows:
         question = Question.from_row(row)
         if question.is_multiple_choice:
@@ -45,8 +48,9 @@ def score(rows: list[Row]) -> dict:
         else:
             first_correct += bool(row["judge_verdict"])
             unparsable += row["judge_verdict"] is None or not row["generated_text"].strip()
-        per_source[question.source or "unknown"][0] += bool(row["judge_verdict"])
-        per_source[question.source or "unknown"][1] += 1
+        for group, value in {"source": question.source or "unknown", **question.metadata}.items():
+            groups[group][value][0] += bool(row["judge_verdict"])
+            groups[group][value][1] += 1
     correct = sum(1 for row in rows if row["judge_verdict"])
     total = len(rows)
     return {
@@ -57,7 +61,11 @@ def score(rows: list[Row]) -> dict:
         "first_match_accuracy": first_correct / total if total else 0.0,
         "unparsable": unparsable,
         "truncated": sum(1 for row in rows if row["truncated"]),
-        "per_source": {source: {"n": n, "accuracy": c / n} for source, (c, n) in sorted(per_source.items())},
+        "by": {
+            group: {value: {"n": n, "accuracy": c / n, "ci95": wilson_interval(c, n)}
+                    for value, (c, n) in sorted(values.items())}
+            for group, values in sorted(groups.items())
+        },
     }
 
 
