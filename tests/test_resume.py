@@ -1,0 +1,60 @@
+"""A driver killed in the middle of a generation stage: the re-run finishes it, every question id is
+written exactly once, and the rows written before the kill are kept, not generated again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_recipe
+from sphuatuo.runs import RunRoot
+
+pytestmark = pytest.mark.slow
+
+
+def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path: Path, ray_head) -> None:
+    run_root = tmp_path / "run"
+    recipe = tiny_recipe(run_root, **{"data.train": [{"path": "builtin:sample_bank", "limit": 60}],
+                                      "data.test_fraction": 0.0,
+                                      "models.teacher.backend": "hf", "models.teacher.batch_size": 1,
+                                      "models.judge.kind": "rule",
+                                      "stages.teacher_cot.retry_with_reference": False,
+                                      "stages.teacher_cot.sampling.max_tokens": 24})
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    command = [sys.executable, "-m", "sphuatuo.cli", "run", str(recipe_file)]
+    env = {**os.environ, "RAY_ADDRESS": ray_head["address"]}
+    run = RunRoot(str(run_root))
+    folder = ("teacher_cot", "first_generated")
+
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(run.read_column("key", *folder)) < 4:
+        assert driver.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no rows were written in 5 minutes"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    before = {Path(f).name: os.path.getmtime(f) for f in run.parquet_files(*folder)}
+    written_before = set(run.read_column("key", *folder))
+    assert 4 <= len(written_before) < 60, "the kill should land mid-stage"
+
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    keys = run.read_column("key", *folder)
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 60  # every question exactly once
+    after = {Path(f).name: os.path.getmtime(f) for f in run.parquet_files(*folder)}
+    assert all(after.get(name) == mtime for name, mtime in before.items())  # kept, untouched
+    assert f"{len(written_before)} rows already written, {60 - len(written_before)} to go" in finished.stderr
+    judged = run.read_column("id", "teacher_cot", "first")
+    assert sorted(judged) == sorted(set(judged)) and len(judged) == 60
