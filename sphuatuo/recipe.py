@@ -43,9 +43,10 @@ class DataConfig(Strict):
 
 class EngineConfig(Strict):
     """Where a role's model runs. `vllm` is the production path (Ray's ray.data.llm processor);
-    `hf` runs transformers `generate` in a Ray Data actor pool."""
+    `hf` runs transformers `generate` in a Ray Data actor pool; `openai` sends chat requests to any
+    OpenAI-compatible server (a `vllm serve`, SGLang, a hosted teacher)."""
 
-    backend: Literal["vllm", "hf"] = "vllm"
+    backend: Literal["vllm", "hf", "openai"] = "vllm"
     model: str = Field(description="a local path, a hub id, or builtin:tiny / builtin:smollm2-135m-instruct")
     replicas: int = Field(default=1, ge=1, description="engine actors (data parallel)")
     batch_size: int = Field(default=16, ge=1)
@@ -57,6 +58,20 @@ class EngineConfig(Strict):
     max_model_len: int = Field(default=4096, ge=64)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
+    base_url: str | None = Field(default=None, description="openai: the server's /v1 URL")
+    api_key_env: str | None = Field(default=None, description="openai: name of the environment variable "
+                                                              "holding the API key (the key itself never goes "
+                                                              "in a recipe)")
+    request_timeout_s: float = Field(default=600, gt=0, description="openai: per-request timeout")
+    max_retries: int = Field(default=5, ge=0, description="openai: retries with exponential backoff on "
+                                                          "429/408/5xx and timeouts")
+    qps: int | None = Field(default=None, ge=1, description="openai: request rate limit per replica")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> EngineConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://host:8000/v1)")
+        return self
 
 
 class JudgeConfig(Strict):

@@ -77,6 +77,10 @@ def generate(
         from sphuatuo.engines.vllm import generate_vllm
 
         return generate_vllm(ds, engine, request, model_path)
+    if engine.backend == "openai":
+        from sphuatuo.engines.openai import generate_openai
+
+        return generate_openai(ds, engine, request, model_path)
     from sphuatuo.engines.hf import generate_hf
 
     return generate_hf(ds, engine, request, model_path)

@@ -1,0 +1,86 @@
+"""Any OpenAI-compatible chat endpoint, through Ray's own `ray.data.llm` HTTP processor: `replicas`
+actors each send their batch's requests, with exponential backoff on 429/408/5xx and timeouts.
+
+The API key is read from the environment variable the recipe names. It is never put in a recipe, a
+row, the manifest or a log line: the driver forwards it to the request actors' environment only, and
+the HTTP session that sends it is built inside the actor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import aiohttp
+import ray.data
+from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+from sphuatuo.engines import LIGHT_CPUS, Request
+from sphuatuo.recipe import EngineConfig
+
+
+class ChatSession:
+    """Builds the aiohttp session inside each request actor (a picklable factory that holds no key)."""
+
+    def __init__(self, api_key_env: str | None, timeout_s: float):
+        self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
+
+    def __call__(self) -> aiohttp.ClientSession:
+        headers = {}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise RuntimeError(f"the API key variable {self.api_key_env} is not set where the request actor runs")
+            headers["Authorization"] = f"Bearer {key}"
+        return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+
+
+def _payload(row: dict[str, Any], model: str, request: Request) -> dict[str, Any]:
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": request.temperature,
+                               "top_p": request.top_p, "max_tokens": request.max_tokens}
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if messages[-1]["role"] == "assistant":
+        # Continue a prefilled reply: vLLM and SGLang servers take these chat-template switches.
+        payload.update(continue_final_message=True, add_generation_prompt=False)
+    if request.allowed_token_ids:
+        payload["allowed_token_ids"] = list(request.allowed_token_ids)  # vLLM server extension
+    return payload
+
+
+def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model: str) -> ray.data.Dataset:
+    url = f"{engine.base_url.rstrip('/')}/chat/completions"
+    input_columns = set(ds.columns())
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "payload": _payload(row, model, request)}
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        response = row["http_response"]
+        if not response.get("choices"):
+            raise RuntimeError(f"{url} answered without choices: {response.get('error') or response}")
+        choice, usage = response["choices"][0], response.get("usage") or {}
+        out = {key: value for key, value in row.items() if key in input_columns}
+        out["generated_text"] = choice["message"]["content"] or ""
+        out["num_input_tokens"] = int(usage.get("prompt_tokens") or 0)
+        out["num_generated_tokens"] = int(usage.get("completion_tokens") or 0)
+        out["finish_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"
+        return out
+
+    forwarded = {engine.api_key_env: os.environ[engine.api_key_env]} if engine.api_key_env in os.environ else {}
+    config = HttpRequestProcessorConfig(
+        url=url,
+        batch_size=engine.batch_size,
+        concurrency=engine.replicas,
+        qps=engine.qps,
+        max_retries=engine.max_retries,
+        base_retry_wait_time_in_s=1.0,
+        session_factory=ChatSession(engine.api_key_env, engine.request_timeout_s),
+        http_request_stage={"num_cpus": LIGHT_CPUS, "runtime_env": {"env_vars": forwarded}},
+    )
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
+                                preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
+                                postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
+    return processor(ds)
