@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or auto)")
     _overrides(doctor)
 
-    export = commands.add_parser("export", help="a run's SFT data and preference pairs for LLaMA-Factory and HF datasets")
+    export = commands.add_parser("export",
+                                 help="a run's SFT data and preference pairs for LLaMA-Factory and HF datasets")
     export.add_argument("run_root")
     export.add_argument("--out", required=True, help="output folder (llamafactory/ and hf/ go inside)")
 

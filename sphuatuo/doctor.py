@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from sphuatuo.recipe import EngineConfig, Recipe
 from sphuatuo.runs import RunRoot, package_versions
 
+
 @dataclass(frozen=True)
 class Check:
     name: str

@@ -20,14 +20,12 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from sphuatuo.data.questions import Question
+from sphuatuo.engines import Request
 from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing import extract_answer, letters_text, parse_judge_verdict
-from sphuatuo.prompts import get_prompt, options_block
-from sphuatuo.recipe import JudgeConfig, SamplingConfig
+from sphuatuo.prompts import Messages, get_prompt, options_block
+from sphuatuo.recipe import EngineConfig, JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext
-from sphuatuo.engines import Request
-from sphuatuo.prompts import Messages
-from sphuatuo.recipe import EngineConfig
 from sphuatuo.stages.generation import Row, generate_pass, missing_rows, parse_reply, write_rows
 
 VERDICT_TOKENS = ("1", "2")
@@ -95,7 +93,9 @@ def judge_pass(ctx: StageContext, rows: list[Row], folder: str, *, reply_column:
 
     request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=1), verdict_token_ids(engine.model))
     # The judge sees only what it needs; its own token counts stay out of the judged rows.
-    judge_inputs = [{"key": row["key"], **Question.from_row(row).to_row(), "reply": row[reply_column] or ""} for row in by_llm]
+    judge_inputs = [
+        {"key": row["key"], **Question.from_row(row).to_row(), "reply": row[reply_column] or ""} for row in by_llm
+    ]
     raw_folder = folder + "_raw"
     generate_pass(ctx, judge_inputs, raw_folder, engine=engine, request=request, messages=messages)
     raw_verdicts = {row["key"]: row["generated_text"] for row in ctx.run.read_rows(raw_folder)}

@@ -256,7 +256,9 @@ def _engine_plan(stage: str, role: str, engine: EngineConfig, gpu_memory_gb: flo
     kv_token = size.kv_bytes_per_token(1 if kv_dtype.startswith("fp8") else weight_bytes, tp)
     weights = size.params * weight_bytes / tp
     one_sequence = kv_token * engine.max_model_len
-    utilization = float(engine.engine_kwargs.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION)) if vllm else 1.0
+    utilization = 1.0
+    if vllm:
+        utilization = float(engine.engine_kwargs.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION))
     # Engines packed onto a shared GPU (gpus_per_replica < 1) split its memory.
     out.usable_gib = gpu_memory_gb * min(engine.gpus_per_replica, 1.0) * utilization
     out.memory_gib = {"weights": weights / GIB, "kv_cache": one_sequence * engine.batch_size / GIB,

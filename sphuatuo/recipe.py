@@ -156,7 +156,8 @@ class TrainStage(Strict):
     seed: int = 0
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0: only the final export")
     keep_checkpoints: int = Field(default=1, ge=1)
-    max_failures: int = Field(default=0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
+    max_failures: int = Field(default=0, ge=-1,
+                              description="worker-group restarts from the last checkpoint; -1: forever")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
     scaling: TrainScaling = TrainScaling()
 

@@ -118,7 +118,9 @@ def test_o1_eval_items_take_source_from_key_and_ids_from_position():
     assert ovulation.answer == ("B",)
     assert ovulation.reference == "B. LH surge"
     assert questions["custom-7"].source == "MedMCQA_validation"
-    assert questions["MedMCQA_validation-4"].options == {"A": "Hypercalcaemia", "B": "Hypocalcaemia", "C": "Hypernatraemia"}
+    assert questions["MedMCQA_validation-4"].options == {
+        "A": "Hypercalcaemia", "B": "Hypocalcaemia", "C": "Hypernatraemia"
+    }
 
 
 def test_o1_eval_rejects_count_rows_across_sources():

@@ -68,7 +68,8 @@ def test_local_model_is_sized_from_its_config(tiny_model: str) -> None:
     student = _row(result, "student_answers", "student")
     assert student.fits and student.memory_gib["weights"] == pytest.approx(stored * 2 / GIB)  # fp32 runs in 16 bits
 
-    unknown = _row(plan(load_recipe(RECIPE_7B, ["models.teacher.model=example/unpublished-70b"])), "teacher_cot", "teacher")
+    unknown_recipe = load_recipe(RECIPE_7B, ["models.teacher.model=example/unpublished-70b"])
+    unknown = _row(plan(unknown_recipe), "teacher_cot", "teacher")
     assert unknown.reason == "unknown model size" and unknown.fits is None and unknown.memory_gib == {}
 
 
@@ -103,7 +104,8 @@ def test_memory_arithmetic_by_hand() -> None:
     ddp = _row(plan(load_recipe(RECIPE_7B, ["stages.sft.finetuning=full", "stages.sft.scaling.zero_stage=0"])),
                "sft", "trainer")
     # Plain DDP keeps all 16 bytes per parameter on every GPU: 113 GiB, more than 80.
-    assert ddp.memory_gib["weights"] + ddp.memory_gib["grads"] + ddp.memory_gib["optimizer"] == pytest.approx(16 * P / GIB)
+    state = ddp.memory_gib["weights"] + ddp.memory_gib["grads"] + ddp.memory_gib["optimizer"]
+    assert state == pytest.approx(16 * P / GIB)
     assert ddp.fits is False and "use ZeRO-3" in ddp.reason
 
     # LoRA rank 8 on the tiny model (hidden 128, 4 heads, 2 KV heads of 32, intermediate 256, 2 layers):

@@ -19,8 +19,18 @@ from sphuatuo.pipeline import run_pipeline
 from sphuatuo.prompts import get_prompt
 from sphuatuo.report import write_report
 from sphuatuo.runs import RunRoot, StageRecord
-from sphuatuo.stages import StageContext, StageFailed, StageSkipped, dpo, evaluate, preference_pairs, questions, sft
-from sphuatuo.stages import student_answers, teacher_cot
+from sphuatuo.stages import (
+    StageContext,
+    StageFailed,
+    StageSkipped,
+    dpo,
+    evaluate,
+    preference_pairs,
+    questions,
+    sft,
+    student_answers,
+    teacher_cot,
+)
 from sphuatuo.stages.sft import format_cot
 
 pytestmark = pytest.mark.slow

@@ -346,7 +346,9 @@ def _o1_eval_records(path: Path, text: str) -> Iterator[_Record]:
     """Items of every source list, in file order; ids are `<source>-<1-based index in its list>`."""
     document = _json_document(path, text)
     if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping source names to item lists, got {_json_type(document)}")
+        raise ValueError(
+            f"{path}: expected a JSON object mapping source names to item lists, got {_json_type(document)}"
+        )
     bad = [name for name, items in document.items() if not isinstance(items, list)]
     if bad:
         raise ValueError(f"{path}: the value of {', '.join(map(repr, bad))} is not a list of items")
@@ -424,7 +426,9 @@ def _answer_letters(value: Any, name: str) -> str | list[str]:
 
 _USER_ROLES = {"user", "human"}
 _ASSISTANT_ROLES = {"assistant", "gpt"}
-_SP_ANSWER = re.compile(r"^\s*答案是[：:]\s*(?P<answer>.*?)[。.]?\s*这是一些相关的背景信息[：:]\s*(?P<background>.*?)\s*$", re.S)
+_SP_ANSWER = re.compile(
+    r"^\s*答案是[：:]\s*(?P<answer>.*?)[。.]?\s*这是一些相关的背景信息[：:]\s*(?P<background>.*?)\s*$", re.S
+)
 
 
 def _sp_records(path: Path, text: str) -> Iterator[_Record]:

@@ -109,7 +109,8 @@ class Question(BaseModel):
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Question:
         """Inverse of `to_row`; tolerant of the numpy arrays Ray Data hands out for list columns."""
-        options = {str(o["letter"]): str(o["text"]) for o in (row.get("options") if row.get("options") is not None else [])}
+        raw_options = row.get("options")
+        options = {str(o["letter"]): str(o["text"]) for o in (raw_options if raw_options is not None else [])}
         metadata = row.get("metadata") or "{}"
         return cls(
             id=str(row["id"]),

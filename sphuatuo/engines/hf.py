@@ -58,7 +58,8 @@ class HFChatGenerator:
         sampling = request.temperature > 0
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        processors = LogitsProcessorList([AllowedTokens(request.allowed_token_ids)] if request.allowed_token_ids else [])
+        constrained = [AllowedTokens(request.allowed_token_ids)] if request.allowed_token_ids else []
+        processors = LogitsProcessorList(constrained)
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs,

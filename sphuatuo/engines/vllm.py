@@ -79,7 +79,8 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
         return out
 
     _input_columns = set(ds.columns())
-    processor = build_processor(processor_config(engine, model_path, request.seed), preprocess=preprocess, postprocess=postprocess,
+    processor = build_processor(processor_config(engine, model_path, request.seed),
+                                preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
                                 postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
     return processor(ds)

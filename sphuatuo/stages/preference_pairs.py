@@ -2,7 +2,8 @@
 
 For every training question the fine-tuned student got wrong, the same student is shown its own
 flawed reply and the reference, and writes a corrected trajectory. A correction counts only if the
-judge accepts it (and, like a teacher answer, is complete; see `teacher_cot.training_answer`). Pair: chosen = the corrected trajectory, rejected = the original wrong reply, both
+judge accepts it (and, like a teacher answer, is complete; see `teacher_cot.training_answer`).
+Pair: chosen = the corrected trajectory, rejected = the original wrong reply, both
 under the student's test-time prompt.
 """
 
