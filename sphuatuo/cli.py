@@ -17,6 +17,7 @@ EPILOG = """examples:
   sphuatuo validate pipelines/sp_huatuo_7b.yaml   check a recipe without running anything
   sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
   sphuatuo data check questions.csv --format cmexam
+  sphuatuo eval runs/demo/sft/model --data test.jsonl    accuracy of any model directory on a question file
   sphuatuo report runs/demo
   sphuatuo export runs/demo --out exports/demo    SFT data and pairs for LLaMA-Factory and HF datasets
   sphuatuo plan pipelines/sp_huatuo_7b.yaml       GPUs, memory and time per stage, before anything starts
@@ -44,6 +45,16 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the demo recipe (SmolLM2-135M on local Ray, a few minutes on CPU)")
     demo.add_argument("--run-root", default=None, help="where the run goes (default: the recipe's, runs/demo)")
     _overrides(demo)
+
+    evaluate = commands.add_parser("eval", help="evaluate any model directory on a question file")
+    evaluate.add_argument("model", help="a model directory, a hub id, or builtin:smollm2-135m-instruct")
+    evaluate.add_argument("--data", required=True, help="question file (any supported format)")
+    evaluate.add_argument("--format", default=None, help="loader name (default: detected)")
+    evaluate.add_argument("--run-root", default="runs/eval", help="where answers and report go (default: runs/eval)")
+    evaluate.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    evaluate.add_argument("--max-tokens", type=int, default=2048, help="generation budget per answer")
+    evaluate.add_argument("--judge-model", default=None, help="judge for open-ended items (multiple-choice "
+                                                                "items are scored by their option letters)")
 
     validate = commands.add_parser("validate", help="check recipe files; print every error with its field")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
@@ -111,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             overrides = args.overrides + ([f"run_root={args.run_root}"] if args.run_root else [])
             return _run(str(DEMO_RECIPE), overrides)
+        if args.command == "eval":
+            from sphuatuo.evaluation import evaluation_recipe, run_evaluation, summary
+            from sphuatuo.report import write_report
+
+            recipe = evaluation_recipe(args.model, args.data, data_format=args.format, run_root=args.run_root,
+                                       backend=args.backend, max_tokens=args.max_tokens, judge_model=args.judge_model)
+            run = run_evaluation(recipe)
+            print(summary(run))
+            print(f"report: {write_report(run)}")
+            return 0
         if args.command == "validate":
             failed = 0
             for path in args.recipes:

@@ -39,3 +39,8 @@ def test_data_check_of_the_shipped_bank_and_of_a_missing_file() -> None:
     assert bank.returncode == 0 and ", 0 rejected" in bank.stdout.splitlines()[0]
     missing = _sphuatuo("data", "check", "no/such/file.csv")
     assert missing.returncode == 2 and "no/such/file.csv" in missing.stderr
+
+
+def test_eval_refuses_open_ended_questions_without_a_judge() -> None:
+    result = _sphuatuo("eval", "builtin:tiny", "--data", str(FIXTURES / "sp_conversations_sample.json"))
+    assert result.returncode == 2 and "open-ended questions need a judge: pass --judge-model" in result.stderr

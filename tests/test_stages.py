@@ -216,3 +216,17 @@ def test_a_stage_with_zero_rows_is_skipped_with_its_reason(tmp_path: Path, ray_c
 
     with pytest.raises(StageSkipped, match="no sft model"):
         student_answers.run(_context(recipe))
+
+
+def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path, ray_cluster,
+                                                                 tiny_model: str) -> None:
+    from sphuatuo.evaluation import evaluation_recipe, run_evaluation, summary
+
+    recipe = evaluation_recipe(tiny_model, str(FIXTURES / "medqa_sample.jsonl"), data_format=None,
+                               run_root=str(tmp_path / "eval"), backend="hf", max_tokens=8, judge_model=None)
+    run = run_evaluation(recipe)
+    stages = json.loads(run.read_text("manifest.json"))["stages"]
+    assert list(stages) == ["questions", "evaluate"]
+    result = stages["evaluate"]["details"]["models"]["base"]
+    assert result["n"] == stages["questions"]["details"]["test"] > 0
+    assert summary(run).startswith(f"{tiny_model}: accuracy ")

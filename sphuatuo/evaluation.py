@@ -1,0 +1,59 @@
+"""`sphuatuo eval`: the evaluation stage on its own, for any model directory (or hub id) and any
+question file, without writing a recipe."""
+
+from __future__ import annotations
+
+from sphuatuo.data.loaders import load_questions
+from sphuatuo.pipeline import run_pipeline
+from sphuatuo.recipe import (
+    DataConfig,
+    EngineConfig,
+    EvaluateStage,
+    JudgeConfig,
+    ModelsConfig,
+    QuestionSource,
+    Recipe,
+    SamplingConfig,
+    StagesConfig,
+)
+from sphuatuo.runs import Manifest, RunRoot
+from sphuatuo.stages import evaluate, questions
+from sphuatuo.stages.questions import resolve_source_path
+
+
+def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_root: str, backend: str,
+                      max_tokens: int, judge_model: str | None) -> Recipe:
+    """A recipe with the test set and the `base` student only; the judge is the option-letter rule, or
+    `judge_model` for open-ended items (refused without one, rather than scoring them all wrong)."""
+    loaded = load_questions(resolve_source_path(data), format=data_format)
+    open_ended = sum(1 for q in loaded.questions if not q.is_multiple_choice)
+    if open_ended and judge_model is None:
+        raise ValueError(f"{data}: {open_ended} open-ended questions need a judge: pass --judge-model")
+    student = EngineConfig(backend=backend, model=model)
+    judge = (JudgeConfig(kind="auto", engine=EngineConfig(backend=backend, model=judge_model)) if judge_model
+             else JudgeConfig(kind="rule"))
+    return Recipe(
+        name="eval",
+        run_root=run_root,
+        data=DataConfig(train=[], test=[QuestionSource(path=data, format=data_format)], max_error_share=1.0),
+        models=ModelsConfig(teacher=student, student=student, judge=judge),
+        stages=StagesConfig(evaluate=EvaluateStage(models=["base"],
+                                                   sampling=SamplingConfig(temperature=0.0, max_tokens=max_tokens))),
+    )
+
+
+def run_evaluation(recipe: Recipe) -> RunRoot:
+    return run_pipeline(recipe, stages=(questions, evaluate))
+
+
+def summary(run: RunRoot) -> str:
+    manifest = Manifest.model_validate_json(run.read_text("manifest.json"))
+    result = manifest.stages["evaluate"].details["models"]["base"]
+    low, high = result["ci95"]
+    lines = [f"{manifest.recipe['models']['student']['model']}: accuracy {result['accuracy']:.1%} "
+             f"(95% CI {low:.1%}-{high:.1%}) on {result['n']} questions; "
+             f"first-match {result['first_match_accuracy']:.1%}; "
+             f"unparsable {result['unparsable']}, truncated {result['truncated']}"]
+    for source, cell in result["by"].get("source", {}).items():
+        lines.append(f"  {source}: {cell['accuracy']:.1%} on {cell['n']}")
+    return "\n".join(lines)
