@@ -87,6 +87,17 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_root")
     export.add_argument("--out", required=True, help="output folder (llamafactory/ and hf/ go inside)")
 
+    bench = commands.add_parser("bench", help="benchmarks: a table of ratios against a baseline, in one run")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    generate = bench_commands.add_parser("generate", help="Ray Data generation stage vs bare vLLM vs hf")
+    generate.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    generate.add_argument("--prompts", type=int, default=128, help="how many chats (the sample bank, cycled)")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--dtype", default="bfloat16")
+    generate.add_argument("--batch-size", type=int, default=32)
+    generate.add_argument("--cpus", type=float, default=1, help="CPUs per engine replica")
+    generate.add_argument("--no-hf", action="store_true", help="skip the transformers back-end")
+
     report = commands.add_parser("report", help="(re)write report.md of a run")
     report.add_argument("run_root")
 
@@ -175,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, path in export_run(RunRoot(args.run_root), Path(args.out)).items():
                 print(f"{name}: {path}")
+            return 0
+        if args.command == "bench":
+            from sphuatuo.bench import bench_generate, format_bench
+
+            print(format_bench(bench_generate(args.model, args.prompts, args.max_tokens, args.dtype, args.batch_size,
+                                              args.cpus, with_hf=not args.no_hf)))
             return 0
         if args.command == "report":
             from sphuatuo.report import write_report

@@ -1,0 +1,104 @@
+"""`sphuatuo bench generate`: what the Ray Data generation stage costs against the bare engine.
+
+Same prompts (the student prompt over the sample bank), same model, greedy decoding, in one run:
+1. bare vLLM, `LLM.chat` in this process (the ceiling);
+2. the `vllm` back-end as the stages run it: Ray Data + `ray.data.llm`, engine replicas as actors;
+3. the `hf` back-end: transformers `generate` in a Ray Data actor pool.
+Each line reports wall time with and without the engine's start-up, so a short run does not hide
+the steady-state cost, and the ratio of output tokens/s against bare vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+from sphuatuo.data.loaders import load_questions
+from sphuatuo.engines import Request
+from sphuatuo.local_models import resolve_model
+from sphuatuo.prompts import Messages, get_prompt, options_block
+from sphuatuo.recipe import EngineConfig, SamplingConfig
+
+
+@dataclass(frozen=True)
+class BenchLine:
+    engine: str
+    rows: int
+    seconds: float
+    output_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def bench_prompts(count: int) -> list[Messages]:
+    bank = load_questions(str(resources.files("sphuatuo.data").joinpath("sample_bank.jsonl"))).questions
+    prompt = get_prompt("self_play/student_answer")
+    return [prompt.messages(question=q.question, options_block=options_block(q))
+            for q in itertools.islice(itertools.cycle(bank), count)]
+
+
+def _bare_vllm(model: str, prompts: list[Messages], max_tokens: int, dtype: str, max_model_len: int) -> BenchLine:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0)
+    started = time.perf_counter()
+    outputs = llm.chat(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False,
+                       add_generation_prompt=False, continue_final_message=True)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    del llm
+    gc.collect()
+    return BenchLine("bare vLLM (in process, engine ready)", len(prompts), seconds, tokens)
+
+
+def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: int, dtype: str,
+               max_model_len: int, batch_size: int, cpus: float) -> BenchLine:
+    import ray.data
+
+    from sphuatuo import engines
+
+    engine = EngineConfig(backend=backend, model=model, dtype=dtype, max_model_len=max_model_len,
+                          batch_size=batch_size, cpus_per_replica=cpus)
+    request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=max_tokens))
+    started = time.perf_counter()
+    rows = engines.generate(ray.data.from_items([{"key": i, "messages": m} for i, m in enumerate(prompts)]),
+                            engine, request).take_all()
+    seconds = time.perf_counter() - started
+    tokens = sum(int(row["num_generated_tokens"]) for row in rows)
+    return BenchLine(f"{backend} back-end via Ray Data (incl. actor + engine start)", len(rows), seconds, tokens)
+
+
+def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_size: int, cpus: float,
+                   with_hf: bool) -> list[BenchLine]:
+    from sphuatuo.pipeline import CPU_ENVIRONMENT
+
+    for key, value in CPU_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    path = resolve_model(model)
+    messages = bench_prompts(prompts)
+    max_model_len = 2048
+    lines = [_bare_vllm(path, messages, max_tokens, dtype, max_model_len)]
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, object_store_memory=512 * 1024**2)
+    lines.append(_ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus))
+    if with_hf:
+        lines.append(_ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus))
+    return lines
+
+
+def format_bench(lines: list[BenchLine]) -> str:
+    base = lines[0].tokens_per_s
+    out = [f"{'engine':<58} {'rows':>5} {'seconds':>8} {'rows/s':>7} {'out tok/s':>9} {'vs bare':>8}"]
+    for line in lines:
+        out.append(f"{line.engine:<58} {line.rows:>5} {line.seconds:>8.1f} {line.rows / line.seconds:>7.2f} "
+                   f"{line.tokens_per_s:>9.1f} {line.tokens_per_s / base:>8.2f}")
+    return "\n".join(out)

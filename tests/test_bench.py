@@ -1,0 +1,30 @@
+"""`sphuatuo bench generate` runs all three engines on the same prompts and prints its ratio table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_generate_prints_a_table_of_ratios_against_bare_vllm(ray_head) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sphuatuo.cli", "bench", "generate", "--model", "builtin:tiny", "--prompts", "8",
+         "--max-tokens", "8", "--dtype", "float32", "--batch-size", "8"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.strip()]
+    assert table[0].split()[-1] == "bare"  # header: ... vs bare
+    rows = table[1:]
+    assert [row.split()[0] for row in rows] == ["bare", "vllm", "hf"]
+    assert rows[0].split()[-1] == "1.00"
+    for row in rows:
+        fields = row.split()
+        assert fields[-5] == "8" and float(fields[-2]) > 0  # rows, output tokens/s
