@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import os
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -76,19 +75,15 @@ def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: in
 
 def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_size: int, cpus: float,
                    with_hf: bool) -> list[BenchLine]:
-    from sphuatuo.pipeline import CPU_ENVIRONMENT
+    from sphuatuo.pipeline import apply_cpu_environment, connect_ray
 
-    for key, value in CPU_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    apply_cpu_environment()
     path = resolve_model(model)
     messages = bench_prompts(prompts)
     max_model_len = 2048
     lines = [_bare_vllm(path, messages, max_tokens, dtype, max_model_len)]
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, object_store_memory=512 * 1024**2)
+    connect_ray()
     lines.append(_ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus))
     if with_hf:
         lines.append(_ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus))

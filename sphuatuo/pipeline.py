@@ -53,25 +53,29 @@ CPU_ENVIRONMENT = {
 }
 
 
-def connect_ray(recipe: Recipe) -> None:
-    """Join the cluster named by the recipe or RAY_ADDRESS (as under `ray job submit`), else start a
-    local one sized to this machine."""
+def apply_cpu_environment() -> None:
+    for key, value in CPU_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` or RAY_ADDRESS (as under `ray job submit`), else start a local one
+    sized to this machine."""
     if ray.is_initialized():
         return
-    address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    for key, value in CPU_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-    ray.init(num_cpus=recipe.ray.num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
+    apply_cpu_environment()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
 
 
 def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] = SELF_PLAY_STAGES) -> RunRoot:
     """Run every stage not yet done; return the run root. Raises on the first failing stage."""
     run = RunRoot(recipe.run_root)
     manifest = run.load_manifest(recipe)
-    connect_ray(recipe)
+    connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     started = time.perf_counter()
     for stage in stages:
         record = manifest.stages.setdefault(stage.NAME, StageRecord())

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sphuatuo.pipeline import CPU_ENVIRONMENT
+from sphuatuo.pipeline import apply_cpu_environment
 from sphuatuo.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
-for _key, _value in CPU_ENVIRONMENT.items():
-    os.environ.setdefault(_key, _value)
+apply_cpu_environment()
 
 
 def _free_port() -> int:

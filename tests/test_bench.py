@@ -20,9 +20,9 @@ def test_bench_generate_prints_a_table_of_ratios_against_bare_vllm(ray_head) -> 
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.strip()]
-    assert table[0].split()[-1] == "bare"  # header: ... vs bare
-    rows = table[1:]
+    lines = result.stdout.splitlines()  # vLLM's own log lines come first
+    header = next(i for i, line in enumerate(lines) if line.startswith("engine ") and line.endswith("vs bare"))
+    rows = lines[header + 1: header + 4]
     assert [row.split()[0] for row in rows] == ["bare", "vllm", "hf"]
     assert rows[0].split()[-1] == "1.00"
     for row in rows:
