@@ -14,13 +14,13 @@ import gc
 import itertools
 import time
 from dataclasses import dataclass
-from importlib import resources
 
 from sphuatuo.data.loaders import load_questions
 from sphuatuo.engines import Request
 from sphuatuo.local_models import resolve_model
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, SamplingConfig
+from sphuatuo.stages.questions import SAMPLE_BANK, resolve_source_path
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class BenchLine:
 
 
 def bench_prompts(count: int) -> list[Messages]:
-    bank = load_questions(str(resources.files("sphuatuo.data").joinpath("sample_bank.jsonl"))).questions
+    bank = load_questions(resolve_source_path(SAMPLE_BANK)).questions
     prompt = get_prompt("self_play/student_answer")
     return [prompt.messages(question=q.question, options_block=options_block(q))
             for q in itertools.islice(itertools.cycle(bank), count)]
