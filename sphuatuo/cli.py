@@ -53,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-root", default="runs/eval", help="where answers and report go (default: runs/eval)")
     evaluate.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     evaluate.add_argument("--max-tokens", type=int, default=2048, help="generation budget per answer")
+    evaluate.add_argument("--prompt", default="self_play/student_answer",
+                          help="evaluation prompt template: self_play/student_answer (default), huatuo_o1/eval, "
+                               "or huatuo_o1/eval_strict (the reply must end with 'The answer is X.')")
     evaluate.add_argument("--judge-model", default=None, help="judge for open-ended items (multiple-choice "
                                                                 "items are scored by their option letters)")
 
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             from sphuatuo.report import write_report
 
             recipe = evaluation_recipe(args.model, args.data, data_format=args.format, run_root=args.run_root,
-                                       backend=args.backend, max_tokens=args.max_tokens, judge_model=args.judge_model)
+                                       backend=args.backend, max_tokens=args.max_tokens, judge_model=args.judge_model,
+                                       prompt=args.prompt)
             run = run_evaluation(recipe)
             print(summary(run))
             print(f"report: {write_report(run)}")

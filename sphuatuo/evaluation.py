@@ -22,7 +22,7 @@ from sphuatuo.stages.questions import resolve_source_path
 
 
 def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_root: str, backend: str,
-                      max_tokens: int, judge_model: str | None) -> Recipe:
+                      max_tokens: int, judge_model: str | None, prompt: str = "self_play/student_answer") -> Recipe:
     """A recipe with the test set and the `base` student only; the judge is the option-letter rule, or
     `judge_model` for open-ended items (refused without one, rather than scoring them all wrong)."""
     loaded = load_questions(resolve_source_path(data), format=data_format)
@@ -37,7 +37,7 @@ def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_roo
         run_root=run_root,
         data=DataConfig(train=[], test=[QuestionSource(path=data, format=data_format)], max_error_share=1.0),
         models=ModelsConfig(teacher=student, student=student, judge=judge),
-        stages=StagesConfig(evaluate=EvaluateStage(models=["base"],
+        stages=StagesConfig(evaluate=EvaluateStage(models=["base"], prompt=prompt,
                                                    sampling=SamplingConfig(temperature=0.0, max_tokens=max_tokens))),
     )
 

@@ -26,7 +26,7 @@ from sphuatuo.parsing import extract_answer, letters_text, parse_judge_verdict
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext
-from sphuatuo.stages.generation import Row, generate_pass, missing_rows, parse_reply, write_rows
+from sphuatuo.stages.generation import Row, generate_pass, missing_rows, parse_reply
 
 VERDICT_TOKENS = ("1", "2")
 
@@ -60,8 +60,6 @@ def uses_rule(judge: JudgeConfig, question: Question) -> bool:
 def judge_pass(ctx: StageContext, rows: list[Row], folder: str, *, reply_column: str = "generated_text") -> None:
     """Judge every row of `rows` (which carry question columns, a `key` and `reply_column`) not yet
     in `folder`, and write them there with their verdicts."""
-    import ray.data
-
     judge = ctx.recipe.models.judge
     todo = missing_rows(ctx, rows, folder)
     if not todo:
@@ -74,7 +72,7 @@ def judge_pass(ctx: StageContext, rows: list[Row], folder: str, *, reply_column:
         else:
             by_llm.append(row)
     if by_rule:
-        write_rows(ctx, ray.data.from_items(by_rule), folder)
+        ctx.run.append_rows(by_rule, folder)
     if not by_llm:
         return
 
@@ -108,7 +106,7 @@ def judge_pass(ctx: StageContext, rows: list[Row], folder: str, *, reply_column:
         }
         for row in by_llm
     ]
-    write_rows(ctx, ray.data.from_items(judged), folder)
+    ctx.run.append_rows(judged, folder)
 
 
 def generate_and_judge(

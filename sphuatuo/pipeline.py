@@ -71,9 +71,48 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
 
 
+class RunLog(logging.Handler):
+    """Keeps this process's `sphuatuo` log lines and appends them to `<run root>/run.log` at each save,
+    so the run root holds its own history (stages, progress, throughput) wherever it lives."""
+
+    def __init__(self, run: RunRoot):
+        super().__init__(level=logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.run = run
+        self.earlier = run.read_text("run.log") if run.exists("run.log") else ""
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def save(self) -> None:
+        self.run.write_text(self.earlier + "".join(line + "\n" for line in self.lines), "run.log")
+
+
+def stage_summary(name: str, record: StageRecord) -> str:
+    rate = ""
+    if record.seconds and record.status == "done":
+        rate = (f"; {record.rows_out / record.seconds:.2f} rows/s out, "
+                f"{record.output_tokens / record.seconds:.0f} output tok/s")
+    return (f"stage {name}: {record.status} in {record.seconds:.1f}s (rows in {record.rows_in}, out "
+            f"{record.rows_out}, rejected {record.rows_rejected}, failed {record.rows_failed}){rate}")
+
+
 def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] = SELF_PLAY_STAGES) -> RunRoot:
     """Run every stage not yet done; return the run root. Raises on the first failing stage."""
     run = RunRoot(recipe.run_root)
+    run_log = RunLog(run)
+    log.addHandler(run_log)
+    if not log.isEnabledFor(logging.INFO):
+        log.setLevel(logging.INFO)  # the run log keeps progress lines even when the caller logs only warnings
+    try:
+        return _run_stages(recipe, stages, run, run_log)
+    finally:
+        log.removeHandler(run_log)
+        run_log.save()
+
+
+def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, run_log: RunLog) -> RunRoot:
     manifest = run.load_manifest(recipe)
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     started = time.perf_counter()
@@ -98,10 +137,9 @@ def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] = SELF_PLAY_STAG
                 record.error = f"{type(err).__name__}: {err}"
                 failure = err
         run.save_manifest(manifest)
+        log.info(stage_summary(stage.NAME, record))
+        run_log.save()
         if failure is not None:
             raise failure
-        log.info("stage %s: %s in %.1fs (rows in %d, out %d, rejected %d, failed %d)", stage.NAME,
-                 record.status, record.seconds, record.rows_in, record.rows_out, record.rows_rejected,
-                 record.rows_failed)
     log.info("run %s finished in %.1fs", recipe.name, time.perf_counter() - started)
     return run

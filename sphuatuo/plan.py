@@ -236,7 +236,7 @@ def _engine_plan(stage: str, role: str, engine: EngineConfig, gpu_memory_gb: flo
     vllm = engine.backend == "vllm"
     tp = engine.tensor_parallel_size if vllm else 1  # the hf backend has no tensor parallelism
     out = StagePlan(stage, role, engine.model, gpus_per_replica=engine.gpus_per_replica * tp,
-                    replicas=engine.replicas, cpus=engine.cpus_per_replica * tp * engine.replicas, rows=rows)
+                    replicas=engine.max_replicas, cpus=engine.cpus_per_replica * tp * engine.max_replicas, rows=rows)
     if max_tokens is None:
         out.notes.append("one output token per row: prefill-bound, not estimated")
     size = model_size(engine.model)
@@ -290,7 +290,7 @@ def _engine_plan(stage: str, role: str, engine: EngineConfig, gpu_memory_gb: flo
         out.notes.append(f"KV cache holds {at_once} of {engine.batch_size} replies of {reply} tokens at once")
     # A decode step reads the weights once and each running sequence's KV, on average half a reply long.
     step_seconds = (weights + at_once * kv_token * reply / 2) / (bandwidth_tbs * 1e12)
-    out.tokens_per_s = at_once / step_seconds * engine.replicas
+    out.tokens_per_s = at_once / step_seconds * engine.max_replicas
     out.hours_per_1k_rows = 1000 * max_tokens / out.tokens_per_s / 3600
     return out
 

@@ -48,8 +48,12 @@ class EngineConfig(Strict):
 
     backend: Literal["vllm", "hf", "openai"] = "vllm"
     model: str = Field(description="a local path, a hub id, or builtin:tiny / builtin:smollm2-135m-instruct")
-    replicas: int = Field(default=1, ge=1, description="engine actors (data parallel)")
-    batch_size: int = Field(default=16, ge=1)
+    replicas: int | tuple[int, int] = Field(
+        default=1, description="engine actors (data parallel): N for a fixed pool, or [min, max] for a pool "
+                               "that grows with the backlog as the autoscaler adds GPU nodes")
+    batch_size: int = Field(default=16, ge=1, description="rows per batch sent to a replica")
+    max_concurrent_batches: int = Field(default=8, ge=1, description="batches in flight per replica, so the "
+                                                                     "engine's continuous batching never runs dry")
     cpus_per_replica: float = Field(default=1, gt=0)
     cpu_threads: int | None = Field(default=None, ge=1, description="CPU engines: compute threads per replica "
                                                                    "(default: cpus_per_replica rounded up)")
@@ -57,6 +61,12 @@ class EngineConfig(Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int = Field(default=4096, ge=64)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vllm: share of each GPU's memory "
+                                                                               "for weights and KV cache")
+    enable_prefix_caching: bool = Field(default=True, description="vllm: reuse the KV cache of shared prompt "
+                                                                  "prefixes (system prompt, one-shot example)")
+    accelerator_type: str | None = Field(default=None, description="vllm: schedule replicas only on nodes with "
+                                                                   "this Ray accelerator type, e.g. H100, A100-80G")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
     base_url: str | None = Field(default=None, description="openai: the server's /v1 URL")
     api_key_env: str | None = Field(default=None, description="openai: name of the environment variable "
@@ -72,6 +82,20 @@ class EngineConfig(Strict):
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://host:8000/v1)")
         return self
+
+    @model_validator(mode="after")
+    def _replicas_range(self) -> EngineConfig:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"replicas must be N >= 1 or [min, max] with 1 <= min <= max (got {self.replicas})")
+        return self
+
+    @property
+    def min_replicas(self) -> int:
+        return self.replicas if isinstance(self.replicas, int) else self.replicas[0]
+
+    @property
+    def max_replicas(self) -> int:
+        return self.replicas if isinstance(self.replicas, int) else self.replicas[1]
 
 
 class JudgeConfig(Strict):
@@ -110,6 +134,9 @@ class SamplingConfig(Strict):
 class TeacherCotStage(Strict):
     prompt: str = "self_play/teacher_cot"
     sampling: SamplingConfig = SamplingConfig(temperature=0.5, top_p=0.9, max_tokens=10000)
+    samples_per_question: int = Field(
+        default=1, ge=1, description="teacher answers drawn per question (sample k is seeded seed + k); SFT keeps "
+                                     "one accepted answer per question")
     reveal_reference: bool = Field(
         default=False, description="show the gold answer in the prompt (the original script did, leaking it)"
     )

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Literal
@@ -126,6 +127,17 @@ class RunRoot:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
         self.fs.create_dir(self.fs_path(*parts), recursive=True)
         pq.write_table(table, self.fs_path(*parts, "part-0.parquet"), filesystem=self.fs)
+
+    def append_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
+        """Add one Parquet file to a dataset folder, written whole or not at all (a crash mid-write
+        leaves a `.tmp` that readers ignore)."""
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+        self.fs.create_dir(self.fs_path(*parts), recursive=True)
+        target = self.fs_path(*parts, f"part-{uuid.uuid4().hex}.parquet")
+        tmp = target + ".tmp" if isinstance(self.fs, pafs.LocalFileSystem) else target
+        pq.write_table(table, tmp, filesystem=self.fs)
+        if tmp != target:
+            self.fs.move(tmp, target)
 
     def read_rows(self, *parts: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []

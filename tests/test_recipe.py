@@ -86,3 +86,13 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "recipe.yaml: invalid recipe" in bad.stderr
     assert "stages.sft.scaling.zero_stage:" in bad.stderr
+
+
+def test_engine_replicas_are_a_count_or_an_autoscaling_range() -> None:
+    fixed = load_recipe(PIPELINES / "demo.yaml", ["models.teacher.replicas=3"]).models.teacher
+    assert (fixed.min_replicas, fixed.max_replicas) == (3, 3)
+    ranged = load_recipe(PIPELINES / "demo.yaml", ["models.teacher.replicas=[1, 4]"]).models.teacher
+    assert (ranged.min_replicas, ranged.max_replicas) == (1, 4)
+    for bad in ("[4, 1]", "0", "[0, 2]"):
+        with pytest.raises(RecipeError, match="models.teacher: .*replicas must be N >= 1 or \\[min, max\\]"):
+            load_recipe(PIPELINES / "demo.yaml", [f"models.teacher.replicas={bad}"])

@@ -58,3 +58,7 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
     assert f"{len(written_before)} rows already written, {60 - len(written_before)} to go" in finished.stderr
     judged = run.read_column("id", "teacher_cot", "first")
     assert sorted(judged) == sorted(set(judged)) and len(judged) == 60
+    # The run keeps its own log (saved after each stage): the re-run's pass and stage throughput are in it.
+    run_log = run.read_text("run.log")
+    assert f"teacher_cot/first_generated: {60 - len(written_before)} rows in " in run_log
+    assert "stage teacher_cot: done in" in run_log and "output tok/s" in run_log

@@ -96,20 +96,29 @@ def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp
     assert ctx.run.parquet_files("teacher_cot", "first_generated") == files_before
 
 
-def test_teacher_cot_on_hf_with_rule_judge_retries_rejected_questions_hinted(tmp_path: Path, ray_cluster) -> None:
+def test_teacher_cot_on_hf_draws_n_samples_and_retries_rejected_questions_hinted(tmp_path: Path,
+                                                                                  ray_cluster) -> None:
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 3}],
                                               "data.test_fraction": 0.0,
                                               "models.teacher.backend": "hf",
-                                              "models.judge.kind": "rule"})
+                                              "models.judge.kind": "rule",
+                                              "stages.teacher_cot.samples_per_question": 2})
     questions.run(_context(recipe))
     ctx = _context(recipe)
     teacher_cot.run(ctx)
     first = ctx.run.read_rows("teacher_cot", "first")
     hinted = ctx.run.read_rows("teacher_cot", "hinted")
+    ids = sorted(q["id"] for q in ctx.run.read_rows("questions", "train"))
+    assert sorted(r["key"] for r in first) == sorted(f"{i}#{k}" for i in ids for k in (0, 1))
+    assert sorted((r["id"], r["sample"]) for r in first) == sorted((i, k) for i in ids for k in (0, 1))
     assert all(r["judged_by"] == "rule" and r["judge_verdict"] is False for r in first)
-    assert sorted(r["key"] for r in hinted) == sorted(f"{r['id']}:hinted" for r in first)
+    # One hinted retry per rejected question, not per rejected sample.
+    assert sorted(r["key"] for r in hinted) == sorted(f"{i}:hinted" for i in ids)
     assert all(r["hinted"] for r in hinted) and not any(r["hinted"] for r in first)
-    assert ctx.record.details["samples"] == 6
+    assert ctx.record.details["samples"] == 9 and ctx.record.details["samples_per_question"] == 2
+    passes = ctx.record.details["throughput"]
+    assert passes["teacher_cot/first_generated"]["rows"] == 6 and passes["teacher_cot/hinted_generated"]["rows"] == 3
+    assert all(p["output_tokens_per_s"] > 0 for p in passes.values())
 
 
 def test_sft_stage_trains_with_deepspeed_and_exports_a_model(tmp_path: Path, ray_cluster) -> None:
@@ -222,11 +231,20 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
                                                                  tiny_model: str) -> None:
     from sphuatuo.evaluation import evaluation_recipe, run_evaluation, summary
 
-    recipe = evaluation_recipe(tiny_model, str(FIXTURES / "medqa_sample.jsonl"), data_format=None,
-                               run_root=str(tmp_path / "eval"), backend="hf", max_tokens=8, judge_model=None)
+    recipe = evaluation_recipe(tiny_model, str(FIXTURES / "o1_eval_sample.json"), data_format=None,
+                               run_root=str(tmp_path / "eval"), backend="hf", max_tokens=8, judge_model=None,
+                               prompt="huatuo_o1/eval_strict")
     run = run_evaluation(recipe)
     stages = json.loads(run.read_text("manifest.json"))["stages"]
     assert list(stages) == ["questions", "evaluate"]
     result = stages["evaluate"]["details"]["models"]["base"]
     assert result["n"] == stages["questions"]["details"]["test"] > 0
+    # The HuatuoGPT-o1 eval file is a dict of source -> items: accuracy is reported per source.
+    sources = {q["source"] for q in run.read_rows("questions", "test")}
+    assert len(sources) > 1 and set(result["by"]["source"]) == sources
+    assert sum(cell["n"] for cell in result["by"]["source"].values()) == result["n"]
+    answers = run.read_rows("evaluate", "base")
+    assert {row["prompt_version"] for row in answers} == {get_prompt("huatuo_o1/eval_strict").tag}
     assert summary(run).startswith(f"{tiny_model}: accuracy ")
+    run_log = run.read_text("run.log")
+    assert "stage evaluate: done in" in run_log and "output tok/s" in run_log

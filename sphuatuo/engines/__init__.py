@@ -45,6 +45,12 @@ class Request:
         )
 
 
+def row_seed(request: Request, row: dict) -> int | None:
+    """Per-request seed: the sampling seed plus the row's `sample` index, so the n samples of one
+    question differ and each is reproducible."""
+    return None if request.seed is None else request.seed + int(row.get("sample") or 0)
+
+
 # CPUs asked for by the row-wise steps around an engine (prompt building, parsing, writing): small, so
 # that on a 2-core machine they never wait for the cores the engine replicas hold.
 LIGHT_CPUS = 0.1

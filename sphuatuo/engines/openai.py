@@ -15,7 +15,7 @@ import aiohttp
 import ray.data
 from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-from sphuatuo.engines import LIGHT_CPUS, Request
+from sphuatuo.engines import LIGHT_CPUS, Request, row_seed
 from sphuatuo.recipe import EngineConfig
 
 
@@ -41,7 +41,7 @@ def _payload(row: dict[str, Any], model: str, request: Request) -> dict[str, Any
     payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": request.temperature,
                                "top_p": request.top_p, "max_tokens": request.max_tokens}
     if request.seed is not None:
-        payload["seed"] = request.seed
+        payload["seed"] = row_seed(request, row)
     if messages[-1]["role"] == "assistant":
         # Continue a prefilled reply: vLLM and SGLang servers take these chat-template switches.
         payload.update(continue_final_message=True, add_generation_prompt=False)

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow.compute as pc
 import ray.data
 
 from sphuatuo import engines
 from sphuatuo.engines import LIGHT_CPUS, Request
 from sphuatuo.parsing import split_think_answer
+from sphuatuo.progress import RowProgress
 from sphuatuo.prompts import Messages
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.stages import StageContext, log
@@ -51,7 +53,15 @@ def generate_pass(
     ds = ray.data.from_items([{**row, "messages": messages(row)} for row in todo])
     ds = engines.generate(ds, engine, request, model=model_name)
     ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
-    write_rows(ctx, ds, folder)
+    progress = RowProgress(folder, total=len(todo))
+    # The driver appends each batch as it streams out, so a crash loses only the batches in flight.
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        ctx.run.append_rows(batch, folder)
+        progress.update(batch.num_rows, pc.sum(batch["num_generated_tokens"]).as_py() or 0)
+    done = progress.close()
+    passes = ctx.record.details.setdefault("throughput", {})
+    passes[folder] = {"rows": done.rows, "seconds": round(done.seconds, 1), "rows_per_s": round(done.rows_per_s, 3),
+                      "output_tokens_per_s": round(done.tokens_per_s, 1)}
     return len(todo)
 
 
@@ -62,10 +72,6 @@ def _whole_reply(row: Row, model_name: str) -> Row:
     prefix = last["content"] if last["role"] == "assistant" else ""
     out = {key: value for key, value in row.items() if key != "messages"}
     return {**out, "generated_text": prefix + row["generated_text"], "model": model_name}
-
-
-def write_rows(ctx: StageContext, ds: ray.data.Dataset, folder: str) -> None:
-    ds.write_parquet(ctx.run.join(folder), ray_remote_args={"num_cpus": LIGHT_CPUS})
 
 
 def count_tokens(rows: list[Row]) -> tuple[int, int]:

@@ -42,7 +42,9 @@ def run(ctx: StageContext) -> None:
     prompt = get_prompt(stage.prompt)
     request = Request.from_config(stage.sampling)
     meta = {"prompt_version": prompt.tag, "sampling": json.dumps(stage.sampling.model_dump())}
-    first = [{**q, **meta, "key": q["id"], "hinted": stage.reveal_reference} for q in questions]
+    first = [{**q, **meta, "key": sample_key(q["id"], k, stage.samples_per_question), "sample": k,
+              "hinted": stage.reveal_reference}
+             for q in questions for k in range(stage.samples_per_question)]
     generate_and_judge(ctx, first, f"{NAME}/first", engine=teacher, request=request,
                        messages=lambda row: teacher_messages(ctx, row))
 
@@ -51,8 +53,9 @@ def run(ctx: StageContext) -> None:
 
     if stage.retry_with_reference and not stage.reveal_reference:
         judged = ctx.run.read_rows(NAME, "first")
-        rejected_ids = {row["id"] for row in judged if not usable(row)}
-        retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True} for row in first if row["id"] in rejected_ids]
+        accepted_ids = {row["id"] for row in judged if usable(row)}
+        retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True} for row in first
+                 if row["id"] not in accepted_ids and row["sample"] == 0]
         ctx.note(f"{len(retry)} rejected questions asked again with the reference shown (hinted)")
         generate_and_judge(ctx, retry, f"{NAME}/hinted", engine=teacher, request=request,
                            messages=lambda row: teacher_messages(ctx, row))
@@ -64,11 +67,17 @@ def run(ctx: StageContext) -> None:
     ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(rows)
     ctx.record.details.update(
         samples=len(rows),
+        samples_per_question=stage.samples_per_question,
         accepted_unhinted=sum(1 for row in rows if usable(row) and not row["hinted"]),
         accepted_hinted=sum(1 for row in rows if usable(row) and row["hinted"]),
         truncated=sum(1 for row in rows if row["truncated"]),
     )
     ctx.note(f"{len(accepted)} of {len(questions)} questions have an accepted teacher answer")
+
+
+def sample_key(question_id: str, sample: int, samples_per_question: int) -> str:
+    """One sample per question keeps the question id as its key, so single-sample runs resume as before."""
+    return question_id if samples_per_question == 1 else f"{question_id}#{sample}"
 
 
 def training_answer(row: Row, answer_from_thought: bool) -> str | None:

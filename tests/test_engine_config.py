@@ -1,0 +1,40 @@
+"""What a recipe's engine section becomes in Ray's `ray.data.llm` vLLM processor config: every knob a
+vLLM user sets reaches the engine or the actor pool, and GPU-only settings stay off CPU engines."""
+
+from __future__ import annotations
+
+from sphuatuo.engines import Request, row_seed
+from sphuatuo.engines.vllm import processor_config
+from sphuatuo.recipe import EngineConfig
+
+
+def test_gpu_engine_knobs_reach_the_processor() -> None:
+    engine = EngineConfig(model="/models/qwq-32b", replicas=[1, 4], tensor_parallel_size=2, gpus_per_replica=1,
+                          batch_size=32, max_concurrent_batches=4, gpu_memory_utilization=0.85,
+                          enable_prefix_caching=False, accelerator_type="H100", max_model_len=16384,
+                          dtype="bfloat16", engine_kwargs={"max_num_seqs": 128})
+    config = processor_config(engine, "/models/qwq-32b", seed=0)
+    assert config.get_concurrency() == {"min_size": 1, "max_size": 4}
+    assert (config.batch_size, config.max_concurrent_batches, config.accelerator_type) == (32, 4, "H100")
+    kwargs = config.engine_kwargs
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["gpu_memory_utilization"] == 0.85
+    assert kwargs["enable_prefix_caching"] is False and kwargs["max_model_len"] == 16384
+    assert kwargs["max_num_seqs"] == 128 and kwargs["dtype"] == "bfloat16"
+    assert kwargs["enforce_eager"] is False and "seed" not in kwargs  # GPUs seed each request
+    assert config.runtime_env is None
+
+
+def test_cpu_engine_is_eager_seeded_engine_wide_and_threads_its_share() -> None:
+    engine = EngineConfig(model="builtin:tiny", cpus_per_replica=1, cpu_threads=2)
+    config = processor_config(engine, "/cache/tiny", seed=7)
+    kwargs = config.engine_kwargs
+    assert kwargs["enforce_eager"] is True and kwargs["seed"] == 7 and "gpu_memory_utilization" not in kwargs
+    assert config.runtime_env["env_vars"]["OMP_NUM_THREADS"] == "2"
+    assert config.get_concurrency(autoscaling_enabled=False) == {"size": 1}
+
+
+def test_each_sample_of_a_question_gets_its_own_seed() -> None:
+    request = Request(temperature=0.7, top_p=0.9, max_tokens=16, seed=100)
+    assert [row_seed(request, {"sample": k}) for k in range(3)] == [100, 101, 102]
+    assert row_seed(request, {}) == 100
+    assert row_seed(Request(temperature=0.0, top_p=1.0, max_tokens=16), {"sample": 2}) is None
