@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import time
 from dataclasses import dataclass
 
@@ -42,28 +43,31 @@ def bench_prompts(count: int) -> list[Messages]:
             for q in itertools.islice(itertools.cycle(bank), count)]
 
 
-def _bare_vllm(model: str, prompts: list[Messages], max_tokens: int, dtype: str, max_model_len: int) -> BenchLine:
+def _bare_vllm(model: str, prompts: list[Messages], max_tokens: int, dtype: str,
+               max_model_len: int) -> tuple[BenchLine, BenchLine]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0)
     started = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0)
+    ready = time.perf_counter()
     outputs = llm.chat(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False,
                        add_generation_prompt=False, continue_final_message=True)
-    seconds = time.perf_counter() - started
+    finished = time.perf_counter()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     del llm
     gc.collect()
-    return BenchLine("bare vLLM (in process, engine ready)", len(prompts), seconds, tokens)
+    return (BenchLine("bare vLLM (in process, engine ready)", len(prompts), finished - ready, tokens),
+            BenchLine("bare vLLM (in process, incl. engine start)", len(prompts), finished - started, tokens))
 
 
 def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: int, dtype: str,
-               max_model_len: int, batch_size: int, cpus: float) -> BenchLine:
+               max_model_len: int, batch_size: int, cpus: float, cpu_threads: int) -> BenchLine:
     import ray.data
 
     from sphuatuo import engines
 
     engine = EngineConfig(backend=backend, model=model, dtype=dtype, max_model_len=max_model_len,
-                          batch_size=batch_size, cpus_per_replica=cpus)
+                          batch_size=batch_size, cpus_per_replica=cpus, cpu_threads=cpu_threads)
     request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=max_tokens))
     started = time.perf_counter()
     rows = engines.generate(ray.data.from_items([{"key": i, "messages": m} for i, m in enumerate(prompts)]),
@@ -74,19 +78,23 @@ def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: in
 
 
 def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_size: int, cpus: float,
-                   with_hf: bool) -> list[BenchLine]:
+                   with_hf: bool, cpu_threads: int | None = None) -> list[BenchLine]:
+    """Bare vLLM first (the baseline), then the Ray Data back-ends. On CPU, each engine gets the same
+    compute threads (`cpu_threads`, default: every core), so the ratios measure the pipeline, not
+    a thread count."""
     from sphuatuo.pipeline import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
     path = resolve_model(model)
     messages = bench_prompts(prompts)
     max_model_len = 2048
-    lines = [_bare_vllm(path, messages, max_tokens, dtype, max_model_len)]
+    threads = cpu_threads or os.cpu_count() or 1
+    lines = list(_bare_vllm(path, messages, max_tokens, dtype, max_model_len))
 
     connect_ray()
-    lines.append(_ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus))
+    lines.append(_ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads))
     if with_hf:
-        lines.append(_ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus))
+        lines.append(_ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads))
     return lines
 
 

@@ -99,6 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="bfloat16")
     generate.add_argument("--batch-size", type=int, default=32)
     generate.add_argument("--cpus", type=float, default=1, help="CPUs per engine replica")
+    generate.add_argument("--cpu-threads", type=int, default=None,
+                          help="CPU engines: compute threads of every engine, bare and Ray (default: all cores)")
     generate.add_argument("--no-hf", action="store_true", help="skip the transformers back-end")
 
     report = commands.add_parser("report", help="(re)write report.md of a run")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             from sphuatuo.bench import bench_generate, format_bench
 
             print(format_bench(bench_generate(args.model, args.prompts, args.max_tokens, args.dtype, args.batch_size,
-                                              args.cpus, with_hf=not args.no_hf)))
+                                              args.cpus, with_hf=not args.no_hf, cpu_threads=args.cpu_threads)))
             return 0
         if args.command == "report":
             from sphuatuo.report import write_report

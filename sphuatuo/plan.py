@@ -24,7 +24,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_RESERVE_GIB = 4.0
 """Per GPU, besides weights, KV cache and training state: CUDA context, NCCL and DeepSpeed buffers, and
 vLLM's activation peak (its start-up memory profile reports 2-5 GiB for 7B-32B models)."""
-VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a GPU, unless engine_kwargs set it
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
@@ -258,7 +257,7 @@ def _engine_plan(stage: str, role: str, engine: EngineConfig, gpu_memory_gb: flo
     one_sequence = kv_token * engine.max_model_len
     utilization = 1.0
     if vllm:
-        utilization = float(engine.engine_kwargs.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION))
+        utilization = float(engine.engine_kwargs.get("gpu_memory_utilization", engine.gpu_memory_utilization))
     # Engines packed onto a shared GPU (gpus_per_replica < 1) split its memory.
     out.usable_gib = gpu_memory_gb * min(engine.gpus_per_replica, 1.0) * utilization
     out.memory_gib = {"weights": weights / GIB, "kv_cache": one_sequence * engine.batch_size / GIB,
