@@ -61,7 +61,10 @@ def _bare_vllm(model: str, prompts: list[Messages], max_tokens: int, dtype: str,
 
 
 def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: int, dtype: str,
-               max_model_len: int, batch_size: int, cpus: float, cpu_threads: int) -> BenchLine:
+               max_model_len: int, batch_size: int, cpus: float, cpu_threads: int) -> list[BenchLine]:
+    """The whole pass, and the part after its first output batch (start-up excluded: the steady state
+    a long pass converges to)."""
+    import pyarrow.compute as pc
     import ray.data
 
     from sphuatuo import engines
@@ -69,12 +72,21 @@ def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: in
     engine = EngineConfig(backend=backend, model=model, dtype=dtype, max_model_len=max_model_len,
                           batch_size=batch_size, cpus_per_replica=cpus, cpu_threads=cpu_threads)
     request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=max_tokens))
+    ds = engines.generate(ray.data.from_items([{"key": i, "messages": m} for i, m in enumerate(prompts)]),
+                          engine, request)
     started = time.perf_counter()
-    rows = engines.generate(ray.data.from_items([{"key": i, "messages": m} for i, m in enumerate(prompts)]),
-                            engine, request).take_all()
-    seconds = time.perf_counter() - started
-    tokens = sum(int(row["num_generated_tokens"]) for row in rows)
-    return BenchLine(f"{backend} back-end via Ray Data (incl. actor + engine start)", len(rows), seconds, tokens)
+    first_at, first_rows, first_tokens, rows, tokens = 0.0, 0, 0, 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += batch.num_rows
+        tokens += pc.sum(batch["num_generated_tokens"]).as_py() or 0
+        if not first_at:
+            first_at, first_rows, first_tokens = time.perf_counter(), rows, tokens
+    finished = time.perf_counter()
+    lines = [BenchLine(f"{backend} via Ray Data (incl. actor + engine start)", rows, finished - started, tokens)]
+    if rows > first_rows:
+        lines.append(BenchLine(f"{backend} via Ray Data (after its first batch)", rows - first_rows,
+                               finished - first_at, tokens - first_tokens))
+    return lines
 
 
 def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_size: int, cpus: float,
@@ -92,9 +104,9 @@ def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_
     lines = list(_bare_vllm(path, messages, max_tokens, dtype, max_model_len))
 
     connect_ray()
-    lines.append(_ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads))
+    lines += _ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads)
     if with_hf:
-        lines.append(_ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads))
+        lines += _ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads)
     return lines
 
 
