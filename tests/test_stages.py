@@ -248,3 +248,24 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
     assert summary(run).startswith(f"{tiny_model}: accuracy ")
     run_log = run.read_text("run.log")
     assert "stage evaluate: done in" in run_log and "output tok/s" in run_log
+
+
+def test_a_prompt_too_long_for_the_engine_is_kept_with_its_error_and_the_pass_goes_on(tmp_path: Path,
+                                                                                      ray_cluster) -> None:
+    from sphuatuo.engines import Request
+    from sphuatuo.stages.generation import generate_pass, parse_reply
+
+    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128})
+    ctx = _context(recipe)
+    rows = [{"key": f"q{i}", "text": "what is scurvy?"} for i in range(3)]
+    rows.append({"key": "long", "text": "scurvy " * 400})
+    written = generate_pass(ctx, rows, "probe", engine=recipe.models.teacher,
+                            request=Request(temperature=0.0, top_p=1.0, max_tokens=4),
+                            messages=lambda row: [{"role": "user", "content": row["text"]}])
+    assert written == 4
+    out = {row["key"]: parse_reply(row) for row in ctx.run.read_rows("probe")}
+    assert sorted(out) == ["long", "q0", "q1", "q2"]
+    assert out["long"]["finish_reason"] == "error" and out["long"]["generated_text"] == ""
+    assert out["long"]["parse_error"].startswith("engine error: ") and "128" in out["long"]["parse_error"]
+    for key in ("q0", "q1", "q2"):
+        assert out[key]["engine_error"] is None and out[key]["num_generated_tokens"] > 0

@@ -3,7 +3,10 @@
 `generate(ds, engine, sampling)` takes a Ray Dataset whose rows carry a `messages` column (OpenAI chat
 format) and returns it with four columns added:
 
-    generated_text, num_input_tokens, num_generated_tokens, finish_reason ("stop" | "length")
+    generated_text, num_input_tokens, num_generated_tokens, finish_reason ("stop" | "length" | "error")
+
+A row the vLLM engine fails on (say, a prompt longer than max_model_len) does not fail the pass: it
+comes back with finish_reason "error" and the engine's message in `engine_error`.
 
 The chat template is the model's own (applied by the engine), so a model is prompted the same way
 when it is trained, sampled and evaluated.

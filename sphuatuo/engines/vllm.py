@@ -62,6 +62,9 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None) ->
                              "num_cpus": LIGHT_CPUS},
         # Needs Ray's Prometheus metrics stack, which only the `ray[default]` dashboard brings up.
         log_engine_metrics=False,
+        # One bad row (a prompt longer than max_model_len) must not fail the pass: it is kept with
+        # its error (see `settle`).
+        should_continue_on_error=True,
     )
 
 
@@ -81,9 +84,19 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
         out["finish_reason"] = "length" if out["num_generated_tokens"] >= max_tokens else "stop"
         return out
 
+    def settle(row: dict[str, Any]) -> dict[str, Any]:
+        """Give rows the engine failed on (which skip `postprocess`) the same columns as the others,
+        with `finish_reason` "error" and the engine's message in `engine_error`."""
+        error = row.pop("__inference_error__", "")
+        if not error:
+            return {**row, "engine_error": None}
+        out = {key: value for key, value in row.items() if key in _input_columns}
+        return {**out, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
+                "finish_reason": "error", "engine_error": error}
+
     _input_columns = set(ds.columns())
     processor = build_processor(processor_config(engine, model_path, request.seed),
                                 preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
                                 postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
-    return processor(ds)
+    return processor(ds).map(settle, num_cpus=LIGHT_CPUS)

@@ -82,13 +82,14 @@ def count_tokens(rows: list[Row]) -> tuple[int, int]:
 
 
 def parse_reply(row: Row) -> Row:
-    """Split the reply into thought and answer; a reply cut at the token budget is never complete."""
+    """Split the reply into thought and answer; a reply cut at the token budget is never complete, and
+    a row the engine failed on keeps the engine's message."""
     parsed = split_think_answer(row["generated_text"])
     truncated = row["finish_reason"] == "length"
-    return {
-        **row,
-        "think": parsed.think,
-        "answer_text": parsed.answer,
-        "truncated": truncated,
-        "parse_error": "truncated at max_tokens" if truncated else parsed.parse_error,
-    }
+    parse_error = parsed.parse_error
+    if truncated:
+        parse_error = "truncated at max_tokens"
+    elif row["finish_reason"] == "error":
+        parse_error = f"engine error: {row.get('engine_error')}"
+    return {**row, "think": parsed.think, "answer_text": parsed.answer, "truncated": truncated,
+            "parse_error": parse_error}
