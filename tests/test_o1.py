@@ -241,3 +241,13 @@ def test_o1_search_prompts_render_with_the_chain() -> None:
         assert "<previous reasoning>" in text and '"action": "Verification"' in text
     label = get_prompt("huatuo_o1/search_label").render_user(question="Q?", reasoning=reasoning, label="GOLD")
     assert 'the labeled answer is "GOLD"' in label
+
+
+def test_o1_plan_lists_every_stage() -> None:
+    from sphuatuo.plan import plan
+
+    result = plan(load_recipe(REPO / "pipelines" / "huatuo_o1_7b.yaml"))
+    assert [(s.stage, s.role) for s in result.stages][-5:] == [
+        ("reasoning_search", "teacher"), ("reasoning_search", "judge"), ("sft", "trainer"), ("rl", "trainer"),
+        ("evaluate", "student")]
+    assert result.fits and "at most 10 steps per problem" in " ".join(result.stages[-5].notes)
