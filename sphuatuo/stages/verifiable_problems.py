@@ -3,10 +3,11 @@
 Optionally, items that every one of a list of small models answers correctly are dropped first. The
 generator then filters each item (Pass / Too Simple / Ambiguous Answer / Not Reformulatable: only Pass
 goes on) and rewrites it as an open-ended question with a short ground-truth answer, as JSON with two
-keys. An unreadable reply is asked again, with a new seed, at most `max_retries` times. Items that do
-not make it go to `verifiable_problems/rejects` with their reason and the last reply. Open-ended items
-of the bank are verifiable already and pass through as they are. The problems are split between the
-reasoning search (`search`) and RL (`rl`).
+keys. Items with several correct options are dropped without asking, as in the paper (there is no
+single ground truth). An unreadable reply is asked again, with a new seed, at most `max_retries` times.
+Items that do not make it go to `verifiable_problems/rejects` with their reason and the last reply.
+Open-ended items of the bank are verifiable already and pass through as they are. The problems are
+split between the reasoning search (`search`) and RL (`rl`).
 """
 
 from __future__ import annotations
@@ -101,7 +102,13 @@ def run(ctx: StageContext) -> None:
         if row["id"] in easy:
             reject(row, "small_models", f"answered correctly by all {len(stage.small_models)} small models")
     candidates = [row for row in questions if row["id"] not in easy]
-    multiple_choice = [row for row in candidates if Question.from_row(row).is_multiple_choice]
+    multiple_choice = []
+    for row in candidates:
+        question = Question.from_row(row)
+        if len(question.answer) > 1:  # the paper drops items with several answers: no single ground truth
+            reject(row, "several_answers", f"{len(question.answer)} correct options")
+        elif question.is_multiple_choice:
+            multiple_choice.append(row)
     problems = [{**row, "problem": row["question"], "ground_truth": row["reference"], "filter_verdict": None}
                 for row in candidates if not Question.from_row(row).is_multiple_choice]
     open_ended = len(problems)
