@@ -27,7 +27,7 @@ from sphuatuo.parsing import extract_answer, letters_text
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import SamplingConfig
 from sphuatuo.stages import StageContext
-from sphuatuo.stages.generation import Row, generate_pass, missing_rows, write_rows
+from sphuatuo.stages.generation import Row, generate_pass, missing_rows
 
 VERDICT_WORDS = ("True", "False")
 
@@ -52,8 +52,6 @@ def rule_verdict(row: Row) -> dict[str, object]:
 def verify_pass(ctx: StageContext, rows: list[Row], folder: str, prompt_name: str) -> None:
     """Verify every row of `rows` not yet in `folder` (rows carry question columns, `key`, `conclusion`
     and `ground_truth`) and write them there with their verdicts."""
-    import ray.data
-
     judge = ctx.recipe.models.judge
     todo = missing_rows(ctx, rows, folder)
     if not todo:
@@ -67,7 +65,7 @@ def verify_pass(ctx: StageContext, rows: list[Row], folder: str, prompt_name: st
         else:
             by_llm.append(row)
     if decided:
-        write_rows(ctx, ray.data.from_items(decided), folder)
+        ctx.run.append_rows(decided, folder)
     if not by_llm:
         return
 
@@ -84,4 +82,4 @@ def verify_pass(ctx: StageContext, rows: list[Row], folder: str, prompt_name: st
     raw = {row["key"]: row["generated_text"] for row in ctx.run.read_rows(raw_folder)}
     judged = [{**row, "verdict": parse_true_false(raw[row["key"]]), "verified_by": f"llm:{engine.model}",
                "verifier_raw": raw[row["key"]]} for row in by_llm]
-    write_rows(ctx, ray.data.from_items(judged), folder)
+    ctx.run.append_rows(judged, folder)
