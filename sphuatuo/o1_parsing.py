@@ -101,6 +101,17 @@ def parse_chain(text: str) -> Parsed:
     return Parsed(clean)
 
 
+def chain_from_plain_text(text: str) -> list[Step] | None:
+    """For small generators that ignore the JSON format: the reply as one Inner Thinking step, its last
+    paragraph as the Final Conclusion. None for an empty reply."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text or "") if p.strip()]
+    if not paragraphs:
+        return None
+    return [{"action": INNER_THINKING, "title": "Reasoning", "content": "\n\n".join(paragraphs[:-1]) or paragraphs[0]},
+            {"action": FINAL_CONCLUSION, "content": paragraphs[-1]},
+            {"action": VERIFICATION, "content": ""}]
+
+
 def last_conclusion(chain: list[Step]) -> str | None:
     """What the verifier sees: the content of the chain's last Final Conclusion."""
     for step in reversed(chain):

@@ -270,6 +270,10 @@ class ReasoningSearchStage(Strict):
                                    "('pretend not to know'); such items are flagged label_revealed and, unlike the "
                                    "released code, still verified")
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=4096)
+    plain_text_fallback: bool = Field(
+        default=False, description="for small generators: a search reply that is not the JSON chain is read as one "
+                                   "reasoning step whose last paragraph is the conclusion, and a natural-reasoning "
+                                   "reply that is not JSON as the text itself (the trace notes each such reply)")
     verifier_prompt: str = "huatuo_o1/verify"
     natural_prompt: str = "huatuo_o1/natural_reasoning"
     response_prompt: str = "huatuo_o1/final_response"

@@ -6,8 +6,9 @@ strategy drawn from the recipe's list (never Backtracking at depth 1, the first 
 reaches `max_depth` unverified starts over from the initial reasoning, up to `max_attempts` attempts,
 as the released code does. Then the item is discarded, or, only if the recipe asks, takes one last
 step with the ground truth revealed, which is flagged and still verified. An unparsable reply is a
-failed step that leaves the chain as it was; while an item has no chain at all, its next step asks for
-the initial reasoning again.
+failed step that leaves the chain as it was (with the recipe's `plain_text_fallback`, the stage reads it as
+plain text instead); while an item has no chain at all, its next step asks for the initial reasoning
+again.
 
 The stage runs these steps in rounds, one Ray Data pass per round over the items still searching; here
 is only the bookkeeping, so it can be tested on known verdicts without an engine. Strategy choice is

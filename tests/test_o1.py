@@ -79,6 +79,21 @@ def test_chain_checks_and_rendering() -> None:
     assert format_o1(" a ", "b\n") == "## Thinking\n\na\n\n## Final Response\n\nb"
 
 
+def test_plain_text_fallback_for_small_generators() -> None:
+    from sphuatuo.recipe import ReasoningSearchStage
+    from sphuatuo.stages.reasoning_search import read_chain, read_natural
+
+    text = "Scurvy means collagen fails.\n\nSo the answer is Vitamin C."
+    strict, lenient = ReasoningSearchStage(), ReasoningSearchStage(plain_text_fallback=True)
+    assert read_chain(strict, text).value is None and read_chain(strict, text).error == "no JSON object in the reply"
+    fallback = read_chain(lenient, text)
+    assert last_conclusion(fallback.value) == "So the answer is Vitamin C."
+    assert fallback.error == "read as plain text: no JSON object in the reply"
+    assert read_chain(lenient, chain_reply("x")).error is None  # JSON replies are read as JSON
+    assert read_chain(lenient, "  ").value is None
+    assert read_natural(strict, "hmm").error and read_natural(lenient, " hmm ").value == "hmm"
+
+
 # ---- search bookkeeping ------------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ from collections import Counter
 
 from sphuatuo.engines import Request
 from sphuatuo.o1_parsing import (
+    Parsed,
+    chain_from_plain_text,
     last_conclusion,
     parse_chain,
     parse_natural_reasoning,
@@ -43,6 +45,21 @@ def step_messages(stage: ReasoningSearchStage, row: Row) -> Messages:
     return get_prompt(f"huatuo_o1/search_{row['step']}").messages(question=row["problem"], reasoning=reasoning)
 
 
+def read_chain(stage: ReasoningSearchStage, text: str) -> Parsed:
+    """The reply's steps; with `plain_text_fallback`, a non-JSON reply as plain text (its error kept as a note)."""
+    parsed = parse_chain(text)
+    if parsed.error and stage.plain_text_fallback and (steps := chain_from_plain_text(text)):
+        return Parsed(steps, f"read as plain text: {parsed.error}")
+    return parsed
+
+
+def read_natural(stage: ReasoningSearchStage, text: str) -> Parsed:
+    parsed = parse_natural_reasoning(text)
+    if parsed.error and stage.plain_text_fallback and text.strip():
+        return Parsed(text.strip())
+    return parsed
+
+
 def search(ctx: StageContext, problems: list[Row]) -> list[SearchState]:
     """Run search rounds until no item is searching; return every item's final state."""
     stage = ctx.recipe.stages.reasoning_search
@@ -61,9 +78,9 @@ def search(ctx: StageContext, problems: list[Row]) -> list[SearchState]:
                       messages=lambda row: step_messages(stage, row))
         keys = {s.key for s in active}
         replies = {row["key"]: row for row in ctx.run.read_rows(NAME, "steps") if row["key"] in keys}
-        parsed = {key: parse_chain(reply["generated_text"]) for key, reply in replies.items()}
+        parsed = {key: read_chain(stage, reply["generated_text"]) for key, reply in replies.items()}
         verify_pass(ctx, [{**by_id[s.id], "key": s.key,
-                           "conclusion": None if parsed[s.key].error else last_conclusion(parsed[s.key].value)}
+                           "conclusion": last_conclusion(parsed[s.key].value) if parsed[s.key].value else None}
                           for s in active], f"{NAME}/verdicts", stage.verifier_prompt)
         verdicts = {row["key"]: row["verdict"] for row in ctx.run.read_rows(NAME, "verdicts") if row["key"] in keys}
         for s in active:
@@ -81,7 +98,7 @@ def write_up(ctx: StageContext, solved: list[tuple[Row, SearchState]]) -> tuple[
     generate_pass(ctx, rows, f"{NAME}/natural", engine=teacher, request=request,
                   messages=lambda row: natural_prompt.messages(thought_process=row["thought_process"],
                                                                question=row["problem"]))
-    natural = {row["key"]: parse_natural_reasoning(row["generated_text"]) for row in ctx.run.read_rows(NAME, "natural")}
+    natural = {row["key"]: read_natural(stage, row["generated_text"]) for row in ctx.run.read_rows(NAME, "natural")}
     failures = [{"id": row["id"], "reason": f"natural reasoning: {natural[row['id']].error}"}
                 for row, _ in solved if natural[row["id"]].error]
     written = [(row, state) for row, state in solved if not natural[row["id"]].error]
@@ -133,7 +150,10 @@ def run(ctx: StageContext) -> None:
     ctx.record.details.update(
         solved_at_depth=solved_counts(states), searched=len(states), solved=len(solved), written=len(paths),
         label_revealed=sum(1 for s in states if s.label_revealed), steps=len(steps),
-        unparsable_steps=sum(1 for s in states for entry in s.trace if entry["parse_error"]),
+        unparsable_steps=sum(1 for s in states for entry in s.trace
+                             if entry["parse_error"] and not entry["parse_error"].startswith("read as plain text")),
+        plain_text_steps=sum(1 for s in states for entry in s.trace
+                             if (entry["parse_error"] or "").startswith("read as plain text")),
         strategies=dict(sorted(strategies.items())),
     )
     ctx.note(f"{len(solved)} of {len(states)} problems verified (by depth: {solved_counts(states)}), "
