@@ -20,7 +20,7 @@ from sphuatuo.o1_parsing import format_o1
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import O1Recipe
 from sphuatuo.runs import Manifest, RunRoot, StageRecord
-from sphuatuo.stages import StageContext, o1_sft, questions
+from sphuatuo.stages import StageContext, o1_sft, questions, rl
 from sphuatuo.verifier import verify_pass
 
 pytestmark = pytest.mark.slow
@@ -145,3 +145,19 @@ def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
     # "True" is several tokens in the tiny vocabulary: the verifier writes freely and its reply is read.
     assert llm["verified_by"] == "llm:builtin:tiny" and llm["verdict"] in (True, False, None)
     assert [r["key"] for r in run.read_rows("verify", "verdicts_raw")] == ["llm"]
+
+
+def test_rloo_trains_through_ray_train(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_o1_recipe(tmp_path / "run", **{"stages.rl.algorithm": "rloo", "stages.rl.start_from": "base",
+                                                 "data.test": []})
+    run = RunRoot(recipe.run_root)
+    questions.run(StageContext(recipe, run, StageRecord()))
+    problems = [{**q, "problem": q["question"], "ground_truth": q["reference"]}
+                for q in run.read_rows("questions", "train")]
+    run.write_rows(problems, "verifiable_problems", "rl")
+    ctx = StageContext(recipe, run, StageRecord())
+    rl.run(ctx)
+    assert ctx.record.rows_out == len(problems) and ctx.record.details["algorithm"] == "rloo"
+    logged = [e for e in json.loads(run.read_text("rl", "train_log.json")) if "loss" in e]
+    assert len(logged) == 2 and all(math.isfinite(e["loss"]) and "rewards/o1_reward/mean" in e for e in logged)
+    assert run.exists("rl", "model", "model.safetensors")
