@@ -16,6 +16,7 @@ EPILOG = """examples:
   sphuatuo demo                                   the Self-Play pipeline on SmolLM2-135M, local Ray, CPU
   sphuatuo validate pipelines/sp_huatuo_7b.yaml   check a recipe without running anything
   sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
+  sphuatuo run pipelines/huatuo_o1_demo.yaml      the HuatuoGPT-o1 recipe on SmolLM2-135M, CPU
   sphuatuo data check questions.csv --format cmexam
   sphuatuo eval runs/demo/sft/model --data test.jsonl    accuracy of any model directory on a question file
   sphuatuo report runs/demo

@@ -20,11 +20,15 @@ from sphuatuo.stages import (
     StageSkipped,
     dpo,
     evaluate,
+    o1_sft,
     preference_pairs,
     questions,
+    reasoning_search,
+    rl,
     sft,
     student_answers,
     teacher_cot,
+    verifiable_problems,
 )
 
 log = logging.getLogger("sphuatuo")
@@ -36,6 +40,15 @@ SELF_PLAY_STAGES: tuple[ModuleType, ...] = (
     student_answers,
     preference_pairs,
     dpo,
+    evaluate,
+)
+
+O1_STAGES: tuple[ModuleType, ...] = (
+    questions,
+    verifiable_problems,
+    reasoning_search,
+    o1_sft,
+    rl,
     evaluate,
 )
 
@@ -98,8 +111,11 @@ def stage_summary(name: str, record: StageRecord) -> str:
             f"{record.rows_out}, rejected {record.rows_rejected}, failed {record.rows_failed}){rate}")
 
 
-def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] = SELF_PLAY_STAGES) -> RunRoot:
-    """Run every stage not yet done; return the run root. Raises on the first failing stage."""
+def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -> RunRoot:
+    """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
+    the first failing stage."""
+    if stages is None:
+        stages = O1_STAGES if recipe.recipe == "huatuo_o1" else SELF_PLAY_STAGES
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)

@@ -180,6 +180,8 @@ class Plan:
 def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3.35) -> Plan:
     """Plan every engine and trainer of a Self-Play recipe on GPUs with `gpu_memory_gb` each (as sold:
     an 80 GB H100 holds 80 GiB) and `gpu_bandwidth_tbs` of memory bandwidth (H100 SXM: 3.35 TB/s)."""
+    if recipe.recipe == "huatuo_o1":
+        return _o1_plan(recipe, gpu_memory_gb, gpu_bandwidth_tbs)
     models, stages = recipe.models, recipe.stages
     train_rows, test_rows = _question_counts(recipe)
     judge = models.judge.engine if models.judge.kind != "rule" else None
@@ -211,6 +213,37 @@ def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3
             *generation("evaluate", "student", models.student, evaluated, stages.evaluate.sampling.max_tokens),
         ],
     )
+
+
+def _o1_plan(recipe: Recipe, gpu_memory_gb: float, bandwidth_tbs: float) -> Plan:
+    """The HuatuoGPT-o1 stages: problem construction, the search (at most 1 + attempts x depth (+1 with the
+    label revealed) steps per problem, each verified), SFT, RL (policy, reference and verifier per worker)."""
+    models, stages = recipe.models, recipe.stages
+    train_rows, test_rows = _question_counts(recipe)
+    problems, search = stages.verifiable_problems, stages.reasoning_search
+    judge = models.judge.engine if models.judge.kind != "rule" else None
+
+    def engine(stage: str, role: str, config: EngineConfig, rows: int | None, max_tokens: int | None) -> StagePlan:
+        return _engine_plan(stage, role, config, gpu_memory_gb, bandwidth_tbs, rows, max_tokens)
+
+    plans = [engine("verifiable_problems", "small model", small, train_rows, problems.small_model_sampling.max_tokens)
+             for small in problems.small_models]
+    asks = (2 if problems.filter else 1) * (1 + problems.max_retries)
+    plans.append(engine("verifiable_problems", "teacher", models.teacher, train_rows, problems.sampling.max_tokens))
+    plans[-1].notes.append(f"{'filter and rewrite' if problems.filter else 'rewrite'}: at most {asks} replies per row")
+    steps = 1 + search.max_attempts * search.max_depth + int(search.reveal_label)
+    plans.append(engine("reasoning_search", "teacher", models.teacher, None, search.sampling.max_tokens))
+    plans[-1].notes.append(f"at most {steps} steps per problem, then natural reasoning and a final response")
+    if judge is not None:
+        plans.append(engine("reasoning_search", "judge", judge, None, 8))
+    plans.append(_train_plan("sft", stages.sft, models.student.model, gpu_memory_gb, preference=False))
+    rl = _train_plan("rl", stages.rl, models.student.model, gpu_memory_gb, preference=False)
+    rl.notes.append(f"plus a frozen reference copy, the {stages.rl.verifier.kind} verifier"
+                    + (" and a colocated vLLM engine" if stages.rl.use_vllm else "") + " per worker: not modelled")
+    plans.append(rl)
+    evaluated = None if test_rows is None else test_rows * len(stages.evaluate.models)
+    plans.append(engine("evaluate", "student", models.student, evaluated, stages.evaluate.sampling.max_tokens))
+    return Plan(recipe=recipe.name, gpu_memory_gb=gpu_memory_gb, gpu_bandwidth_tbs=bandwidth_tbs, stages=plans)
 
 
 def _question_counts(recipe: Recipe) -> tuple[int | None, int | None]:

@@ -230,6 +230,133 @@ class StagesConfig(Strict):
     evaluate: EvaluateStage = EvaluateStage()
 
 
+# ---------------------------------------------------------------------------------------------
+# HuatuoGPT-o1 stages (METHOD B). Roles: teacher = the search generator (GPT-4o in the paper),
+# judge = the verifier, student = the policy fine-tuned and improved by RL.
+# ---------------------------------------------------------------------------------------------
+
+
+class VerifiableProblemsStage(Strict):
+    """Multiple-choice items -> open-ended problems with a short ground-truth answer (METHOD B.1)."""
+
+    filter: bool = Field(default=True, description="ask the generator to filter first: Pass / Too Simple / "
+                                                   "Ambiguous Answer / Not Reformulatable; only Pass goes on")
+    filter_prompt: str = "huatuo_o1/filter"
+    rewrite_prompt: str = "huatuo_o1/rewrite"
+    sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=1024)
+    max_retries: int = Field(default=1, ge=0, description="re-asks (with a new seed) of an unreadable filter or "
+                                                          "rewrite reply; the released code tries twice")
+    small_models: list[EngineConfig] = Field(
+        default_factory=list, description="pre-filter: drop items that every one of these models answers correctly "
+                                          "(the paper uses three small models); empty: no pre-filter")
+    small_model_prompt: str = "huatuo_o1/eval"
+    small_model_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_tokens=1024)
+    rl_share: float = Field(default=0.5, ge=0.0, lt=1.0, description="share of the problems kept for RL instead "
+                                                                    "of the search (paper: 20K and 20K)")
+
+
+SearchStrategy = Literal["backtracking", "exploring_new_paths", "verification", "correction"]
+
+
+class ReasoningSearchStage(Strict):
+    """Verifier-guided search for a complex reasoning path, then its rewrite as natural thinking (METHOD B.2)."""
+
+    init_prompt: str = "huatuo_o1/search_init"
+    strategies: list[SearchStrategy] = ["backtracking", "exploring_new_paths", "verification", "correction"]
+    max_depth: int = Field(default=3, ge=1, description="strategy steps per attempt (paper: 3)")
+    max_attempts: int = Field(default=3, ge=1, description="restarts from the initial reasoning (paper: 3)")
+    reveal_label: bool = Field(
+        default=False, description="one more step for items still unsolved, with the ground truth revealed "
+                                   "('pretend not to know'); such items are flagged label_revealed and, unlike the "
+                                   "released code, still verified")
+    sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=4096)
+    plain_text_fallback: bool = Field(
+        default=False, description="for small generators: a search reply that is not the JSON chain is read as one "
+                                   "reasoning step whose last paragraph is the conclusion, and a natural-reasoning "
+                                   "reply that is not JSON as the text itself (the trace notes each such reply)")
+    verifier_prompt: str = "huatuo_o1/verify"
+    natural_prompt: str = "huatuo_o1/natural_reasoning"
+    response_prompt: str = "huatuo_o1/final_response"
+    max_problems: int | None = Field(default=None, ge=1, description="search only the first N problems")
+
+    @model_validator(mode="after")
+    def _first_retry_has_a_strategy(self) -> ReasoningSearchStage:
+        if not set(self.strategies) - {"backtracking"}:
+            raise ValueError("strategies needs one besides backtracking (never used on the first retry)")
+        return self
+
+
+class O1SftStage(SftStage):
+    """Paper values (METHOD B.3): full fine-tuning, lr 5e-6, weight decay 0.1, warmup 0.05, 3 epochs, 8,192
+    tokens, ZeRO-3."""
+
+    prompt: str = "huatuo_o1/question"
+    finetuning: Literal["full", "lora"] = "full"
+    learning_rate: float = Field(default=5e-6, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    max_length: int = Field(default=8192, ge=16)
+    include_label_revealed: bool = Field(default=True, description="train on paths found with the label revealed")
+
+
+class RewardVerifierConfig(Strict):
+    """Who decides that a final response is correct, inside the RL workers (METHOD B.4).
+
+    `exact_match`: the option letters the response names equal the gold letters (items from a multiple-choice
+    bank; others: the ground truth appears in the response); `classifier`: a sequence-classification model
+    (the released 3B verifier) with p(True) > threshold; `llm`: a causal LM asked True/False."""
+
+    kind: Literal["exact_match", "classifier", "llm"] = "exact_match"
+    model: str | None = Field(default=None, description="classifier or llm: a local path or hub id")
+    threshold: float = Field(default=0.4, gt=0.0, lt=1.0, description="classifier: p(True) above this accepts")
+    prompt: str = Field(default="huatuo_o1/verify", description="llm: the verifier prompt")
+    max_length: int = Field(default=2048, ge=64)
+
+    @model_validator(mode="after")
+    def _model_for_models(self) -> RewardVerifierConfig:
+        if self.kind != "exact_match" and not self.model:
+            raise ValueError(f"verifier kind {self.kind!r} needs `model`")
+        return self
+
+
+class RlStage(TrainStage):
+    """RL with the verifier as reward (METHOD B.4). The paper's PPO left TRL; GRPO and RLOO are offered with the
+    same reward. Paper values where they carry over: lr 5e-7, KL 0.03, response length 1,300, temperature 0.5,
+    3 optimisation epochs per batch."""
+
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    prompt: str = "huatuo_o1/question"
+    start_from: Literal["sft", "base"] = Field(default="sft", description="sft: the SFT export (base if the run "
+                                                                          "has none)")
+    finetuning: Literal["full", "lora"] = "full"
+    learning_rate: float = Field(default=5e-7, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    kl_coef: float = Field(default=0.03, ge=0.0, description="paper (PPO): 0.03")
+    group_size: int = Field(default=8, ge=2, description="completions per prompt")
+    max_response_length: int = Field(default=1300, ge=1, description="paper: 1,300 tokens")
+    temperature: float = Field(default=0.5, gt=0.0, description="paper: 0.5")
+    iterations: int = Field(default=3, ge=1, description="optimisation passes per generated batch (PPO epochs: 3)")
+    use_vllm: bool = Field(default=False, description="generate with vLLM colocated in each worker (GPUs only)")
+    verifier: RewardVerifierConfig = RewardVerifierConfig()
+    max_prompts: int | None = Field(default=None, ge=1, description="train on the first N RL problems")
+
+
+class O1EvaluateStage(EvaluateStage):
+    """The released evaluation prompt (METHOD B.5); `huatuo_o1/eval_strict` asks for 'The answer is X.'."""
+
+    prompt: str = "huatuo_o1/eval"
+    models: list[Literal["base", "sft", "rl"]] = ["base", "sft", "rl"]
+
+
+class O1StagesConfig(Strict):
+    verifiable_problems: VerifiableProblemsStage = VerifiableProblemsStage()
+    reasoning_search: ReasoningSearchStage = ReasoningSearchStage()
+    sft: O1SftStage = O1SftStage()
+    rl: RlStage = RlStage()
+    evaluate: O1EvaluateStage = O1EvaluateStage()
+
+
 class RayConfig(Strict):
     address: str | None = Field(default=None, description="None: connect to RAY_ADDRESS or start a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local cluster started by sphuatuo")
@@ -245,6 +372,16 @@ class Recipe(Strict):
     models: ModelsConfig
     stages: StagesConfig = StagesConfig()
     ray: RayConfig = RayConfig()
+
+
+class O1Recipe(Recipe):
+    """The HuatuoGPT-o1 recipe: the same data, models and Ray sections, its own stages."""
+
+    recipe: Literal["huatuo_o1"] = "huatuo_o1"  # type: ignore[assignment]
+    stages: O1StagesConfig = O1StagesConfig()  # type: ignore[assignment]
+
+
+RECIPE_KINDS: dict[str, type[Recipe]] = {"self_play": Recipe, "huatuo_o1": O1Recipe}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +439,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = apply_overrides(raw, overrides or [])
     except ValueError as err:
         raise RecipeError(path, [str(err)]) from None
+    kind = raw.get("recipe", "self_play")
+    if kind not in RECIPE_KINDS:
+        raise RecipeError(path, [f"recipe: unknown recipe {kind!r} (known: {', '.join(RECIPE_KINDS)})"])
     try:
-        return Recipe.model_validate(raw)
+        return RECIPE_KINDS[kind].model_validate(raw)
     except ValidationError as err:
         problems = []
         for e in err.errors():

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sphuatuo.runs import Manifest, RunRoot  # noqa: E402
 
-TRAINING_STAGES = ("sft", "dpo")
+TRAINING_STAGES = ("sft", "dpo", "rl")
 
 
 def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:

@@ -1,0 +1,43 @@
+"""SFT on the verified reasoning paths (METHOD B.3).
+
+One example per solved problem: the open-ended question as the user message, and as the assistant's
+reply `## Thinking\n\n{natural reasoning}\n\n## Final Response\n\n{response}`. TRL masks the prompt
+tokens from the loss. Paths found with the label revealed are used unless the recipe says otherwise.
+"""
+
+from __future__ import annotations
+
+from sphuatuo.o1_parsing import format_o1
+from sphuatuo.prompts import get_prompt
+from sphuatuo.recipe import O1SftStage, SftStage
+from sphuatuo.stages import StageContext
+from sphuatuo.stages.generation import Row
+from sphuatuo.stages.training import model_of, train_stage
+from sphuatuo.train.sft import sft_worker
+
+NAME = "sft"
+
+
+def sft_examples(stage: O1SftStage, paths: list[Row]) -> list[Row]:
+    prompt = get_prompt(stage.prompt)
+    return [
+        {
+            "id": row["id"],
+            "prompt": prompt.training_prompt(question=row["problem"]),
+            "completion": [{"role": "assistant", "content": format_o1(row["complex_cot"], row["response"])}],
+            "generator": row["generator"],
+            "label_revealed": row["label_revealed"],
+        }
+        for row in sorted(paths, key=lambda r: r["id"])
+        if stage.include_label_revealed or not row["label_revealed"]
+    ]
+
+
+def run(ctx: StageContext) -> None:
+    stage = ctx.recipe.stages.sft
+    paths = ctx.run.read_rows("reasoning_search", "paths")
+    ctx.record.rows_in = len(paths)
+    examples = sft_examples(stage, paths)
+    # The trainer sees the training fields only (the prompt choice is this stage's business).
+    trainer_stage = SftStage.model_validate(stage.model_dump(include=set(SftStage.model_fields)))
+    train_stage(ctx, NAME, trainer_stage, examples, sft_worker, model_of(ctx, "base"))

@@ -1,0 +1,268 @@
+"""HuatuoGPT-o1 pieces without Ray: reply parsing, the search's bookkeeping on known verdicts, the reward,
+its verifiers (a sequence-classification model and a causal LM built locally), recipes and prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sphuatuo.o1_parsing import (
+    format_o1,
+    last_conclusion,
+    parse_chain,
+    parse_filter_verdict,
+    parse_json_object,
+    parse_natural_reasoning,
+    parse_problem,
+    parse_true_false,
+    previous_reasoning,
+    render_chain,
+)
+from sphuatuo.prompts import get_prompt
+from sphuatuo.recipe import O1Recipe, Recipe, RecipeError, load_recipe
+from sphuatuo.reward import ClassifierVerifier, ExactMatchVerifier, LLMVerifier, O1Reward, o1_rewards
+from sphuatuo.search import INIT, LABEL, SearchPlan, SearchState, advance, choose_strategy, solved_counts
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ("backtracking", "exploring_new_paths", "verification", "correction")
+
+
+def chain_reply(conclusion: str, continuation: bool = False) -> str:
+    steps = [{"action": "Inner Thinking", "title": "Recall", "content": "think"},
+             {"action": "Final Conclusion", "content": conclusion},
+             {"action": "Verification", "content": "check"}]
+    if continuation:
+        steps = [{"action": "Verification", "content": "The conclusion was wrong."}, *steps]
+    return "Sure!\n```json\n" + json.dumps({"CoT": steps}, indent=1) + "\n```"
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+
+def test_json_recovery_from_fences_raw_newlines_and_trailing_commas() -> None:
+    assert parse_json_object('```json\n{"a": "line one\nline two",}\n```').value == {"a": "line one\nline two"}
+    assert parse_json_object('Here: {"a": [1, 2,],} done').value == {"a": [1, 2]}
+    assert parse_json_object("no json here").error == "no JSON object in the reply"
+    assert parse_json_object('{"a": }').error.startswith("invalid JSON")
+    assert parse_problem('{"Open-ended Verifiable Question": "Q?", "Ground-True Answer": "N-acetylcysteine"}'
+                         ).value == ("Q?", "N-acetylcysteine")
+    assert "exactly the keys" in parse_problem('{"Open-ended Verifiable Question": "Q?"}').error
+    assert parse_problem('{"Open-ended Verifiable Question": "Q?", "Ground-True Answer": " "}').error
+    assert parse_natural_reasoning('{"NaturalReasoning": "hmm,\\nwait"}').value == "hmm,\nwait"
+
+
+@pytest.mark.parametrize(("reply", "verdict"), [
+    ("Pass", "Pass"), ('"Too Simple"', "Too Simple"), ("**Ambiguous Answer** - it asks for the incorrect option",
+                                                       "Ambiguous Answer"),
+    ("Evaluation: Not Reformulatable.", "Not Reformulatable"), ("This question would pass.", "Pass"),
+    ("I cannot say", None), ("Either Too Simple or Ambiguous Answer", None),
+])
+def test_filter_verdicts(reply: str, verdict: str | None) -> None:
+    assert parse_filter_verdict(reply).value == verdict
+
+
+def test_chain_checks_and_rendering() -> None:
+    chain = parse_chain(chain_reply("Vitamin C")).value
+    assert last_conclusion(chain) == "Vitamin C"
+    assert json.loads(previous_reasoning(chain))[-1]["action"] == "Final Conclusion"
+    assert render_chain(chain) == "### Recall\nthink\n\n### Conclusion\nVitamin C\n\n### Verification\ncheck"
+    wrong_order = json.dumps({"CoT": [{"action": "Final Conclusion", "content": "x"},
+                                      {"action": "Verification", "content": "y"}]})
+    assert "last three steps" in parse_chain(wrong_order).error
+    assert "unknown action" in parse_chain('{"CoT": [{"action": "Guess", "content": "x"}]}').error
+    assert parse_true_false("True") is True and parse_true_false("**false**") is False
+    assert parse_true_false("maybe") is None
+    assert format_o1(" a ", "b\n") == "## Thinking\n\na\n\n## Final Response\n\nb"
+
+
+def test_plain_text_fallback_for_small_generators() -> None:
+    from sphuatuo.recipe import ReasoningSearchStage
+    from sphuatuo.stages.reasoning_search import read_chain, read_natural
+
+    text = "Scurvy means collagen fails.\n\nSo the answer is Vitamin C."
+    strict, lenient = ReasoningSearchStage(), ReasoningSearchStage(plain_text_fallback=True)
+    assert read_chain(strict, text).value is None and read_chain(strict, text).error == "no JSON object in the reply"
+    fallback = read_chain(lenient, text)
+    assert last_conclusion(fallback.value) == "So the answer is Vitamin C."
+    assert fallback.error == "read as plain text: no JSON object in the reply"
+    assert read_chain(lenient, chain_reply("x")).error is None  # JSON replies are read as JSON
+    assert read_chain(lenient, "  ").value is None
+    assert read_natural(strict, "hmm").error and read_natural(lenient, " hmm ").value == "hmm"
+
+
+# ---- search bookkeeping ------------------------------------------------------------------------
+
+
+def run_search(plan: SearchPlan, verdicts: list[bool | None]) -> SearchState:
+    """Drive one item through `advance` with the given verdicts, one per step, while it searches."""
+    state = SearchState(id="q1")
+    for verdict in verdicts:
+        assert state.status == "searching"
+        steps = None if verdict is None else parse_chain(chain_reply(f"answer {len(state.trace)}",
+                                                                     continuation=state.step != INIT)).value
+        state = advance(plan, state, steps, verdict, "unparsable" if verdict is None else None)
+    return state
+
+
+def test_search_solved_at_depth_two_never_backtracks_first() -> None:
+    plan = SearchPlan(max_depth=3, max_attempts=3, reveal_label=False, strategies=STRATEGIES, seed=0)
+    state = run_search(plan, [False, False, True])
+    assert state.status == "solved" and state.solved_at == "2" and not state.label_revealed
+    assert [(t["attempt"], t["depth"]) for t in state.trace] == [(0, 0), (0, 1), (0, 2)]
+    assert state.trace[0]["step"] == INIT and state.trace[1]["step"] != "backtracking"
+    # The chain grew by each continuation, whose leading Verification replaced the previous last one.
+    assert [s["content"] for s in state.chain if s["action"] == "Final Conclusion"] == [
+        "answer 0", "answer 1", "answer 2"]
+    for attempt in range(5):
+        assert choose_strategy(plan, "any", attempt, 1) != "backtracking"
+    drawn = {choose_strategy(plan, f"q{i}", 0, 2) for i in range(40)}
+    assert drawn == set(STRATEGIES)  # backtracking is allowed from the second retry on
+    assert choose_strategy(plan, "q7", 1, 2) == choose_strategy(plan, "q7", 1, 2)  # seeded: a resume agrees
+
+
+def test_search_restarts_attempts_from_the_initial_reasoning_then_discards() -> None:
+    plan = SearchPlan(max_depth=2, max_attempts=2, reveal_label=False, strategies=STRATEGIES)
+    state = run_search(plan, [False, False, False])
+    assert (state.attempt, state.depth) == (1, 1)  # attempt 2 begins at depth 1 …
+    assert [s["content"] for s in state.chain if s["action"] == "Final Conclusion"] == ["answer 0"]  # … from init
+    state = run_search(plan, [False] * 5)
+    assert state.status == "failed" and state.reason == "not verified in 2 attempts of depth 2"
+    assert len(state.trace) == 1 + 2 * 2 and state.solved_at is None
+
+
+def test_label_reveal_is_flagged_and_still_verified() -> None:
+    plan = SearchPlan(max_depth=1, max_attempts=1, reveal_label=True, strategies=STRATEGIES)
+    state = run_search(plan, [False, False])
+    assert state.step == LABEL and state.label_revealed and state.key == "q1:label"
+    solved = advance(plan, state, parse_chain(chain_reply("gold", True)).value, True)
+    assert solved.status == "solved" and solved.solved_at == LABEL
+    rejected = advance(plan, state, parse_chain(chain_reply("still wrong", True)).value, False)
+    assert rejected.status == "failed" and rejected.reason == "not verified even with the label revealed"
+    assert solved_counts([solved, rejected, run_search(plan, [True]),
+                          run_search(plan, [False, True])]) == {"0": 1, "1": 1, LABEL: 1}
+
+
+def test_unparsable_init_is_asked_again_and_keys_are_unique() -> None:
+    plan = SearchPlan(max_depth=3, max_attempts=2, reveal_label=False, strategies=STRATEGIES)
+    state = run_search(plan, [None])
+    assert state.step == INIT and state.chain == () and state.trace[0]["parse_error"] == "unparsable"
+    keys = set()
+    state = SearchState(id="q1")
+    while state.status == "searching":
+        keys.add(state.key)
+        state = advance(plan, state, None, None)
+    assert len(keys) == len(state.trace) == 1 + 2 * 3
+
+
+# ---- reward and verifiers ----------------------------------------------------------------------
+
+PROBLEM = {"ground_truth": "N-acetylcysteine", "answer": "C",
+           "options": json.dumps({"A": "Naloxone", "B": "Flumazenil", "C": "N-acetylcysteine", "D": "Atropine"})}
+
+
+def test_o1_reward_on_known_cases() -> None:
+    good = "## Thinking\n\nGlutathione is depleted.\n\n## Final Response\n\nGive N-acetylcysteine."
+    wrong = "## Thinking\n\nOpioid?\n\n## Final Response\n\nNaloxone."
+    cases = [
+        (good, 1.0), (wrong, 0.1),
+        ("Give N-acetylcysteine.", 0.0),  # no headings
+        (good + "\n\n## Final Response\n\nC", 0.0),  # two final responses
+        ("## Final Response\n\nC\n\n## Thinking\n\nx", 0.0),  # wrong order
+        ("## Thinking\n\nx\n\n## Thinking\n\ny\n\n## Final Response\n\nC", 0.0),  # two thinkings
+    ]
+    rewards = o1_rewards([text for text, _ in cases], [PROBLEM] * len(cases), ExactMatchVerifier())
+    assert rewards == [expected for _, expected in cases]
+    open_ended = {"ground_truth": "Oxytocin", "options": "{}", "answer": ""}
+    assert ExactMatchVerifier().verify(["It is oxytocin.", "Vasopressin"], [open_ended] * 2) == [True, False]
+    trl_call = O1Reward(ExactMatchVerifier())(prompts=[[], []],
+                                              completions=[[{"role": "assistant", "content": good}], "no format"],
+                                              ground_truth=[PROBLEM["ground_truth"]] * 2,
+                                              options=[PROBLEM["options"]] * 2, answer=["C", "C"])
+    assert trl_call == [1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> str:
+    """A sequence classifier on the tiny Qwen2 architecture with a zero head: p(True) is exactly 0.5."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=2)
+    model = AutoModelForSequenceClassification.from_config(config)
+    torch.nn.init.zeros_(model.score.weight)
+    out = tmp_path_factory.mktemp("classifier")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
+def test_classifier_verifier_thresholds_p_true(tiny_classifier: str) -> None:
+    responses, problems = ["Give N-acetylcysteine.", "Naloxone"], [PROBLEM, PROBLEM]
+    low = ClassifierVerifier(tiny_classifier, threshold=0.4, max_length=256)
+    assert low.true_probabilities(responses, problems) == pytest.approx([0.5, 0.5])
+    assert low.verify(responses, problems) == [True, True]
+    assert ClassifierVerifier(tiny_classifier, threshold=0.6, max_length=256).verify(responses, problems) == [
+        False, False]
+    reply = "## Thinking\n\nx\n\n## Final Response\n\nNaloxone"
+    assert o1_rewards([reply, "bad"], problems, low) == [1.0, 0.0]
+
+
+def test_llm_verifier_compares_true_and_false_logits(tiny_model: str) -> None:
+    verifier = LLMVerifier(tiny_model, "huatuo_o1/verify", max_length=512)
+    verdicts = verifier.verify(["N-acetylcysteine", "Naloxone"], [PROBLEM, PROBLEM])
+    assert len(verdicts) == 2 and all(isinstance(v, bool) for v in verdicts)
+    with torch.no_grad():  # equal logits for "True" and "False": a tie is not an acceptance
+        verifier.model.lm_head.weight[verifier.true_id] = verifier.model.lm_head.weight[verifier.false_id]
+    assert verifier.verify(["N-acetylcysteine"], [PROBLEM]) == [False]
+
+
+# ---- recipes and prompts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["huatuo_o1_demo.yaml", "huatuo_o1_7b.yaml"])
+def test_o1_recipes_validate(name: str) -> None:
+    recipe = load_recipe(REPO / "pipelines" / name)
+    assert isinstance(recipe, O1Recipe) and isinstance(recipe, Recipe) and recipe.recipe == "huatuo_o1"
+    for prompt in (recipe.stages.reasoning_search.init_prompt, recipe.stages.evaluate.prompt,
+                   recipe.stages.verifiable_problems.filter_prompt):
+        get_prompt(prompt)
+
+
+def test_o1_recipe_errors_name_the_field(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "pipelines" / "huatuo_o1_demo.yaml").read_text())
+    raw["stages"]["reasoning_search"]["strategies"] = ["backtracking"]
+    raw["stages"]["rl"]["verifier"] = {"kind": "classifier"}
+    raw["stages"]["teacher_cot"] = {}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    problems = "\n".join(err.value.problems)
+    assert "stages.reasoning_search: Value error, strategies needs one besides backtracking" in problems
+    assert "stages.rl.verifier: Value error, verifier kind 'classifier' needs `model`" in problems
+    assert "stages.teacher_cot: unknown field" in problems
+    path.write_text(yaml.safe_dump({**raw, "recipe": "huatuo"}))
+    with pytest.raises(RecipeError, match="recipe: unknown recipe 'huatuo' \\(known: self_play, huatuo_o1\\)"):
+        load_recipe(path)
+
+
+def test_o1_search_prompts_render_with_the_chain() -> None:
+    reasoning = previous_reasoning(parse_chain(chain_reply("x")).value)
+    for strategy in STRATEGIES:
+        text = get_prompt(f"huatuo_o1/search_{strategy}").render_user(question="Q?", reasoning=reasoning)
+        assert "<previous reasoning>" in text and '"action": "Verification"' in text
+    label = get_prompt("huatuo_o1/search_label").render_user(question="Q?", reasoning=reasoning, label="GOLD")
+    assert 'the labeled answer is "GOLD"' in label
+
+
+def test_o1_plan_lists_every_stage() -> None:
+    from sphuatuo.plan import plan
+
+    result = plan(load_recipe(REPO / "pipelines" / "huatuo_o1_7b.yaml"))
+    assert [(s.stage, s.role) for s in result.stages][-5:] == [
+        ("reasoning_search", "teacher"), ("reasoning_search", "judge"), ("sft", "trainer"), ("rl", "trainer"),
+        ("evaluate", "student")]
+    assert result.fits and "at most 10 steps per problem" in " ".join(result.stages[-5].notes)

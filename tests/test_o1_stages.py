@@ -1,0 +1,163 @@
+"""The HuatuoGPT-o1 stages through real Ray on the tiny model: transformers actor pools for generation and
+verification, Ray Train + DeepSpeed ZeRO-2 with TRL's GRPO and SFT trainers.
+
+The tiny model is random: it never writes the JSON the rewrite and the search ask for. So the run shows
+the failure paths for real (bounded retries, reasons kept, search rounds up to the label-revealed step,
+nothing solved, SFT skipped with its reason), open-ended items become problems as they are, and GRPO
+trains on them. The SFT stage is then run on verified paths written by hand, in the o1 format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sphuatuo.o1_parsing import format_o1
+from sphuatuo.pipeline import run_pipeline
+from sphuatuo.recipe import O1Recipe
+from sphuatuo.runs import Manifest, RunRoot, StageRecord
+from sphuatuo.stages import StageContext, o1_sft, questions, rl
+from sphuatuo.verifier import verify_pass
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_o1_recipe(run_root: Path, **changes: object) -> O1Recipe:
+    raw = yaml.safe_load((REPO / "tests" / "recipes" / "tiny_o1.yaml").read_text())
+    raw["run_root"] = str(run_root)
+    for source in raw["data"]["train"] + raw["data"]["test"]:
+        if source["path"].startswith("tests/"):
+            source["path"] = str(REPO / source["path"])
+    for path, value in changes.items():
+        node = raw
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return O1Recipe.model_validate(raw)
+
+
+def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_o1_recipe(tmp_path / "run")
+    run = run_pipeline(recipe)
+    stages = Manifest.model_validate_json(run.read_text("manifest.json")).stages
+    assert [name for name in stages] == ["questions", "verifiable_problems", "reasoning_search", "sft", "rl",
+                                         "evaluate"]
+
+    # Verifiable problems: the 3 open-ended items pass as they are; every rewrite reply of the random model
+    # is unreadable, asked once more with a new seed, and the item rejected with its reason and reply.
+    problems = run.read_rows("verifiable_problems", "search") + run.read_rows("verifiable_problems", "rl")
+    assert sorted(p["id"] for p in problems) == ["sp-1", "sp-2", "sp-7"]
+    assert all(p["problem"] == p["question"] and p["ground_truth"] == p["reference"] for p in problems)
+    assert len(run.read_rows("verifiable_problems", "rl")) == 2
+    [searched] = [p["id"] for p in run.read_rows("verifiable_problems", "search")]
+    rewrites = run.read_rows("verifiable_problems", "rewrite")
+    assert sorted(r["key"] for r in rewrites) == sorted(f"sample-en-00{i}:{t}" for i in (1, 2, 3) for t in (0, 1))
+    rejects = run.read_rows("verifiable_problems", "rejects")
+    assert len(rejects) == 3 and all(r["step"] == "rewrite" and r["reason"].startswith("unreadable after 2 tries")
+                                     for r in rejects)
+    assert stages["verifiable_problems"].details["rewrite_tries"] == {"2": 3}
+
+    # Search: depth 1, one attempt, then the label-revealed step; nothing parses, so nothing is solved.
+    search = stages["reasoning_search"]
+    assert search.status == "done" and search.details["rounds"] == 3 and search.details["solved_at_depth"] == {}
+    steps = run.read_rows("reasoning_search", "steps")
+    assert sorted(s["key"] for s in steps) == [f"{searched}:a0:d0", f"{searched}:a0:d1", f"{searched}:label"]
+    assert [s["step"] for s in sorted(steps, key=lambda s: s["key"])] == ["init", "init", "label"]
+    verdicts = run.read_rows("reasoning_search", "verdicts")
+    assert all(v["verdict"] is None and v["verified_by"] == "none" for v in verdicts)
+    failed = run.read_rows("reasoning_search", "failed")
+    assert [f["reason"] for f in failed] == ["not verified even with the label revealed"]
+    assert [entry["step"] for entry in json.loads(failed[0]["trace"])] == ["init", "init", "label"]
+    assert search.details["label_revealed"] == 1 and search.details["unparsable_steps"] == 3
+
+    assert stages["sft"].status == "skipped" and "zero training examples" in stages["sft"].error
+
+    # RL: GRPO through Ray Train on the 2 RL problems, from the base model; losses finite, rewards logged.
+    rl = stages["rl"]
+    assert rl.status == "done" and rl.details["steps"] == 2 and rl.details["reward_steps"] == 2
+    log = json.loads(run.read_text("rl", "train_log.json"))
+    steps_logged = [entry for entry in log if "loss" in entry]
+    assert len(steps_logged) == 2
+    assert all(math.isfinite(e["loss"]) and 0.0 <= e["reward"] <= 1.0 and "rewards/o1_reward/mean" in e
+               for e in steps_logged)
+    assert run.exists("rl", "model", "model.safetensors")
+
+    # Evaluation on the HuatuoGPT-o1 eval file, per source, for the base and the RL model.
+    evaluation = stages["evaluate"].details["models"]
+    assert set(evaluation) == {"base", "rl"}
+    for result in evaluation.values():
+        assert result["n"] == 4 and set(result["by"]["source"]) == {"MedMCQA_validation", "MedQA_USLME_test"}
+    answers = run.read_rows("evaluate", "rl")
+    assert all(a["prompt_version"] == "huatuo_o1/eval@v1" for a in answers)
+
+
+def test_o1_sft_trains_on_verified_paths_in_the_o1_format(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_o1_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 4}]})
+    run = RunRoot(recipe.run_root)
+    questions.run(StageContext(recipe, run, StageRecord()))
+    paths = [{"id": q["id"], "problem": q["question"], "ground_truth": q["reference"],
+              "complex_cot": f"Hmm, let me think.\nWait, {q['explanation']}", "response": q["reference"],
+              "generator": "by hand", "label_revealed": i == 0}
+             for i, q in enumerate(run.read_rows("questions", "train"))]
+    run.write_rows(paths, "reasoning_search", "paths")
+    ctx = StageContext(recipe, run, StageRecord())
+    o1_sft.run(ctx)
+
+    examples = run.read_rows("sft", "data")
+    assert len(examples) == 4 and sum(e["label_revealed"] for e in examples) == 1
+    first = min(paths, key=lambda p: p["id"])
+    assert examples[0]["prompt"] == [{"role": "user", "content": first["problem"]}]
+    assert examples[0]["completion"][0]["content"] == format_o1(first["complex_cot"], first["response"])
+    assert examples[0]["completion"][0]["content"].startswith("## Thinking\n\nHmm")
+    losses = [e["loss"] for e in json.loads(run.read_text("sft", "train_log.json")) if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert run.exists("sft", "model", "model.safetensors")
+
+
+def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_o1_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 2}],
+                                                 "data.test": []})
+    run = RunRoot(recipe.run_root)
+    ctx = StageContext(recipe, run, StageRecord())
+    questions.run(ctx)
+    mc = run.read_rows("questions", "train")
+    gold = [dict(o)["text"] for o in mc[0]["options"] if dict(o)["letter"] in mc[0]["answer"]][0]
+    open_ended = {**mc[1], "options": [], "answer": [], "id": "open-1"}
+    rows = [
+        {**mc[0], "key": "right", "conclusion": f"So the drug is {gold}.", "ground_truth": gold},
+        {**mc[0], "key": "wrong", "conclusion": "Atropine is the antidote.", "ground_truth": gold},
+        {**mc[0], "key": "unparsed", "conclusion": None, "ground_truth": gold},
+        {**open_ended, "key": "llm", "conclusion": "Oxytocin", "ground_truth": mc[1]["reference"]},
+    ]
+    verify_pass(ctx, rows, "verify/verdicts", "huatuo_o1/verify")
+    verdicts = {row["key"]: row for row in run.read_rows("verify", "verdicts")}
+    assert verdicts["right"]["verdict"] is True and verdicts["right"]["verified_by"] == "rule"
+    assert verdicts["wrong"]["verdict"] is False
+    assert verdicts["unparsed"]["verdict"] is None and verdicts["unparsed"]["verified_by"] == "none"
+    llm = verdicts["llm"]
+    # "True" is several tokens in the tiny vocabulary: the verifier writes freely and its reply is read.
+    assert llm["verified_by"] == "llm:builtin:tiny" and llm["verdict"] in (True, False, None)
+    assert [r["key"] for r in run.read_rows("verify", "verdicts_raw")] == ["llm"]
+
+
+def test_rloo_trains_through_ray_train(tmp_path: Path, ray_cluster) -> None:
+    recipe = tiny_o1_recipe(tmp_path / "run", **{"stages.rl.algorithm": "rloo", "stages.rl.start_from": "base",
+                                                 "data.test": []})
+    run = RunRoot(recipe.run_root)
+    questions.run(StageContext(recipe, run, StageRecord()))
+    problems = [{**q, "problem": q["question"], "ground_truth": q["reference"]}
+                for q in run.read_rows("questions", "train")]
+    run.write_rows(problems, "verifiable_problems", "rl")
+    ctx = StageContext(recipe, run, StageRecord())
+    rl.run(ctx)
+    assert ctx.record.rows_out == len(problems) and ctx.record.details["algorithm"] == "rloo"
+    logged = [e for e in json.loads(run.read_text("rl", "train_log.json")) if "loss" in e]
+    assert len(logged) == 2 and all(math.isfinite(e["loss"]) and "rewards/o1_reward/mean" in e for e in logged)
+    assert run.exists("rl", "model", "model.safetensors")
