@@ -38,10 +38,17 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     assert stages["teacher_cot"]["status"] == "done" and stages["teacher_cot"]["output_tokens"] > 0
     assert stages["sft"]["status"] == "done", stages["sft"]["error"]
     assert stages["sft"]["rows_out"] == stages["teacher_cot"]["rows_out"] > 0
-    assert stages["student_answers"]["status"] == "done" and stages["student_answers"]["rows_out"] == 18
+    assert stages["student_answers"]["status"] == "done" and stages["student_answers"]["rows_out"] == 2 * 18
     for name in ("preference_pairs", "dpo"):
         # A 135M student may write no verified correction; then the stages must say so, not crash.
         assert stages[name]["status"] in ("done", "skipped"), stages[name]["error"]
+    # The demo is an ablation: one DPO model per pair strategy, each evaluated when it has pairs.
+    counts = stages["preference_pairs"]["details"].get("strategies", {})
+    runs = stages["dpo"]["details"].get("runs", {})
+    for strategy, c in counts.items():
+        assert c["paired"] <= c["verified"] and f"| {strategy} | {c['wrong']} |" in report
+        trained = runs[f"dpo_{strategy}"]["status"] == "done"
+        assert trained == (c["paired"] > 0) == (f"dpo_{strategy}" in stages["evaluate"]["details"]["models"])
     evaluated = stages["evaluate"]["details"]["models"]
     assert {"base", "sft"} <= set(evaluated) and all(m["n"] == 6 for m in evaluated.values())
 
