@@ -81,7 +81,7 @@ def _pairs_table(manifest: Manifest) -> list[str]:
              "|---|---:|---:|---:|---:|---|"]
     for strategy, c in strategies.items():
         name, run = runs.get(strategy, ("–", {}))
-        model = f"{name} ({run['status']})" if run else "–"
+        model = f"{name} ({run['status']}, trained on {run['pairs']} pairs)" if run else "–"
         corrected = "–" if c["corrected"] is None else c["corrected"]
         lines.append(f"| {strategy} | {c['wrong']} | {corrected} | {c['verified']} | {c['paired']} | {model} |")
     return lines + ["", "`sampled` writes no corrections: its verified count is the judged-correct, complete samples."]
@@ -157,9 +157,10 @@ def write_report(run: RunRoot) -> str:
     dpo_logs = {}
     for name in _training_runs(manifest):
         if not run.exists(name, "train_log.json"):
-            stage = "sft" if name == "sft" else "dpo"
-            status = manifest.stages[stage].status if stage in manifest.stages else "not run"
-            lines += [f"{name}: no training log (stage {status}).", ""]
+            stage = manifest.stages.get("sft" if name == "sft" else "dpo")
+            why = stage.details.get("runs", {}).get(name, {}).get("reason") if stage else None
+            status = f"stage {stage.status}" if stage else "stage not run"
+            lines += [f"{name}: no training log ({why or status}).", ""]
             continue
         log = json.loads(run.read_text(name, "train_log.json"))
         if name != "sft":

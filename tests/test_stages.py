@@ -173,6 +173,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
 
     # The random student never answers right; give each question a right and a wrong sample, as a
     # real student would, so that `sampled` has pairs and the corrections have wrong answers to fix.
+    run.fs.delete_dir_contents(run.fs_path("student_answers", "judged"))
     run.write_rows(_judged_samples(run), "student_answers", "judged")
     pairs_ctx = _context(recipe)
     preference_pairs.run(pairs_ctx)
@@ -222,7 +223,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
     manifest.stages.update(preference_pairs=pairs_ctx.record, dpo=dpo_ctx.record, evaluate=eval_ctx.record)
     run.save_manifest(manifest)
     report = Path(write_report(run)).read_text()
-    assert "| sampled | 6 | – | 6 | 6 | dpo_sampled (done) |" in report
+    assert "| sampled | 6 | – | 6 | 6 | dpo_sampled (done, trained on 6 pairs) |" in report
     assert "![DPO reward margin](dpo_reward_margins.png)" in report and run.exists("dpo_reward_margins.png")
     for name in models:
         assert f"| {name} | 2 |" in report
