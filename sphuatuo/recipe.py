@@ -205,8 +205,8 @@ class DpoStage(TrainStage):
 class StudentAnswersStage(Strict):
     prompt: str = "self_play/student_answer"
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=2048)
-    samples_per_question: int = Field(default=1, ge=1, description="answers drawn per question, the i-th with "
-                                                                   "seed + i; the `sampled` strategy needs 2 or more")
+    samples_per_question: int = Field(default=1, ge=1, description="answers drawn per question (sample k is seeded "
+                                                                   "seed + k); the `sampled` strategy needs 2+")
 
 
 PairStrategy = Literal["self_correction", "answer_correction", "teacher_correction", "sampled"]

@@ -20,7 +20,7 @@ def _answer(qid: str, sample: int, letter: str, *, truncated: bool = False) -> d
     """A judged student sample (rule judge) answering `letter`; the gold answer is C."""
     text = format_cot(f"thinking {qid}/{sample}", letter)
     return {**Question(id=qid, question=f"Question {qid}?", options=OPTIONS, answer=["C"]).to_row(),
-            "key": qid if sample == 0 else f"{qid}#{sample}", "model": "sft", "generated_text": text,
+            "key": f"{qid}#{sample}", "model": "sft", "generated_text": text,
             "think": f"thinking {qid}/{sample}", "answer_text": letter, "truncated": truncated,
             "parse_error": "truncated at max_tokens" if truncated else None,
             "judge_verdict": letter == "C", "judged_by": "rule"}
@@ -41,7 +41,7 @@ def test_sampled_pairs_each_wrong_sample_with_a_correct_one_of_the_same_question
     ]
     pairs = sampled_pairs(PROMPT, answers, answer_from_thought=False)
     assert [(p["id"], p["chosen_key"], p["rejected_key"]) for p in pairs] == [
-        ("q1", "q1#1", "q1"), ("q1", "q1#1", "q1#2"), ("q4", "q4", "q4#2")]
+        ("q1", "q1#1", "q1#0"), ("q1", "q1#1", "q1#2"), ("q4", "q4#0", "q4#2")]
     first = pairs[0]
     assert first["strategy"] == "sampled" and first["chosen_model"] == first["rejected_model"] == "sft"
     assert first["chosen"] == [{"role": "assistant", "content": format_cot("thinking q1/1", "C")}]
@@ -56,7 +56,7 @@ def test_a_correction_pairs_only_when_the_judge_accepts_it() -> None:
                    _correction(wrong[2], "teacher_correction", "C")]
     pairs = correction_pairs("teacher_correction", PROMPT, corrections, answer_from_thought=False)
     assert [(p["id"], p["chosen_key"], p["rejected_key"]) for p in pairs] == [
-        ("q1", "q1:teacher_correction", "q1"), ("q2", "q2#1:teacher_correction", "q2#1")]
+        ("q1", "q1#0:teacher_correction", "q1#0"), ("q2", "q2#1:teacher_correction", "q2#1")]
     assert all(p["chosen_model"] == "corrector" and p["rejected_model"] == "sft" for p in pairs)
     assert pairs[1]["rejected"][0]["content"] == wrong[2]["generated_text"]
 

@@ -165,9 +165,8 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
     student_answers.run(answers)
     rows = run.read_rows("student_answers", "judged")
     ids = [q["id"] for q in run.read_rows("questions", "train")]
-    assert sorted(r["key"] for r in rows) == sorted([*ids, *(f"{qid}#1" for qid in ids)])
-    assert all(r["model"].endswith("sft/model") and r["sample"] == (r["key"] != r["id"]) for r in rows)
-    assert {json.loads(r["sampling"])["seed"] for r in rows} == {0, 1}  # a seed per sample
+    assert sorted((r["key"], r["sample"]) for r in rows) == sorted((f"{i}#{k}", k) for i in ids for k in (0, 1))
+    assert all(r["model"].endswith("sft/model") for r in rows)
     wrong = sum(1 for r in rows if not r["judge_verdict"])
     assert answers.record.details["wrong"] == wrong and answers.record.details["correct"] == 12 - wrong
 
@@ -183,16 +182,16 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
     for strategy, c in counts.items():
         found = [p for p in pairs if p["strategy"] == strategy]
         assert c["wrong"] == 6 and c["paired"] == len(found) <= c["verified"]
-        assert all(p["rejected_key"] == p["id"] and p["chosen"] != p["rejected"] for p in found)
+        assert all(p["rejected_key"] == f"{p['id']}#0" and p["chosen"] != p["rejected"] for p in found)
         if strategy == "sampled":
             assert c["corrected"] is None and c["verified"] == c["paired"] == 6
             assert all(p["chosen_key"] == f"{p['id']}#1" and p["chosen_model"] == "sft" for p in found)
             continue
         corrections = run.read_rows("preference_pairs", strategy)
         assert c["corrected"] == len(corrections) == 6
-        assert sorted(r["key"] for r in corrections) == sorted(f"{qid}:{strategy}" for qid in ids)
+        assert sorted(r["key"] for r in corrections) == sorted(f"{qid}#0:{strategy}" for qid in ids)
         corrector = "builtin:tiny" if strategy == "teacher_correction" else run.join("sft", "model")
-        assert all(r["model"] == corrector and r["original_key"] == r["id"] for r in corrections)
+        assert all(r["model"] == corrector and r["original_key"] == f"{r['id']}#0" for r in corrections)
         if strategy == "answer_correction":  # the student's own thought, prefilled; only the answer is new
             assert all(r["generated_text"].startswith("<think>\nNot sure.\n</think>\n<answer>\n")
                        for r in corrections)
@@ -236,7 +235,7 @@ def _judged_samples(run: RunRoot) -> list[dict]:
         question = Question.from_row(gold)
         letter = next(letter for letter in question.options if letter not in question.answer)
         wrong_text = format_cot("Not sure.", letter)
-        rows.append({**gold, "key": gold["id"], "sample": 0, "model": "sft", "generated_text": wrong_text,
+        rows.append({**gold, "key": f"{gold['id']}#0", "sample": 0, "model": "sft", "generated_text": wrong_text,
                      "think": "Not sure.", "answer_text": letter, "judge_verdict": False, "judge_raw": letter})
         rows.append({**gold, "key": f"{gold['id']}#1", "sample": 1, "model": "sft"})
     return rows
@@ -252,7 +251,7 @@ def _pairs(run: RunRoot) -> list[dict]:
             "prompt": [{"role": "user", "content": question.question}],
             "chosen": [{"role": "assistant", "content": format_cot(question.explanation, ", ".join(question.answer))}],
             "rejected": [{"role": "assistant", "content": format_cot("I am not sure.", wrong)}],
-            "chosen_key": f"{question.id}:gold", "rejected_key": question.id, "chosen_model": "bank",
+            "chosen_key": f"{question.id}:gold", "rejected_key": f"{question.id}#0", "chosen_model": "bank",
             "rejected_model": "sft",
         })
     return pairs

@@ -15,6 +15,7 @@ from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.generation import Row, count_tokens
+from sphuatuo.stages.teacher_cot import sample_key
 from sphuatuo.stages.training import model_of
 
 NAME = "student_answers"
@@ -25,26 +26,17 @@ def student_messages(prompt_name: str, row: Row) -> Messages:
     return get_prompt(prompt_name).messages(question=question.question, options_block=options_block(question))
 
 
-def sample_key(question_id: str, sample: int) -> str:
-    return question_id if sample == 0 else f"{question_id}#{sample}"
-
-
 def answer_questions(ctx: StageContext, questions: list[Row], folder: str, model: str, prompt_name: str,
                      sampling: SamplingConfig, samples: int = 1) -> list[Row]:
-    """`samples` judged answers per question from `model` (the student engine), in `folder`.
-
-    One pass per sample, the i-th seeded with seed + i: a per-request seed would give every sample of
-    a prompt the same text.
-    """
-    for sample in range(samples):
-        seeded = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + sample})
-        meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(seeded.model_dump()),
-                "sample": sample, "hinted": False}
-        rows = [{**q, **meta, "key": sample_key(q["id"], sample)} for q in questions]
-        generate_and_judge(ctx, rows, folder, engine=ctx.recipe.models.student,
-                           request=Request.from_config(seeded), model=model,
-                           messages=lambda row: student_messages(prompt_name, row))
-    return ctx.run.read_rows(folder)
+    """`samples` judged answers per question from `model` (the student engine), in `folder`; the k-th
+    sample of a question is seeded seed + k (see `engines.row_seed`)."""
+    meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump()),
+            "hinted": False}
+    rows = [{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
+            for q in questions for k in range(samples)]
+    return generate_and_judge(ctx, rows, folder, engine=ctx.recipe.models.student,
+                              request=Request.from_config(sampling), model=model,
+                              messages=lambda row: student_messages(prompt_name, row))
 
 
 def run(ctx: StageContext) -> None:
