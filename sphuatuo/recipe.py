@@ -227,6 +227,14 @@ class PreferencePairsStage(Strict):
     max_pairs: int | None = Field(default=None, ge=1, description="per strategy; the cap takes every question's "
                                                                   "first pair before any question's second")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_strategy(cls, data: Any) -> Any:
+        """Recipes written before ablations name a single `strategy`."""
+        if isinstance(data, dict) and "strategy" in data and "strategies" not in data:
+            data = {key: value for key, value in data.items() if key != "strategy"} | {"strategies": [data["strategy"]]}
+        return data
+
     @model_validator(mode="after")
     def _distinct_strategies(self) -> PreferencePairsStage:
         if len(set(self.strategies)) != len(self.strategies):

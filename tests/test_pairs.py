@@ -78,6 +78,8 @@ def test_one_dpo_model_per_strategy_and_recipe_checks(tmp_path) -> None:
                                         "stages.student_answers.samples_per_question": 2})
     assert dpo_models(ablation) == {"dpo_self_correction": "self_correction", "dpo_sampled": "sampled"}
 
+    singular = tiny_recipe(tmp_path, **{"stages.preference_pairs": {"strategy": "teacher_correction"}})
+    assert singular.stages.preference_pairs.strategies == ["teacher_correction"]
     with pytest.raises(ValueError, match="'sampled' needs stages.student_answers.samples_per_question >= 2"):
         tiny_recipe(tmp_path, **{"stages.preference_pairs.strategies": ["sampled"]})
     with pytest.raises(ValueError, match="lists one twice"):
