@@ -223,7 +223,8 @@ class PreferencePairsStage(Strict):
     answer_prompt: str = Field(default="self_play/answer_correction", description="answer_correction")
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=2048)
     answer_from_thought: bool = Field(default=False, description="as in teacher_cot, for the corrected replies")
-    pairs_per_question: int = Field(default=1, ge=1, description="per strategy")
+    pairs_per_question: int = Field(default=1, ge=1, description="per strategy; also how many wrong answers of a "
+                                                                   "question are given to be corrected")
     max_pairs: int | None = Field(default=None, ge=1, description="per strategy; the cap takes every question's "
                                                                   "first pair before any question's second")
 

@@ -9,7 +9,7 @@ from sphuatuo.data.questions import Question
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import RecipeError, load_recipe
 from sphuatuo.stages.dpo import dpo_models
-from sphuatuo.stages.preference_pairs import correction_pairs, limit_pairs, sampled_pairs
+from sphuatuo.stages.preference_pairs import correction_pairs, limit_pairs, sampled_pairs, to_correct
 from sphuatuo.stages.sft import format_cot
 
 PROMPT = get_prompt("self_play/student_answer")
@@ -59,6 +59,12 @@ def test_a_correction_pairs_only_when_the_judge_accepts_it() -> None:
         ("q1", "q1#0:teacher_correction", "q1#0"), ("q2", "q2#1:teacher_correction", "q2#1")]
     assert all(p["chosen_model"] == "corrector" and p["rejected_model"] == "sft" for p in pairs)
     assert pairs[1]["rejected"][0]["content"] == wrong[2]["generated_text"]
+
+
+def test_only_as_many_wrong_answers_per_question_are_corrected_as_can_become_pairs() -> None:
+    wrong = [_answer("q2", 0, "A"), _answer("q1", 2, "B"), _answer("q1", 0, "A"), _answer("q1", 1, "D")]
+    assert [r["key"] for r in to_correct(wrong, 1)] == ["q1#0", "q2#0"]
+    assert [r["key"] for r in to_correct(wrong, 2)] == ["q1#0", "q1#1", "q2#0"]
 
 
 def test_limits_per_question_then_in_all_spread_over_questions() -> None:

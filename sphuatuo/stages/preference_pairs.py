@@ -121,6 +121,18 @@ def limit_pairs(pairs: list[Row], pairs_per_question: int, max_pairs: int | None
     return [pair for _, pair in ranked][:max_pairs]
 
 
+def to_correct(wrong: list[Row], pairs_per_question: int) -> list[Row]:
+    """The first `pairs_per_question` wrong answers of each question (in key order): corrections
+    beyond what can become pairs would only cost generation."""
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for row in sorted(wrong, key=lambda r: r["key"]):
+        if taken[row["id"]] < pairs_per_question:
+            taken[row["id"]] += 1
+            chosen.append(row)
+    return chosen
+
+
 def is_wrong(row: Row) -> bool:
     """Judged wrong (not merely unreadable to the judge), with a reply to show."""
     return row["judge_verdict"] is False and bool(row["generated_text"].strip())
@@ -148,7 +160,8 @@ def run(ctx: StageContext) -> None:
         else:
             teacher = strategy == "teacher_correction"
             corrections = generate_and_judge(
-                ctx, correction_requests(stage, strategy, wrong), f"{NAME}/{strategy}",
+                ctx, correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
+                f"{NAME}/{strategy}",
                 engine=ctx.recipe.models.teacher if teacher else ctx.recipe.models.student,
                 request=Request.from_config(stage.sampling), model=None if teacher else model_of(ctx, "sft"),
                 messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),
