@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from datasets import load_dataset
 
 from conftest import REPO
+from sphuatuo.export import export_run
 from sphuatuo.pipeline import SELF_PLAY_STAGES, run_pipeline
 from sphuatuo.recipe import load_recipe
 from sphuatuo.report import write_report
@@ -56,6 +58,17 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     assert run.exists("sft_loss.png") and run.exists("sft", "model", "model.safetensors")
     for name in evaluated:
         assert f"| {name} | 6 |" in report
+
+    # The demo's pairs, every strategy's, export to LLaMA-Factory's ranking format and load in `datasets`.
+    written = export_run(run, tmp_path / "export")
+    pairs = run.read_rows("preference_pairs", "pairs")
+    if pairs:
+        info = json.loads(written["dataset_info"].read_text())
+        dpo = load_dataset("json", data_files=str(written["llamafactory_dpo"]), split="train")
+        assert len(dpo) == len(pairs) and sorted(dpo["strategy"]) == sorted(p["strategy"] for p in pairs)
+        assert all(row["chosen"]["from"] == row["rejected"]["from"] == "gpt" for row in dpo)
+        strategies = {p["strategy"] for p in pairs}
+        assert len(strategies) == 1 or {f"sphuatuo_dpo_{s}" for s in strategies} <= set(info)
 
     manifest_before = run.read_text("manifest.json")
     files_before = sorted(p.name for p in Path(run.path).rglob("*.parquet"))
