@@ -1,9 +1,10 @@
 """Exports of a run's training data in the formats other trainers read.
 
 - LLaMA-Factory: sharegpt JSON for SFT and ranking sharegpt JSON for DPO, with the matching
-  `dataset_info.json` entries (`--dataset sphuatuo_sft` / `sphuatuo_dpo`);
+  `dataset_info.json` entries (`--dataset sphuatuo_sft` / `sphuatuo_dpo`, and `sphuatuo_dpo_<strategy>`
+  per pair strategy when a run built several);
 - Hugging Face `datasets` Parquet: `messages` for SFT, `prompt`/`chosen`/`rejected` (conversational)
-  for DPO, which TRL's trainers take as they are.
+  for DPO (plus `strategy`), which TRL's trainers take as they are.
 """
 
 from __future__ import annotations
@@ -59,17 +60,24 @@ def export_run(run: RunRoot, out_dir: Path) -> dict[str, Path]:
         for row in pairs:
             system, turns = _sharegpt(_plain(row["prompt"]))
             records.append({
-                "id": row["id"], "system": system, "conversations": turns,
+                "id": row["id"], "strategy": row["strategy"], "system": system, "conversations": turns,
                 "chosen": _sharegpt(_plain(row["chosen"]))[1][0],
                 "rejected": _sharegpt(_plain(row["rejected"]))[1][0],
             })
-        written["llamafactory_dpo"] = _write_json(llamafactory / "sphuatuo_dpo.json", records)
-        dataset_info["sphuatuo_dpo"] = {"file_name": "sphuatuo_dpo.json", "formatting": "sharegpt", "ranking": True,
-                                        "columns": {"messages": "conversations", "chosen": "chosen",
-                                                    "rejected": "rejected", "system": "system"}}
+        # All strategies in one dataset, and with several (an ablation) one more per strategy.
+        strategies = sorted({row["strategy"] for row in pairs})
+        subsets = {"sphuatuo_dpo": records}
+        if len(strategies) > 1:
+            subsets |= {f"sphuatuo_dpo_{s}": [r for r in records if r["strategy"] == s] for s in strategies}
+        for dataset, subset in subsets.items():
+            written[f"llamafactory_{dataset.removeprefix('sphuatuo_')}"] = _write_json(
+                llamafactory / f"{dataset}.json", subset)
+            dataset_info[dataset] = {"file_name": f"{dataset}.json", "formatting": "sharegpt", "ranking": True,
+                                     "columns": {"messages": "conversations", "chosen": "chosen",
+                                                 "rejected": "rejected", "system": "system"}}
         written["hf_dpo"] = _write_parquet(hf / "dpo.parquet", [
-            {"id": row["id"], "prompt": _plain(row["prompt"]), "chosen": _plain(row["chosen"]),
-             "rejected": _plain(row["rejected"])} for row in pairs])
+            {"id": row["id"], "strategy": row["strategy"], "prompt": _plain(row["prompt"]),
+             "chosen": _plain(row["chosen"]), "rejected": _plain(row["rejected"])} for row in pairs])
 
     written["dataset_info"] = _write_json(llamafactory / "dataset_info.json", dataset_info)
     return written

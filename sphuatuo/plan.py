@@ -195,10 +195,22 @@ def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3
     teacher = generation("teacher_cot", "teacher", models.teacher, train_rows, stages.teacher_cot.sampling.max_tokens)
     if stages.teacher_cot.retry_with_reference and not stages.teacher_cot.reveal_reference:
         teacher[0].notes.append("plus one hinted retry of each rejected question")
-    pairs = generation("preference_pairs", "student", models.student, train_rows,
-                       stages.preference_pairs.sampling.max_tokens)
-    pairs[0].notes.append("rows: at most the wrong answers of student_answers")
-    evaluated = None if test_rows is None else test_rows * len(stages.evaluate.models)
+    samples = None if train_rows is None else train_rows * stages.student_answers.samples_per_question
+    strategies = stages.preference_pairs.strategies
+    pairs = []
+    for role, engine, corrections in (("student", models.student, {"self_correction", "answer_correction"}),
+                                      ("teacher", models.teacher, {"teacher_correction"})):
+        used = sorted(corrections & set(strategies))
+        if used:
+            passes = generation("preference_pairs", role, engine, samples, stages.preference_pairs.sampling.max_tokens)
+            passes[0].notes.append(f"rows: at most the wrong answers of student_answers, for each of {', '.join(used)}")
+            pairs += passes
+    dpo_models = len(strategies)
+    evaluated_models = sum(dpo_models if name == "dpo" else 1 for name in stages.evaluate.models)
+    evaluated = None if test_rows is None else test_rows * evaluated_models
+    dpo = _train_plan("dpo", stages.dpo, models.student.model, gpu_memory_gb, preference=True)
+    if dpo_models > 1:
+        dpo.notes.append(f"{dpo_models} DPO models, one per pair strategy, one after the other")
     return Plan(
         recipe=recipe.name,
         gpu_memory_gb=gpu_memory_gb,
@@ -206,10 +218,10 @@ def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3
         stages=[
             *teacher,
             _train_plan("sft", stages.sft, models.student.model, gpu_memory_gb, preference=False),
-            *generation("student_answers", "student", models.student, train_rows,
+            *generation("student_answers", "student", models.student, samples,
                         stages.student_answers.sampling.max_tokens),
             *pairs,
-            _train_plan("dpo", stages.dpo, models.student.model, gpu_memory_gb, preference=True),
+            dpo,
             *generation("evaluate", "student", models.student, evaluated, stages.evaluate.sampling.max_tokens),
         ],
     )

@@ -205,19 +205,48 @@ class DpoStage(TrainStage):
 class StudentAnswersStage(Strict):
     prompt: str = "self_play/student_answer"
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=2048)
+    samples_per_question: int = Field(default=1, ge=1, description="answers drawn per question (sample k is seeded "
+                                                                   "seed + k); the `sampled` strategy needs 2+")
+
+
+PairStrategy = Literal["self_correction", "answer_correction", "teacher_correction", "sampled"]
 
 
 class PreferencePairsStage(Strict):
-    strategy: Literal["self_correction"] = "self_correction"
-    prompt: str = "self_play/self_correction"
+    """METHOD A.3. Several strategies make an ablation: one DPO model per strategy, from the same SFT model."""
+
+    strategies: list[PairStrategy] = Field(
+        default_factory=lambda: ["self_correction"], min_length=1,
+        description="self_correction (the paper's method), answer_correction, teacher_correction, sampled")
+    prompt: str = Field(default="self_play/self_correction", description="thought-level correction "
+                                                                         "(self_correction, teacher_correction)")
+    answer_prompt: str = Field(default="self_play/answer_correction", description="answer_correction")
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=2048)
     answer_from_thought: bool = Field(default=False, description="as in teacher_cot, for the corrected replies")
-    max_pairs: int | None = Field(default=None, ge=1)
+    pairs_per_question: int = Field(default=1, ge=1, description="per strategy; also how many wrong answers of a "
+                                                                   "question are given to be corrected")
+    max_pairs: int | None = Field(default=None, ge=1, description="per strategy; the cap takes every question's "
+                                                                  "first pair before any question's second")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_strategy(cls, data: Any) -> Any:
+        """Recipes written before ablations name a single `strategy`."""
+        if isinstance(data, dict) and "strategy" in data and "strategies" not in data:
+            data = {key: value for key, value in data.items() if key != "strategy"} | {"strategies": [data["strategy"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _distinct_strategies(self) -> PreferencePairsStage:
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies lists one twice: {self.strategies}")
+        return self
 
 
 class EvaluateStage(Strict):
     prompt: str = "self_play/student_answer"
-    models: list[Literal["base", "sft", "dpo"]] = ["base", "sft", "dpo"]
+    models: list[Literal["base", "sft", "dpo"]] = Field(
+        default=["base", "sft", "dpo"], description="`dpo`: every DPO model of the run (one per pair strategy)")
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_tokens=2048)
 
 
@@ -228,6 +257,13 @@ class StagesConfig(Strict):
     preference_pairs: PreferencePairsStage = PreferencePairsStage()
     dpo: DpoStage = DpoStage()
     evaluate: EvaluateStage = EvaluateStage()
+
+    @model_validator(mode="after")
+    def _sampled_needs_samples(self) -> StagesConfig:
+        if "sampled" in self.preference_pairs.strategies and self.student_answers.samples_per_question < 2:
+            raise ValueError("pair strategy 'sampled' needs stages.student_answers.samples_per_question >= 2 "
+                             "(a correct and a wrong sample of the same question)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

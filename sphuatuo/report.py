@@ -1,4 +1,8 @@
-"""The run report: `report.md` in the run root, with loss curves as PNG beside it."""
+"""The run report: `report.md` in the run root, with loss curves as PNG beside it.
+
+Base, SFT and every DPO model (one per pair strategy) side by side on the evaluation sets, with 95%
+intervals, per source and per category; the pair statistics per strategy; the DPO reward margins.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sphuatuo.runs import Manifest, RunRoot  # noqa: E402
-
-TRAINING_STAGES = ("sft", "dpo", "rl")
 
 
 def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:
@@ -37,6 +39,55 @@ def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _plot_margins(logs: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """DPO's reward margin (chosen - rejected implicit reward) per step, every DPO model on one plot."""
+    curves = {name: [(e["step"], e["rewards/margins"]) for e in log if "rewards/margins" in e]
+              for name, log in logs.items()}
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, points in curves.items():
+        ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("chosen - rejected reward")
+    ax.set_title("DPO reward margin")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _training_runs(manifest: Manifest) -> list[str]:
+    """The trained models: sft, then each DPO model the dpo stage recorded (`dpo` when it recorded none)."""
+    dpo = manifest.stages.get("dpo")
+    runs = ["sft"]
+    if dpo is not None:
+        runs += dpo.details.get("runs") or ["dpo"]
+    return runs + (["rl"] if "rl" in manifest.stages else [])  # HuatuoGPT-o1: sft, then rl
+
+
+def _pairs_table(manifest: Manifest) -> list[str]:
+    pairs = manifest.stages.get("preference_pairs")
+    strategies = pairs.details.get("strategies", {}) if pairs else {}
+    if not strategies:
+        return ["No preference pairs were built."]
+    dpo = manifest.stages.get("dpo")
+    runs = {run["strategy"]: (name, run) for name, run in (dpo.details.get("runs", {}) if dpo else {}).items()}
+    lines = ["| strategy | wrong answers | corrections written | verified | pairs | DPO model |",
+             "|---|---:|---:|---:|---:|---|"]
+    for strategy, c in strategies.items():
+        name, run = runs.get(strategy, ("–", {}))
+        model = f"{name} ({run['status']}, trained on {run['pairs']} pairs)" if run else "–"
+        corrected = "–" if c["corrected"] is None else c["corrected"]
+        lines.append(f"| {strategy} | {c['wrong']} | {corrected} | {c['verified']} | {c['paired']} | {model} |")
+    return lines + ["", "`sampled` writes no corrections: its verified count is the judged-correct, complete samples."]
 
 
 def _stage_table(manifest: Manifest) -> list[str]:
@@ -80,9 +131,15 @@ def _breakdowns(models: dict[str, Any], max_values: int = 20) -> list[str]:
             cells = []
             for m in models.values():
                 cell = m.get("by", {}).get(group, {}).get(value)
-                cells.append(f"{cell['accuracy']:.1%} (n={cell['n']})" if cell else "–")
+                cells.append(f"{cell['accuracy']:.1%} ({cell['ci95'][0]:.0%}–{cell['ci95'][1]:.0%}, n={cell['n']})"
+                             if cell else "–")
             lines.append(f"| {value} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _write_png(run: RunRoot, png: bytes, name: str) -> None:
+    with run.fs.open_output_stream(run.fs_path(name)) as out:
+        out.write(png)
 
 
 def write_report(run: RunRoot) -> str:
@@ -99,19 +156,27 @@ def write_report(run: RunRoot) -> str:
         if notes:
             lines += [f"**{name}**", "", *[f"- {note}" for note in notes], ""]
 
-    lines += ["## Training", ""]
-    for name in TRAINING_STAGES:
+    lines += ["## Preference pairs", "", *_pairs_table(manifest), "", "## Training", ""]
+    dpo_logs = {}
+    for name in _training_runs(manifest):
         if not run.exists(name, "train_log.json"):
-            status = manifest.stages[name].status if name in manifest.stages else "not run"
-            lines += [f"{name}: no training log (stage {status}).", ""]
+            stage = manifest.stages.get(name if name in ("sft", "rl") else "dpo")
+            why = stage.details.get("runs", {}).get(name, {}).get("reason") if stage else None
+            status = f"stage {stage.status}" if stage else "stage not run"
+            lines += [f"{name}: no training log ({why or status}).", ""]
             continue
         log = json.loads(run.read_text(name, "train_log.json"))
+        if name not in ("sft", "rl"):
+            dpo_logs[name] = log
         png = _plot_training(log, f"{name.upper()} training loss")
-        with run.fs.open_output_stream(run.fs_path(f"{name}_loss.png")) as out:
-            out.write(png)
+        _write_png(run, png, f"{name}_loss.png")
         losses = [entry["loss"] for entry in log if "loss" in entry]
         lines += [f"![{name} loss]({name}_loss.png)", "",
                   f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "", ""]
+    margins = _plot_margins(dpo_logs)
+    if margins:
+        _write_png(run, margins, "dpo_reward_margins.png")
+        lines += ["![DPO reward margin](dpo_reward_margins.png)", ""]
 
     lines += ["## Evaluation", "", *_evaluation_table(manifest), ""]
     run.write_text("\n".join(lines), "report.md")

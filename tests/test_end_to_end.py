@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from datasets import load_dataset
 
 from conftest import REPO
+from sphuatuo.export import export_run
 from sphuatuo.pipeline import SELF_PLAY_STAGES, run_pipeline
 from sphuatuo.recipe import load_recipe
 from sphuatuo.report import write_report
@@ -38,10 +40,17 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     assert stages["teacher_cot"]["status"] == "done" and stages["teacher_cot"]["output_tokens"] > 0
     assert stages["sft"]["status"] == "done", stages["sft"]["error"]
     assert stages["sft"]["rows_out"] == stages["teacher_cot"]["rows_out"] > 0
-    assert stages["student_answers"]["status"] == "done" and stages["student_answers"]["rows_out"] == 18
+    assert stages["student_answers"]["status"] == "done" and stages["student_answers"]["rows_out"] == 2 * 18
     for name in ("preference_pairs", "dpo"):
         # A 135M student may write no verified correction; then the stages must say so, not crash.
         assert stages[name]["status"] in ("done", "skipped"), stages[name]["error"]
+    # The demo is an ablation: one DPO model per pair strategy, each evaluated when it has pairs.
+    counts = stages["preference_pairs"]["details"].get("strategies", {})
+    runs = stages["dpo"]["details"].get("runs", {})
+    for strategy, c in counts.items():
+        assert c["paired"] <= c["verified"] and f"| {strategy} | {c['wrong']} |" in report
+        trained = runs[f"dpo_{strategy}"]["status"] == "done"
+        assert trained == (c["paired"] > 0) == (f"dpo_{strategy}" in stages["evaluate"]["details"]["models"])
     evaluated = stages["evaluate"]["details"]["models"]
     assert {"base", "sft"} <= set(evaluated) and all(m["n"] == 6 for m in evaluated.values())
 
@@ -49,6 +58,17 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     assert run.exists("sft_loss.png") and run.exists("sft", "model", "model.safetensors")
     for name in evaluated:
         assert f"| {name} | 6 |" in report
+
+    # The demo's pairs, every strategy's, export to LLaMA-Factory's ranking format and load in `datasets`.
+    written = export_run(run, tmp_path / "export")
+    pairs = run.read_rows("preference_pairs", "pairs")
+    if pairs:
+        info = json.loads(written["dataset_info"].read_text())
+        dpo = load_dataset("json", data_files=str(written["llamafactory_dpo"]), split="train")
+        assert len(dpo) == len(pairs) and sorted(dpo["strategy"]) == sorted(p["strategy"] for p in pairs)
+        assert all(row["chosen"]["from"] == row["rejected"]["from"] == "gpt" for row in dpo)
+        strategies = {p["strategy"] for p in pairs}
+        assert len(strategies) == 1 or {f"sphuatuo_dpo_{s}" for s in strategies} <= set(info)
 
     manifest_before = run.read_text("manifest.json")
     files_before = sorted(p.name for p in Path(run.path).rglob("*.parquet"))

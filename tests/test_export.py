@@ -25,7 +25,11 @@ def _run_with_training_data(root: Path) -> RunRoot:
         {"id": "q1", "prompt": [SYSTEM, {"role": "user", "content": "Question 1?"}],
          "chosen": [{"role": "assistant", "content": "<think>\nright\n</think>\n<answer>\nB\n</answer>"}],
          "rejected": [{"role": "assistant", "content": "<think>\nwrong\n</think>\n<answer>\nA\n</answer>"}],
-         "strategy": "self_correction"}
+         "strategy": "self_correction"},
+        {"id": "q2", "prompt": [SYSTEM, {"role": "user", "content": "Question 2?"}],
+         "chosen": [{"role": "assistant", "content": "<think>\nright\n</think>\n<answer>\nC\n</answer>"}],
+         "rejected": [{"role": "assistant", "content": "<think>\nwrong\n</think>\n<answer>\nD\n</answer>"}],
+         "strategy": "sampled"},
     ], "preference_pairs", "pairs")
     return run
 
@@ -40,9 +44,14 @@ def test_export_command_writes_llamafactory_and_hf_formats(tmp_path: Path) -> No
     info = json.loads((out / "llamafactory" / "dataset_info.json").read_text())
     assert info["sphuatuo_sft"] == {"file_name": "sphuatuo_sft.json", "formatting": "sharegpt",
                                     "columns": {"messages": "conversations", "system": "system"}}
-    assert info["sphuatuo_dpo"]["ranking"] is True
-    assert info["sphuatuo_dpo"]["columns"] == {"messages": "conversations", "chosen": "chosen",
-                                               "rejected": "rejected", "system": "system"}
+    # Every strategy's pairs in one dataset, and one dataset per strategy for an ablation.
+    assert set(info) == {"sphuatuo_sft", "sphuatuo_dpo", "sphuatuo_dpo_sampled", "sphuatuo_dpo_self_correction"}
+    for name in ("sphuatuo_dpo", "sphuatuo_dpo_sampled", "sphuatuo_dpo_self_correction"):
+        assert info[name] == {"file_name": f"{name}.json", "formatting": "sharegpt", "ranking": True,
+                              "columns": {"messages": "conversations", "chosen": "chosen",
+                                          "rejected": "rejected", "system": "system"}}
+    sampled = load_dataset("json", data_files=str(out / "llamafactory" / "sphuatuo_dpo_sampled.json"), split="train")
+    assert sampled["id"] == ["q2"] and sampled["strategy"] == ["sampled"]
 
     sft = load_dataset("json", data_files=str(out / "llamafactory" / "sphuatuo_sft.json"), split="train")
     assert len(sft) == 3 and sft[0]["system"] == SYSTEM["content"]
@@ -50,6 +59,7 @@ def test_export_command_writes_llamafactory_and_hf_formats(tmp_path: Path) -> No
     assert sft[0]["conversations"][1]["value"].startswith("<think>")
 
     dpo = load_dataset("json", data_files=str(out / "llamafactory" / "sphuatuo_dpo.json"), split="train")
+    assert sorted(dpo["strategy"]) == ["sampled", "self_correction"]
     assert [t["from"] for t in dpo[0]["conversations"]] == ["human"]
     assert dpo[0]["chosen"]["from"] == dpo[0]["rejected"]["from"] == "gpt"
     assert "right" in dpo[0]["chosen"]["value"] and "wrong" in dpo[0]["rejected"]["value"]
@@ -57,7 +67,7 @@ def test_export_command_writes_llamafactory_and_hf_formats(tmp_path: Path) -> No
     hf_sft = load_dataset("parquet", data_files=str(out / "hf" / "sft.parquet"), split="train")
     assert [m["role"] for m in hf_sft[0]["messages"]] == ["system", "user", "assistant"]
     hf_dpo = load_dataset("parquet", data_files=str(out / "hf" / "dpo.parquet"), split="train")
-    assert set(hf_dpo.column_names) == {"id", "prompt", "chosen", "rejected"}
+    assert set(hf_dpo.column_names) == {"id", "strategy", "prompt", "chosen", "rejected"} and len(hf_dpo) == 2
     assert hf_dpo[0]["chosen"][0]["role"] == "assistant"
 
 

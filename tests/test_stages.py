@@ -146,10 +146,16 @@ def test_sft_stage_trains_with_deepspeed_and_exports_a_model(tmp_path: Path, ray
     assert ctx.record.details["zero_stage"] == 2 and ctx.record.details["steps"] == 4
 
 
-def test_student_pairs_dpo_and_evaluate_after_sft(tmp_path: Path, ray_cluster) -> None:
-    # The rule judge: only answers with the right option letters count.
+STRATEGIES = ["self_correction", "answer_correction", "teacher_correction", "sampled"]
+
+
+def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(tmp_path: Path, ray_cluster) -> None:
+    # An ablation of all four pair strategies. The rule judge: only answers with the right option letters count.
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 8}],
-                                              "data.test_fraction": 0.25, "models.judge.kind": "rule"})
+                                              "data.test_fraction": 0.25, "models.judge.kind": "rule",
+                                              "models.teacher.backend": "hf",
+                                              "stages.student_answers.samples_per_question": 2,
+                                              "stages.preference_pairs.strategies": STRATEGIES})
     run = RunRoot(recipe.run_root)
     questions.run(_context(recipe))
     run.write_rows(_accepted_teacher_rows(run), "teacher_cot", "first")
@@ -158,40 +164,81 @@ def test_student_pairs_dpo_and_evaluate_after_sft(tmp_path: Path, ray_cluster) -
     answers = _context(recipe)
     student_answers.run(answers)
     rows = run.read_rows("student_answers", "judged")
-    assert len(rows) == 6 and all(r["model"].endswith("sft/model") for r in rows)
+    ids = [q["id"] for q in run.read_rows("questions", "train")]
+    assert sorted((r["key"], r["sample"]) for r in rows) == sorted((f"{i}#{k}", k) for i in ids for k in (0, 1))
+    assert all(r["model"].endswith("sft/model") for r in rows)
     wrong = sum(1 for r in rows if not r["judge_verdict"])
-    assert answers.record.details["wrong"] == wrong and answers.record.details["correct"] == 6 - wrong
-    assert wrong > 0
+    assert answers.record.details["wrong"] == wrong and answers.record.details["correct"] == 12 - wrong
 
+    # The random student never answers right; give each question a right and a wrong sample, as a
+    # real student would, so that `sampled` has pairs and the corrections have wrong answers to fix.
+    run.fs.delete_dir_contents(run.fs_path("student_answers", "judged"))
+    run.write_rows(_judged_samples(run), "student_answers", "judged")
     pairs_ctx = _context(recipe)
     preference_pairs.run(pairs_ctx)
-    details = pairs_ctx.record.details
-    corrections = run.read_rows("preference_pairs", "corrections")
-    assert details["wrong"] == details["corrected"] == len(corrections) == wrong
-    assert all(c["flawed_reply"] and c["original_key"] == c["id"] and c["hinted"] for c in corrections)
+    counts = pairs_ctx.record.details["strategies"]
     pairs = run.read_rows("preference_pairs", "pairs")
-    assert details["paired"] == len(pairs) <= details["verified"]
-    for pair in pairs:
-        assert pair["chosen"][0]["content"] != pair["rejected"][0]["content"]
-        assert pair["prompt"][-1]["content"].startswith(Question.from_row(
-            next(q for q in run.read_rows("questions", "train") if q["id"] == pair["id"])).question)
+    assert list(counts) == STRATEGIES
+    for strategy, c in counts.items():
+        found = [p for p in pairs if p["strategy"] == strategy]
+        assert c["wrong"] == 6 and c["paired"] == len(found) <= c["verified"]
+        assert all(p["rejected_key"] == f"{p['id']}#0" and p["chosen"] != p["rejected"] for p in found)
+        if strategy == "sampled":
+            assert c["corrected"] is None and c["verified"] == c["paired"] == 6
+            assert all(p["chosen_key"] == f"{p['id']}#1" and p["chosen_model"] == "sft" for p in found)
+            continue
+        corrections = run.read_rows("preference_pairs", strategy)
+        assert c["corrected"] == len(corrections) == 6
+        assert sorted(r["key"] for r in corrections) == sorted(f"{qid}#0:{strategy}" for qid in ids)
+        corrector = "builtin:tiny" if strategy == "teacher_correction" else run.join("sft", "model")
+        assert all(r["model"] == corrector and r["original_key"] == f"{r['id']}#0" for r in corrections)
+        if strategy == "answer_correction":  # the student's own thought, prefilled; only the answer is new
+            assert all(r["generated_text"].startswith("<think>\nNot sure.\n</think>\n<answer>\n")
+                       for r in corrections)
 
-    # Pairs from the bank: the gold chain of thought over a wrong letter, to train DPO for real.
-    run.write_rows(_pairs(run), "preference_pairs", "pairs")
+    # The random corrections are never verified: add gold self-correction pairs, so two DPO models train.
+    run.write_rows(pairs + _pairs(run), "preference_pairs", "pairs")
     dpo_ctx = _context(recipe)
     dpo.run(dpo_ctx)
-    log = json.loads(run.read_text("dpo", "train_log.json"))
-    assert any("rewards/margins" in entry for entry in log)
-    assert run.exists("dpo", "model", "model.safetensors")
+    runs = dpo_ctx.record.details["runs"]
+    assert list(runs) == [f"dpo_{s}" for s in STRATEGIES]
+    trained = [name for name, r in runs.items() if r["status"] == "done"]
+    assert {"dpo_self_correction", "dpo_sampled"} <= set(trained)
+    for name in trained:
+        log = json.loads(run.read_text(name, "train_log.json"))
+        assert any("rewards/margins" in entry for entry in log)
+        assert run.exists(name, "model", "model.safetensors") and runs[name]["start_model"].endswith("sft/model")
 
     eval_ctx = _context(recipe)
     evaluate.run(eval_ctx)
     models = eval_ctx.record.details["models"]
-    assert set(models) == {"base", "sft", "dpo"}
+    assert list(models) == ["base", "sft", *trained]
     for result in models.values():
         assert result["n"] == 2 and 0.0 <= result["accuracy"] <= 1.0
         low, high = result["ci95"]
         assert low <= result["accuracy"] <= high
+
+    manifest = run.load_manifest(recipe)
+    manifest.stages.update(preference_pairs=pairs_ctx.record, dpo=dpo_ctx.record, evaluate=eval_ctx.record)
+    run.save_manifest(manifest)
+    report = Path(write_report(run)).read_text()
+    assert "| sampled | 6 | – | 6 | 6 | dpo_sampled (done, trained on 6 pairs) |" in report
+    assert "![DPO reward margin](dpo_reward_margins.png)" in report and run.exists("dpo_reward_margins.png")
+    for name in models:
+        assert f"| {name} | 2 |" in report
+
+
+def _judged_samples(run: RunRoot) -> list[dict]:
+    """Per training question: sample 0 wrong (another letter), sample 1 right (the bank's reasoning)."""
+    rows = []
+    for gold in _accepted_teacher_rows(run):
+        question = Question.from_row(gold)
+        letter = next(letter for letter in question.options if letter not in question.answer)
+        wrong_text = format_cot("Not sure.", letter)
+        rows.append({**gold, "key": f"{gold['id']}#0", "sample": 0, "model": "sft", "generated_text": wrong_text,
+                     "think": "Not sure.", "answer_text": letter, "judge_verdict": False, "judge_raw": letter})
+        rows.append({**gold, "key": f"{gold['id']}#1", "sample": 1, "model": "sft"})
+    return rows
 
 
 def _pairs(run: RunRoot) -> list[dict]:
@@ -204,6 +251,8 @@ def _pairs(run: RunRoot) -> list[dict]:
             "prompt": [{"role": "user", "content": question.question}],
             "chosen": [{"role": "assistant", "content": format_cot(question.explanation, ", ".join(question.answer))}],
             "rejected": [{"role": "assistant", "content": format_cot("I am not sure.", wrong)}],
+            "chosen_key": f"{question.id}:gold", "rejected_key": f"{question.id}#0", "chosen_model": "bank",
+            "rejected_model": "sft",
         })
     return pairs
 

@@ -1,16 +1,49 @@
-"""DPO of the SFT model on the preference pairs (METHOD A.4); the frozen SFT model is the reference."""
+"""DPO of the SFT model on the preference pairs (METHOD A.4); the frozen SFT model is the reference.
+
+One DPO model per pair strategy, each from the same SFT model: with one strategy it is `dpo`, with
+several (an ablation) `dpo_<strategy>`, so the evaluation puts them side by side.
+"""
 
 from __future__ import annotations
 
-from sphuatuo.stages import StageContext
+from sphuatuo.recipe import Recipe
+from sphuatuo.runs import StageRecord
+from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.dpo import dpo_worker
 
 NAME = "dpo"
 
 
+def dpo_models(recipe: Recipe) -> dict[str, str]:
+    """Model name (also its folder in the run) -> the pair strategy it is trained on."""
+    strategies = recipe.stages.preference_pairs.strategies
+    if len(strategies) == 1:
+        return {NAME: strategies[0]}
+    return {f"{NAME}_{strategy}": strategy for strategy in strategies}
+
+
 def run(ctx: StageContext) -> None:
     pairs = ctx.run.read_rows("preference_pairs", "pairs")
     ctx.record.rows_in = len(pairs)
-    examples = [{key: pair[key] for key in ("id", "prompt", "chosen", "rejected", "strategy")} for pair in pairs]
-    train_stage(ctx, NAME, ctx.recipe.stages.dpo, examples, dpo_worker, model_of(ctx, "sft"))
+    start = model_of(ctx, "sft")
+    runs = ctx.record.details.setdefault("runs", {})
+    for name, strategy in dpo_models(ctx.recipe).items():
+        if runs.get(name, {}).get("status") == "done" and ctx.run.exists(name, "model", "config.json"):
+            continue  # trained before this stage was interrupted
+        examples = [{key: pair[key] for key in ("id", "prompt", "chosen", "rejected", "strategy")}
+                    for pair in pairs if pair["strategy"] == strategy]
+        sub = StageContext(recipe=ctx.recipe, run=ctx.run, record=StageRecord())
+        try:
+            train_stage(sub, name, ctx.recipe.stages.dpo, examples, dpo_worker, start)
+        except StageSkipped as reason:
+            runs[name] = {"strategy": strategy, "status": "skipped", "pairs": 0, "reason": str(reason)}
+            ctx.note(f"{name}: skipped: {reason}")
+            continue
+        details = sub.record.details
+        for note in details.pop("notes", []):
+            ctx.note(f"{name}: {note}")
+        runs[name] = {"strategy": strategy, "status": "done", "pairs": len(examples), **details}
+    ctx.record.rows_out = sum(r["pairs"] for r in runs.values() if r["status"] == "done")
+    if not ctx.record.rows_out:
+        raise StageSkipped("zero preference pairs for every strategy; nothing to train")

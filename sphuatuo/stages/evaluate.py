@@ -1,4 +1,5 @@
-"""Evaluation of the base, SFT and DPO students on the held-out questions (METHOD A.6, B.5).
+"""Evaluation of the base, SFT and DPO students (every DPO model of an ablation) on the held-out
+questions (METHOD A.6, B.5).
 
 Greedy decoding by default, a token budget that fits the chain of thought (the original 450 cut it
 short). Multiple-choice items are scored by option-letter set equality, open-ended ones by the judge.
@@ -14,6 +15,7 @@ from collections import defaultdict
 from sphuatuo.data.questions import Question
 from sphuatuo.parsing import first_and_last_answers
 from sphuatuo.stages import StageContext, StageSkipped, log
+from sphuatuo.stages.dpo import dpo_models
 from sphuatuo.stages.generation import Row, count_tokens
 from sphuatuo.stages.student_answers import answer_questions
 from sphuatuo.stages.training import model_of
@@ -77,7 +79,8 @@ def run(ctx: StageContext) -> None:
         raise StageSkipped("no test questions (set data.test or data.test_fraction)")
     results = ctx.record.details.setdefault("models", {})
     all_rows: list[Row] = []
-    for name in stage.models:
+    names = [model for name in stage.models for model in (dpo_models(ctx.recipe) if name == "dpo" else [name])]
+    for name in names:
         try:
             model = model_of(ctx, name)
         except StageSkipped as missing:

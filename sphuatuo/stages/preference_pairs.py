@@ -1,20 +1,27 @@
-"""Self-collaborative correction into preference pairs (METHOD A.3, the paper's final method).
+"""Preference pairs from the fine-tuned student's judged answers (METHOD A.3), by one or more strategies.
 
-For every training question the fine-tuned student got wrong, the same student is shown its own
-flawed reply and the reference, and writes a corrected trajectory. A correction counts only if the
-judge accepts it (and, like a teacher answer, is complete; see `teacher_cot.training_answer`).
-Pair: chosen = the corrected trajectory, rejected = the original wrong reply, both
-under the student's test-time prompt.
+- `self_correction` (the paper's final method): for a wrong answer, the same fine-tuned student is
+  shown its own flawed reply and the reference, and rewrites the whole trajectory;
+- `answer_correction`: the student keeps its flawed reasoning and rewrites only the answer;
+- `teacher_correction`: the teacher writes the corrected trajectory (the costlier baseline);
+- `sampled`: a judged-correct and a judged-wrong sample of the same question (HuatuoGPT-o1's variant).
+
+A correction counts only if the judge accepts it and it is complete, like a teacher answer (see
+`teacher_cot.training_answer`). Pair: chosen = the corrected (or correct) trajectory, rejected = the
+wrong one, both under the student's test-time prompt; each pair keeps both trajectories' keys and
+models. All strategies write into one dataset with a `strategy` column; DPO trains one model per strategy.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
 from sphuatuo.judge import generate_and_judge
-from sphuatuo.prompts import Messages, get_prompt, options_block
+from sphuatuo.prompts import Messages, PromptTemplate, get_prompt, options_block
+from sphuatuo.recipe import PairStrategy, PreferencePairsStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.generation import Row, count_tokens
 from sphuatuo.stages.sft import format_cot
@@ -23,15 +30,112 @@ from sphuatuo.stages.training import model_of
 
 NAME = "preference_pairs"
 
+CORRECTIONS: tuple[PairStrategy, ...] = ("self_correction", "answer_correction", "teacher_correction")
 
-def correction_messages(prompt_name: str, row: Row) -> Messages:
+
+def correction_messages(stage: PreferencePairsStage, strategy: PairStrategy, row: Row) -> Messages:
     question = Question.from_row(row)
-    return get_prompt(prompt_name).messages(
+    if strategy == "answer_correction":
+        messages = get_prompt(stage.answer_prompt).messages(
+            question=question.question, options_block=options_block(question), reference=question.answer_text)
+        # Prefilled with the student's own thought: only the answer is written anew.
+        return [*messages, {"role": "assistant", "content": f"<think>\n{row['flawed_think']}\n</think>\n<answer>\n"}]
+    return get_prompt(stage.prompt).messages(
         question=question.question,
         options_block=options_block(question),
         flawed_reply=row["flawed_reply"],
         reference=question.answer_text,
     )
+
+
+def correction_requests(stage: PreferencePairsStage, strategy: PairStrategy, wrong: list[Row]) -> list[Row]:
+    """One request per wrong answer, keyed `<answer key>:<strategy>`."""
+    prompt = stage.answer_prompt if strategy == "answer_correction" else stage.prompt
+    meta = {"prompt_version": get_prompt(prompt).tag, "sampling": json.dumps(stage.sampling.model_dump()),
+            "hinted": True, "strategy": strategy}
+    question_columns = list(Question.model_fields)
+    return [
+        {**{c: row[c] for c in question_columns}, **meta, "key": f"{row['key']}:{strategy}",
+         "original_key": row["key"], "flawed_reply": row["generated_text"], "flawed_think": row["think"],
+         "original_model": row["model"]}
+        for row in wrong
+    ]
+
+
+def pair_row(strategy: PairStrategy, prompt: PromptTemplate, chosen: Row, chosen_answer: str,
+             rejected_text: str, rejected_key: str, rejected_model: str) -> Row:
+    question = Question.from_row(chosen)
+    return {
+        "id": question.id,
+        "strategy": strategy,
+        "prompt": prompt.training_prompt(question=question.question, options_block=options_block(question)),
+        "chosen": [{"role": "assistant", "content": format_cot(chosen["think"], chosen_answer)}],
+        "rejected": [{"role": "assistant", "content": rejected_text}],
+        "chosen_key": chosen["key"],
+        "rejected_key": rejected_key,
+        "chosen_model": chosen["model"],
+        "rejected_model": rejected_model,
+    }
+
+
+def correction_pairs(strategy: PairStrategy, prompt: PromptTemplate, corrections: list[Row],
+                     answer_from_thought: bool) -> list[Row]:
+    """(verified correction, the wrong answer it corrects) for every usable correction."""
+    pairs = []
+    for row in corrections:
+        answer = training_answer(row, answer_from_thought)
+        if answer is not None:
+            pairs.append(pair_row(strategy, prompt, row, answer, row["flawed_reply"], row["original_key"],
+                                  row["original_model"]))
+    return pairs
+
+
+def sampled_pairs(prompt: PromptTemplate, answers: list[Row], answer_from_thought: bool) -> list[Row]:
+    """Per question, each wrong sample with a usable correct one, in key order; when there are fewer
+    correct samples than wrong ones, the correct ones are reused in turn."""
+    correct: dict[str, list[tuple[Row, str]]] = defaultdict(list)
+    wrong: dict[str, list[Row]] = defaultdict(list)
+    for row in sorted(answers, key=lambda r: r["key"]):
+        answer = training_answer(row, answer_from_thought)
+        if answer is not None:
+            correct[row["id"]].append((row, answer))
+        elif is_wrong(row):
+            wrong[row["id"]].append(row)
+    pairs = []
+    for qid, rejected in wrong.items():
+        chosen = correct.get(qid, [])
+        for index, row in enumerate(rejected if chosen else []):
+            good, answer = chosen[index % len(chosen)]
+            pairs.append(pair_row("sampled", prompt, good, answer, row["generated_text"], row["key"], row["model"]))
+    return pairs
+
+
+def limit_pairs(pairs: list[Row], pairs_per_question: int, max_pairs: int | None) -> list[Row]:
+    """At most `pairs_per_question` pairs per question (in key order), then at most `max_pairs` in all,
+    taking every question's first pair before any question's second, so a cap spreads over questions."""
+    by_question: dict[str, list[Row]] = defaultdict(list)
+    for pair in sorted(pairs, key=lambda p: (p["id"], p["rejected_key"], p["chosen_key"])):
+        by_question[pair["id"]].append(pair)
+    ranked = sorted(((rank, qid), pair) for qid, rows in by_question.items()
+                    for rank, pair in enumerate(rows[:pairs_per_question]))
+    return [pair for _, pair in ranked][:max_pairs]
+
+
+def to_correct(wrong: list[Row], pairs_per_question: int) -> list[Row]:
+    """The first `pairs_per_question` wrong answers of each question (in key order): corrections
+    beyond what can become pairs would only cost generation."""
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for row in sorted(wrong, key=lambda r: r["key"]):
+        if taken[row["id"]] < pairs_per_question:
+            taken[row["id"]] += 1
+            chosen.append(row)
+    return chosen
+
+
+def is_wrong(row: Row) -> bool:
+    """Judged wrong (not merely unreadable to the judge), with a reply to show."""
+    return row["judge_verdict"] is False and bool(row["generated_text"].strip())
 
 
 def run(ctx: StageContext) -> None:
@@ -40,50 +144,40 @@ def run(ctx: StageContext) -> None:
     ctx.record.rows_in = len(answers)
     if not answers:
         raise StageSkipped("no student answers to correct (the student_answers stage wrote none)")
-    wrong = [row for row in answers if not row["judge_verdict"] and row["generated_text"].strip()]
+    wrong = sorted((row for row in answers if is_wrong(row)), key=lambda r: r["key"])
     if not wrong:
-        raise StageSkipped("the SFT student answered no training question wrongly: nothing to correct")
-
-    question_columns = list(Question.model_fields)
-    meta = {"prompt_version": get_prompt(stage.prompt).tag, "sampling": json.dumps(stage.sampling.model_dump()),
-            "hinted": True}
-    requests = [
-        {**{c: row[c] for c in question_columns}, **meta, "key": row["id"], "original_key": row["key"],
-         "flawed_reply": row["generated_text"], "original_model": row["model"]}
-        for row in wrong
-    ]
-    corrections = generate_and_judge(
-        ctx, requests, f"{NAME}/corrections", engine=ctx.recipe.models.student,
-        request=Request.from_config(stage.sampling), model=model_of(ctx, "sft"),
-        messages=lambda row: correction_messages(stage.prompt, row),
-    )
+        raise StageSkipped("the SFT student answered no training question wrongly: nothing to pair")
 
     student_prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
-    pairs = []
-    for row in sorted(corrections, key=lambda r: r["key"]):
-        answer = training_answer(row, stage.answer_from_thought)
-        if answer is None:
-            continue
-        pairs.append({
-            "id": row["id"],
-            "strategy": stage.strategy,
-            "prompt": student_prompt.training_prompt(question=row["question"],
-                                                     options_block=options_block(Question.from_row(row))),
-            "chosen": [{"role": "assistant", "content": format_cot(row["think"], answer)}],
-            "rejected": [{"role": "assistant", "content": row["flawed_reply"]}],
-            "chosen_key": row["key"],
-            "rejected_key": row["original_key"],
-            "chosen_model": row["model"],
-            "rejected_model": row["original_model"],
-        })
-    if stage.max_pairs is not None:
-        pairs = pairs[: stage.max_pairs]
+    counts: dict[str, dict[str, int | None]] = {}
+    pairs: list[Row] = []
+    generated: list[Row] = []
+    for strategy in stage.strategies:
+        if strategy == "sampled":
+            found = sampled_pairs(student_prompt, answers, stage.answer_from_thought)
+            verified = sum(1 for row in answers if training_answer(row, stage.answer_from_thought) is not None)
+            corrected = None
+        else:
+            teacher = strategy == "teacher_correction"
+            corrections = generate_and_judge(
+                ctx, correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
+                f"{NAME}/{strategy}",
+                engine=ctx.recipe.models.teacher if teacher else ctx.recipe.models.student,
+                request=Request.from_config(stage.sampling), model=None if teacher else model_of(ctx, "sft"),
+                messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),
+            )
+            generated += corrections
+            found = correction_pairs(strategy, student_prompt, corrections, stage.answer_from_thought)
+            verified, corrected = len(found), len(corrections)
+        kept = limit_pairs(found, stage.pairs_per_question, stage.max_pairs)
+        pairs += kept
+        counts[strategy] = {"wrong": len(wrong), "corrected": corrected, "verified": verified, "paired": len(kept)}
+        what = (f"{verified} usable correct samples" if corrected is None
+                else f"{corrected} corrections written, {verified} verified")
+        ctx.note(f"{strategy}: {len(wrong)} wrong answers, {what}, {len(kept)} pairs")
+
     ctx.run.write_rows(pairs, NAME, "pairs")
     ctx.record.rows_out = len(pairs)
-    ctx.record.rows_failed = sum(1 for row in corrections if row["parse_error"])
-    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(corrections)
-    verified = sum(1 for row in corrections if row["judge_verdict"])
-    ctx.record.details.update(strategy=stage.strategy, wrong=len(wrong), corrected=len(corrections),
-                              verified=verified, paired=len(pairs))
-    ctx.note(f"{len(wrong)} wrong answers, {len(corrections)} corrections written, {verified} verified, "
-             f"{len(pairs)} pairs")
+    ctx.record.rows_failed = sum(1 for row in generated if row["parse_error"])
+    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(generated)
+    ctx.record.details.update(strategies=counts)

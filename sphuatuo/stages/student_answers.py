@@ -1,6 +1,7 @@
 """The fine-tuned student answers the training questions, and each answer is judged (METHOD A.3).
 
-Its wrong answers are the raw material of the preference pairs.
+Its wrong answers are the raw material of the preference pairs; with `samples_per_question` > 1
+each question is answered several times (the `sampled` pair strategy needs a right and a wrong one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.generation import Row, count_tokens
+from sphuatuo.stages.teacher_cot import sample_key
 from sphuatuo.stages.training import model_of
 
 NAME = "student_answers"
@@ -25,10 +27,13 @@ def student_messages(prompt_name: str, row: Row) -> Messages:
 
 
 def answer_questions(ctx: StageContext, questions: list[Row], folder: str, model: str, prompt_name: str,
-                     sampling: SamplingConfig) -> list[Row]:
-    """One judged answer per question from `model` (the student engine), in `folder`."""
-    meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump())}
-    rows = [{**q, **meta, "key": q["id"], "hinted": False} for q in questions]
+                     sampling: SamplingConfig, samples: int = 1) -> list[Row]:
+    """`samples` judged answers per question from `model` (the student engine), in `folder`; the k-th
+    sample of a question is seeded seed + k (see `engines.row_seed`)."""
+    meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump()),
+            "hinted": False}
+    rows = [{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
+            for q in questions for k in range(samples)]
     return generate_and_judge(ctx, rows, folder, engine=ctx.recipe.models.student,
                               request=Request.from_config(sampling), model=model,
                               messages=lambda row: student_messages(prompt_name, row))
@@ -40,10 +45,12 @@ def run(ctx: StageContext) -> None:
     ctx.record.rows_in = len(questions)
     if not questions:
         raise StageSkipped("no training questions")
-    rows = answer_questions(ctx, questions, f"{NAME}/judged", model_of(ctx, "sft"), stage.prompt, stage.sampling)
+    rows = answer_questions(ctx, questions, f"{NAME}/judged", model_of(ctx, "sft"), stage.prompt, stage.sampling,
+                            stage.samples_per_question)
     ctx.record.rows_out = len(rows)
     ctx.record.rows_failed = sum(1 for row in rows if row["parse_error"])
     ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(rows)
     wrong = sum(1 for row in rows if not row["judge_verdict"])
     ctx.record.details.update(correct=len(rows) - wrong, wrong=wrong)
-    ctx.note(f"the SFT student answered {len(rows) - wrong} of {len(rows)} training questions correctly")
+    ctx.note(f"the SFT student answered {len(rows) - wrong} of {len(rows)} samples of {len(questions)} training "
+             "questions correctly")
