@@ -39,6 +39,16 @@ def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:
     return buffer.getvalue()
 
 
+def _throughput(log: list[dict[str, Any]]) -> str:
+    """Median tokens/s per worker (and MFU on GPUs) over the logged steps."""
+    speeds = sorted(entry["tokens_per_second_per_worker"] for entry in log if "tokens_per_second_per_worker" in entry)
+    if not speeds:
+        return ""
+    mfu = sorted(entry["mfu"] for entry in log if "mfu" in entry)
+    return (f"Median {speeds[len(speeds) // 2]:.0f} tokens/s per worker"
+            + (f", MFU {mfu[len(mfu) // 2]:.1%}." if mfu else "."))
+
+
 def _stage_table(manifest: Manifest) -> list[str]:
     lines = [
         "| stage | status | rows in | rows out | rejected | failed | time (s) | input tokens | output tokens |",
@@ -111,7 +121,8 @@ def write_report(run: RunRoot) -> str:
             out.write(png)
         losses = [entry["loss"] for entry in log if "loss" in entry]
         lines += [f"![{name} loss]({name}_loss.png)", "",
-                  f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "", ""]
+                  f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "",
+                  _throughput(log), ""]
 
     lines += ["## Evaluation", "", *_evaluation_table(manifest), ""]
     run.write_text("\n".join(lines), "report.md")

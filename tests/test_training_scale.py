@@ -94,21 +94,23 @@ def test_zero3_sft_checkpoints_logs_and_exports_a_model_vllm_serves(zero3_run: R
 
 
 def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: dict) -> None:
-    """SIGKILL one worker of the group that wrote the first checkpoint (its pids are in the checkpoint)."""
+    """SIGKILL one worker of the group once Ray Train has registered its first checkpoint (the pids of
+    the group are in that checkpoint's sample order)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        written = list(storage.glob("checkpoint_*/checkpoint/sample_order.json"))
-        try:
-            pid = json.loads(written[0].read_text())[-1]["worker_pids"][-1] if written else None
-        except ValueError:  # still being uploaded
-            pid = None
-        if pid is not None:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            assert pid in [actor.pid for actor in workers]
-            os.kill(pid, signal.SIGKILL)
-            killed["pid"] = pid
-            return
         time.sleep(0.1)
+        try:
+            snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+            latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+            order = json.loads((storage / latest / "checkpoint" / "sample_order.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+            continue
+        pid = order[-1]["worker_pids"][-1]
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if pid in [actor.pid for actor in workers]:
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, at_step=order[-1]["step"])
+        return
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_order(
@@ -125,6 +127,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_or
 
     order = _sample_order(ctx.run)
     # Steps up to the checkpoint were trained by the first worker group, the rest by its replacement.
+    assert killed["at_step"] < STEPS
     assert killed["pid"] in order[0]["worker_pids"] and killed["pid"] not in order[-1]["worker_pids"]
     assert [step["step"] for step in order] == list(range(1, STEPS + 1))
     assert [step["ids"] for step in order] == [step["ids"] for step in _sample_order(zero3_run)]
