@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 from ray.util.state import list_actors
-from test_stages import _accepted_teacher_rows
+from test_stages import _accepted_teacher_rows, _pairs
 
 from conftest import tiny_recipe
 from sphuatuo.runs import RunRoot, StageRecord
-from sphuatuo.stages import StageContext, questions, sft
+from sphuatuo.stages import StageContext, dpo, questions, sft
 
 pytestmark = pytest.mark.slow
 
@@ -163,21 +163,36 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
     server.wait(timeout=10)
 
 
-def test_an_object_store_run_root_holds_checkpoints_and_export_and_resumes_from_them(s3_server: str,
-                                                                                   ray_cluster) -> None:
+def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_from_it(s3_server: str,
+                                                                                      ray_cluster) -> None:
     import boto3
 
     recipe = tiny_recipe(f"s3://{s3_server}/run", **{
         "data.train": [{"path": "builtin:sample_bank", "limit": 4}], "data.test_fraction": 0.0,
-        "stages.sft.checkpoint_every_steps": 1, "stages.sft.keep_checkpoints": 1})
+        "stages.sft.checkpoint_every_steps": 1, "stages.sft.keep_checkpoints": 1,
+        "stages.dpo.checkpoint_every_steps": 1, "stages.dpo.scaling": {"num_workers": 2, "zero_stage": 3}})
     ctx = _sft_inputs(recipe)
-    sft.run(ctx)
+    sft.run(ctx)  # ZeRO-2
+    run = ctx.run
+    run.write_rows(_pairs(run), "preference_pairs", "pairs")
+    dpo_ctx = StageContext(recipe=recipe, run=run, record=StageRecord())
+    dpo.run(dpo_ctx)  # ZeRO-3, from the SFT export in the bucket
+    assert dpo_ctx.record.details["start_model"] == f"s3://{s3_server}/run/sft/model"
+
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_server)["Contents"]]
-    assert "run/sft/model/model.safetensors" in keys and "run/sft/model/tokenizer.json" in keys
-    assert any(k.startswith("run/checkpoints/sft/checkpoint_") and k.endswith("/trainer_state.json") for k in keys)
-    first = _sample_order(ctx.run)
+    for stage in ("sft", "dpo"):
+        assert f"run/{stage}/model/model.safetensors" in keys and f"run/{stage}/model/tokenizer.json" in keys
+        checkpoints = {k.split("/")[3] for k in keys if k.startswith(f"run/checkpoints/{stage}/checkpoint_")
+                       and k.endswith("/trainer_state.json")}
+        assert len(checkpoints) == 1  # every step, the last one kept
+    log = json.loads(run.read_text("dpo", "train_log.json"))
+    steps = [entry for entry in log if "loss" in entry]
+    assert len(steps) == 2 and all(0 <= entry["rewards/accuracies"] <= 1 and "rewards/margins" in entry
+                                   for entry in steps)
+    first = [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()]
     assert [step["step"] for step in first] == [1, 2]
 
-    # A second launch finds the finished run's checkpoint in the bucket and trains no step again.
-    sft.run(ctx)
-    assert _sample_order(ctx.run) == first
+    # A second launch finds the finished run's checkpoint in the bucket and trains no step again
+    # (a retrained step would carry the new workers' pids).
+    dpo.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
+    assert [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()] == first

@@ -168,6 +168,7 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stage = stage_type.model_validate(config["stage"])
+    config = {**config, "model": _local_model(config["model"], config["filesystem"])}
     on_gpu = stage.scaling.use_gpu
     if stage.scaling.zero_stage and not on_gpu:
         # Before any Trainer config: ZeRO-3 on gloo otherwise miscounts the world size.
@@ -187,6 +188,17 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
         peft_config=peft_config,
         arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu),
     )
+
+
+def _local_model(model: str, filesystem: pafs.FileSystem) -> str:
+    """A start model in the run's object store (the SFT export under `s3://`) copied to this worker's
+    disk, where transformers can load it; local, NFS and hub models as they are."""
+    if "://" not in model:
+        return model
+    local = tempfile.mkdtemp(prefix="sphuatuo-start-model-")
+    pafs.copy_files(model.split("://", 1)[1], local, source_filesystem=filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 def resume_checkpoint() -> str | None:
