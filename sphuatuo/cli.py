@@ -103,6 +103,14 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cpu-threads", type=int, default=None,
                           help="CPU engines: compute threads of every engine, bare and Ray (default: all cores)")
     generate.add_argument("--no-hf", action="store_true", help="skip the transformers back-end")
+    train = bench_commands.add_parser("train", help="Ray Train + DeepSpeed SFT tokens/s per worker vs bare TRL")
+    train.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled)")
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--workers", type=int, default=2)
+    train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2)
+    train.add_argument("--max-length", type=int, default=512)
+    train.add_argument("--cpus-per-worker", type=float, default=1)
 
     report = commands.add_parser("report", help="(re)write report.md of a run")
     report.add_argument("run_root")
@@ -193,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, path in export_run(RunRoot(args.run_root), Path(args.out)).items():
                 print(f"{name}: {path}")
+            return 0
+        if args.command == "bench" and args.bench_command == "train":
+            from sphuatuo.bench_train import bench_train, format_train_bench
+
+            print(format_train_bench(bench_train(args.model, args.examples, args.epochs, args.workers,
+                                                 args.zero_stage, args.max_length, args.cpus_per_worker)))
             return 0
         if args.command == "bench":
             from sphuatuo.bench import bench_generate, format_bench

@@ -158,10 +158,25 @@ class LoraConfig(Strict):
 
 
 class TrainScaling(Strict):
+    """One Ray Train worker per GPU (or per CPU slot): 2 nodes x 8 GPUs is num_workers 16."""
+
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(default=1, gt=0, description="only with use_gpu")
     cpus_per_worker: float = Field(default=1, gt=0)
     zero_stage: Literal[0, 2, 3] = Field(default=2, description="0 = plain DDP")
+    offload_optimizer: bool = Field(default=False, description="ZeRO: optimizer states in CPU memory (GPU only)")
+    offload_params: bool = Field(default=False, description="ZeRO-3: parameters in CPU memory (GPU only)")
+    peak_tflops_per_gpu: float | None = Field(
+        default=None, gt=0, description="dense bf16 peak for MFU; default: looked up from the GPU's name")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero_on_gpu(self) -> TrainScaling:
+        if (self.offload_optimizer or self.offload_params) and not (self.use_gpu and self.zero_stage):
+            raise ValueError("offload_optimizer / offload_params need use_gpu and zero_stage 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (ZeRO-2 does not partition parameters)")
+        return self
 
 
 class TrainStage(Strict):
@@ -177,6 +192,8 @@ class TrainStage(Strict):
     weight_decay: float = Field(default=0.0, ge=0.0)
     micro_batch_size: int = Field(default=1, ge=1)
     grad_accumulation: int = Field(default=8, ge=1)
+    global_batch_size: int | None = Field(
+        default=None, ge=1, description="optional statement of the global batch, checked against the product")
     max_length: int = Field(default=2048, ge=16)
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
@@ -188,9 +205,19 @@ class TrainStage(Strict):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
     scaling: TrainScaling = TrainScaling()
 
+    @model_validator(mode="after")
+    def _global_batch_matches(self) -> TrainStage:
+        product = self.micro_batch_size * self.grad_accumulation * self.scaling.num_workers
+        if self.global_batch_size is not None and self.global_batch_size != product:
+            raise ValueError(f"global_batch_size {self.global_batch_size} != micro_batch_size {self.micro_batch_size}"
+                             f" x grad_accumulation {self.grad_accumulation} x scaling.num_workers "
+                             f"{self.scaling.num_workers} = {product}")
+        return self
+
 
 class SftStage(TrainStage):
-    pass
+    packing: bool = Field(default=False, description="pack several examples per row (TRL best-fit decreasing, "
+                                                     "padding-free): for long CoT; needs flash attention on GPU")
 
 
 class DpoStage(TrainStage):

@@ -90,6 +90,16 @@ def _pairs_table(manifest: Manifest) -> list[str]:
     return lines + ["", "`sampled` writes no corrections: its verified count is the judged-correct, complete samples."]
 
 
+def _throughput(log: list[dict[str, Any]]) -> str:
+    """Median tokens/s per worker (and MFU on GPUs) over the logged steps."""
+    speeds = sorted(entry["tokens_per_second_per_worker"] for entry in log if "tokens_per_second_per_worker" in entry)
+    if not speeds:
+        return ""
+    mfu = sorted(entry["mfu"] for entry in log if "mfu" in entry)
+    return (f"Median {speeds[len(speeds) // 2]:.0f} tokens/s per worker"
+            + (f", MFU {mfu[len(mfu) // 2]:.1%}." if mfu else "."))
+
+
 def _stage_table(manifest: Manifest) -> list[str]:
     lines = [
         "| stage | status | rows in | rows out | rejected | failed | time (s) | input tokens | output tokens |",
@@ -172,7 +182,8 @@ def write_report(run: RunRoot) -> str:
         _write_png(run, png, f"{name}_loss.png")
         losses = [entry["loss"] for entry in log if "loss" in entry]
         lines += [f"![{name} loss]({name}_loss.png)", "",
-                  f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "", ""]
+                  f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "",
+                  _throughput(log), ""]
     margins = _plot_margins(dpo_logs)
     if margins:
         _write_png(run, margins, "dpo_reward_margins.png")

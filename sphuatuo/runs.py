@@ -68,10 +68,14 @@ def package_versions() -> dict[str, str]:
 class RunRoot:
     """A run's storage. `uri` is what Ray and pyarrow are given; `path` is its filesystem path."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, filesystem: pafs.FileSystem | None = None):
+        """`filesystem`: one already built for `location` (e.g. handed to a Ray worker with its options)."""
         if "://" not in location:
             location = os.path.abspath(os.path.expanduser(location))
-        self.fs, self.path = pafs.FileSystem.from_uri(location)
+        if filesystem is None:
+            self.fs, self.path = pafs.FileSystem.from_uri(location)
+        else:
+            self.fs, self.path = filesystem, location.split("://", 1)[-1]
         self.uri = location
         self.fs.create_dir(self.path, recursive=True)
 

@@ -96,3 +96,20 @@ def test_engine_replicas_are_a_count_or_an_autoscaling_range() -> None:
     for bad in ("[4, 1]", "0", "[0, 2]"):
         with pytest.raises(RecipeError, match="models.teacher: .*replicas must be N >= 1 or \\[min, max\\]"):
             load_recipe(PIPELINES / "demo.yaml", [f"models.teacher.replicas={bad}"])
+
+
+def test_training_scale_is_checked_the_global_batch_and_offload() -> None:
+    recipe = load_recipe(PIPELINES / "sp_huatuo_7b_multinode.yaml")
+    sft, dpo = recipe.stages.sft, recipe.stages.dpo
+    assert sft.scaling.num_workers == 16 and sft.scaling.zero_stage == dpo.scaling.zero_stage == 3
+    assert sft.finetuning == dpo.finetuning == "full" and dpo.beta == 0.3 and dpo.loss_type == "sigmoid"
+    assert (sft.global_batch_size, dpo.global_batch_size) == (16, 32)  # METHOD.md's effective batches
+
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(PIPELINES / "sp_huatuo_7b_multinode.yaml", ["stages.sft.grad_accumulation=2"])
+    assert ("stages.sft: Value error, global_batch_size 16 != micro_batch_size 1 x grad_accumulation 2 x "
+            "scaling.num_workers 16 = 32") in caught.value.problems[0]
+    with pytest.raises(RecipeError, match="stages.sft.scaling: Value error, offload_optimizer / offload_params need"):
+        load_recipe(PIPELINES / "demo.yaml", ["stages.sft.scaling.offload_optimizer=true"])
+    with pytest.raises(RecipeError, match="offload_params needs zero_stage 3"):
+        load_recipe(PIPELINES / "sp_huatuo_7b.yaml", ["stages.sft.scaling.offload_params=true"])

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from sphuatuo.recipe import TrainScaling
 
-def deepspeed_config(zero_stage: int, *, on_gpu: bool) -> dict[str, Any] | None:
-    """ZeRO-2 or ZeRO-3 (None for stage 0: plain DDP)."""
-    if zero_stage == 0:
+
+def deepspeed_config(scaling: TrainScaling, *, on_gpu: bool) -> dict[str, Any] | None:
+    """ZeRO-2 or ZeRO-3 with optional CPU offload (None for stage 0: plain DDP)."""
+    if scaling.zero_stage == 0:
         return None
-    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
-    if zero_stage == 3:
+    zero: dict[str, Any] = {"stage": scaling.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
+    if scaling.zero_stage == 3:
         # Gather full weights when the Trainer saves, so the exported model is whole.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    if scaling.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if scaling.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": False},
@@ -30,3 +36,8 @@ def deepspeed_config(zero_stage: int, *, on_gpu: bool) -> dict[str, Any] | None:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if scaling.offload_optimizer:
+        # Offloaded states need DeepSpeed's own CPU Adam, which it picks for this block.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}}
+    return config

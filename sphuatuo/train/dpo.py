@@ -21,6 +21,5 @@ def dpo_worker(config: dict[str, Any]) -> None:
     stage = setup.stage
     dataset = setup.dataset(["prompt", "chosen", "rejected"])
     args = DPOConfig(**setup.arguments, beta=stage.beta, loss_type=[stage.loss_type])
-    trainer = DPOTrainer(model=setup.model, ref_model=None, args=args, train_dataset=dataset,
-                         processing_class=setup.tokenizer, peft_config=setup.peft_config, callbacks=setup.callbacks)
+    trainer = setup.trainer(DPOTrainer, ref_model=None, args=args, train_dataset=dataset)
     setup.train_and_export(trainer)

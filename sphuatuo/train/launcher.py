@@ -1,8 +1,9 @@
 """Ray Train launch of a TRL trainer: one TorchTrainer per training stage.
 
-Checkpoints go to `<run root>/checkpoints/<stage>` through Ray Train's own storage, so every node
-sees them and a re-run with the same name resumes. The stage's product is one consolidated Hugging
-Face model directory at `<run root>/<stage>/model`.
+Checkpoints go to `<run root>/checkpoints/<stage>` through Ray Train's own storage (the run root's
+pyarrow filesystem: local disk, NFS, or an object store), so every node sees them and a re-run with
+the same name resumes. The stage's product is one consolidated Hugging Face model directory at
+`<run root>/<stage>/model`, next to `train_log.json` and `sample_order.jsonl`.
 """
 
 from __future__ import annotations
@@ -44,25 +45,42 @@ def fit(
     scaling = stage.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = scaling.gpus_per_worker
     env = {key: os.environ.get(key, value) for key, value in WORKER_ENV_CPU.items()}
     if scaling.use_gpu:
         env.pop("DS_ACCELERATOR")
+    filesystem = shared_filesystem(run)
     trainer = TorchTrainer(
         train_loop_per_worker=worker_fn,
         train_loop_config={**worker_config, "stage": stage.model_dump(mode="json"), "run_root": run.uri,
-                           "stage_name": stage_name},
+                           "filesystem": filesystem, "stage_name": stage_name},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=stage_name,
-            storage_path=run.join("checkpoints"),
+            storage_path=run.fs_path("checkpoints"),
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
             failure_config=FailureConfig(max_failures=stage.max_failures),
             worker_runtime_env={"env_vars": env},
         ),
     )
     trainer.fit()
+
+
+def shared_filesystem(run: RunRoot) -> pafs.FileSystem:
+    """The run's filesystem as Ray's controller and the workers get it (pickled, with its options).
+
+    An object store's endpoint travels with it, but credentials that pyarrow read from this driver's
+    environment would not, and nodes started without them would write unsigned requests: they are made
+    explicit, so they travel inside Ray with the filesystem object (never into the run root or a log).
+    """
+    if not isinstance(run.fs, pafs.S3FileSystem) or not os.environ.get("AWS_ACCESS_KEY_ID"):
+        return run.fs
+    _, (options,) = run.fs.__reduce__()
+    return pafs.S3FileSystem(**{**options, "access_key": os.environ["AWS_ACCESS_KEY_ID"],
+                                "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+                                "session_token": os.environ.get("AWS_SESSION_TOKEN", "")})
 
 
 def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> dict[str, Any]:
@@ -86,13 +104,14 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> d
         "logging_first_step": True,
         "save_strategy": "steps" if stage.checkpoint_every_steps else "no",
         "save_steps": stage.checkpoint_every_steps or 500,
-        "save_total_limit": 1,
+        "save_total_limit": stage.keep_checkpoints,
         "report_to": list(stage.report_to) or "none",
         "disable_tqdm": True,
         "use_cpu": not on_gpu,
-        "deepspeed": deepspeed_config(stage.scaling.zero_stage, on_gpu=on_gpu),
+        "deepspeed": deepspeed_config(stage.scaling, on_gpu=on_gpu),
         "dataloader_num_workers": 0,
-        "remove_unused_columns": True,
+        # The collators read only their own keys; the `id` column must reach RecordedTrainerMixin's.
+        "remove_unused_columns": False,
     }
 
 
@@ -106,31 +125,50 @@ class WorkerSetup:
     tokenizer: Any
     peft_config: Any
     arguments: dict[str, Any]
-    callbacks: list[Any]
+
+    @property
+    def run(self) -> RunRoot:
+        return RunRoot(self.config["run_root"], self.config["filesystem"])
 
     def dataset(self, columns: list[str]) -> Any:
         from datasets import Dataset
 
-        rows = RunRoot(self.config["run_root"]).read_rows(self.config["data"])
-        return Dataset.from_list([{column: row[column] for column in columns} for row in rows])
+        rows = self.run.read_rows(self.config["data"])
+        return Dataset.from_list([{column: row[column] for column in ["id", *columns]} for row in rows])
+
+    def trainer(self, trainer_class: type, **kwargs: Any) -> Any:
+        """`trainer_class` (TRL's SFTTrainer or DPOTrainer) recording sample order and throughput, and
+        reporting checkpoints to Ray Train."""
+        from ray.train.huggingface.transformers import RayTrainReportCallback
+
+        from sphuatuo.train.progress import RecordedTrainerMixin, gpu_peak_flops
+
+        recorded = type(f"Recorded{trainer_class.__name__}", (RecordedTrainerMixin, trainer_class), {})
+        trainer = recorded(model=self.model, processing_class=self.tokenizer, peft_config=self.peft_config,
+                           model_parameters=sum(p.numel() for p in self.model.parameters()),
+                           peak_flops=gpu_peak_flops(self.stage.scaling.peak_tflops_per_gpu), **kwargs)
+        # After the mixin's own callback, so checkpoints carry the sample order when Ray uploads them.
+        trainer.add_callback(RayTrainReportCallback())
+        return trainer
 
     def train_and_export(self, trainer: Any) -> None:
         from ray.train.huggingface.transformers import prepare_trainer
 
         trainer = prepare_trainer(trainer)
-        trainer.train(resume_from_checkpoint=resume_checkpoint())
-        export_model(trainer, self.config["model"], self.config["run_root"], self.config["stage_name"],
-                     self.stage.finetuning)
+        checkpoint = resume_checkpoint()
+        trainer.load_sample_order(checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        export_model(trainer, self.config["model"], self.run, self.config["stage_name"], self.stage.finetuning)
 
 
 def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> WorkerSetup:
     """Distributed init, model, tokenizer, LoRA config and Trainer arguments from the recipe stage."""
     import deepspeed
     from peft import LoraConfig
-    from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stage = stage_type.model_validate(config["stage"])
+    config = {**config, "model": _local_model(config["model"], config["filesystem"])}
     on_gpu = stage.scaling.use_gpu
     if stage.scaling.zero_stage and not on_gpu:
         # Before any Trainer config: ZeRO-3 on gloo otherwise miscounts the world size.
@@ -149,8 +187,18 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
         tokenizer=AutoTokenizer.from_pretrained(config["model"]),
         peft_config=peft_config,
         arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu),
-        callbacks=[RayTrainReportCallback()],
     )
+
+
+def _local_model(model: str, filesystem: pafs.FileSystem) -> str:
+    """A start model in the run's object store (the SFT export under `s3://`) copied to this worker's
+    disk, where transformers can load it; local, NFS and hub models as they are."""
+    if "://" not in model:
+        return model
+    local = tempfile.mkdtemp(prefix="sphuatuo-start-model-")
+    pafs.copy_files(model.split("://", 1)[1], local, source_filesystem=filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 def resume_checkpoint() -> str | None:
@@ -164,8 +212,9 @@ def resume_checkpoint() -> str | None:
     return str(Path(local) / "checkpoint")
 
 
-def export_model(trainer: Any, base_model: str, run_root: str, stage_name: str, finetuning: str) -> None:
-    """Save one consolidated HF model directory (LoRA merged) plus the loss log, from rank 0.
+def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, finetuning: str) -> None:
+    """Save one consolidated HF model directory (LoRA merged), the step log, the sample order and any
+    TensorBoard events, from rank 0.
 
     Every rank calls `save_model` (ZeRO-3 gathers the shards collectively); rank 0 writes the rest.
     """
@@ -175,16 +224,24 @@ def export_model(trainer: Any, base_model: str, run_root: str, stage_name: str, 
         if finetuning == "lora":
             _merge_lora(local, base_model)
         trainer.processing_class.save_pretrained(local)
-        run = RunRoot(run_root)
         run.write_text(json.dumps(trainer.state.log_history, indent=1), stage_name, "train_log.json")
+        run.write_text("".join(json.dumps(step) + "\n" for step in trainer.sample_order), stage_name,
+                       "sample_order.jsonl")
         # A pickle of the Trainer's arguments: no one should have to unpickle it to load the model.
         Path(local, "training_args.bin").unlink(missing_ok=True)
-        destination = run.fs_path(stage_name, "model")
-        if run.exists(stage_name, "model"):
-            run.fs.delete_dir(destination)
-        run.fs.create_dir(destination, recursive=True)
-        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
+        _replace_dir(run, local, stage_name, "model")
+        events = Path(trainer.args.output_dir, "runs")
+        if events.is_dir():
+            _replace_dir(run, str(events), stage_name, "tensorboard")
     shutil.rmtree(local, ignore_errors=True)
+
+
+def _replace_dir(run: RunRoot, local: str, *parts: str) -> None:
+    destination = run.fs_path(*parts)
+    if run.exists(*parts):
+        run.fs.delete_dir(destination)
+    run.fs.create_dir(destination, recursive=True)
+    pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
 
 
 def _merge_lora(adapter_dir: str, base_model: str) -> None:

@@ -2,7 +2,8 @@
 
 Each example is conversational prompt-completion: the prompt is the same student prompt used at test
 time (the question, not the teacher's prompt), the completion the teacher's `<think>/<answer>` text.
-TRL masks the prompt tokens from the loss.
+TRL masks the prompt tokens from the loss. With `packing`, examples are packed best-fit into rows of
+`max_length` tokens without padding (long CoT of uneven length), attention kept within each example.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def sft_worker(config: dict[str, Any]) -> None:
     from trl import SFTConfig, SFTTrainer
 
     dataset = setup.dataset(["prompt", "completion"])
-    args = SFTConfig(**setup.arguments, completion_only_loss=True, packing=False)
-    trainer = SFTTrainer(model=setup.model, args=args, train_dataset=dataset, processing_class=setup.tokenizer,
-                         peft_config=setup.peft_config, callbacks=setup.callbacks)
+    args = SFTConfig(**setup.arguments, completion_only_loss=True, packing=setup.stage.packing,
+                     packing_strategy="bfd")
+    trainer = setup.trainer(SFTTrainer, args=args, train_dataset=dataset)
     setup.train_and_export(trainer)

@@ -1,0 +1,198 @@
+"""Training at scale on the tiny model, for real: Ray Train + DeepSpeed ZeRO-3 over gloo with two
+workers, checkpoints every N steps (keep the last K), a worker killed mid-run, the export served by
+vLLM, and the run root in an S3-compatible object store on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from ray.util.state import list_actors
+from test_stages import _accepted_teacher_rows, _pairs
+
+from conftest import tiny_recipe
+from sphuatuo.runs import RunRoot, StageRecord
+from sphuatuo.stages import StageContext, dpo, questions, sft
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12  # 8 examples / (micro batch 1 x 2 workers) x 3 epochs
+SCALE = {"data.train": [{"path": "builtin:sample_bank", "limit": 8}], "data.test_fraction": 0.0,
+         "stages.sft.epochs": 3, "stages.sft.checkpoint_every_steps": 2, "stages.sft.keep_checkpoints": 2,
+         "stages.sft.max_failures": 1, "stages.sft.global_batch_size": 2,
+         "stages.sft.scaling": {"num_workers": 2, "zero_stage": 3}}
+
+
+def _sft_inputs(recipe) -> StageContext:
+    run = RunRoot(recipe.run_root)
+    questions.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
+    run.write_rows(_accepted_teacher_rows(run), "teacher_cot", "first")
+    return StageContext(recipe=recipe, run=run, record=StageRecord())
+
+
+def _sample_order(run: RunRoot) -> list[dict]:
+    return [json.loads(line) for line in run.read_text("sft", "sample_order.jsonl").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster) -> RunRoot:
+    """One uninterrupted ZeRO-3 SFT run, reported to TensorBoard."""
+    recipe = tiny_recipe(tmp_path_factory.mktemp("zero3") / "run",
+                         **{**SCALE, "stages.sft.report_to": ["tensorboard"]})
+    ctx = _sft_inputs(recipe)
+    sft.run(ctx)
+    assert ctx.record.details["zero_stage"] == 3 and ctx.record.details["steps"] == STEPS
+    return ctx.run
+
+
+def test_zero3_sft_checkpoints_logs_and_exports_a_model_vllm_serves(zero3_run: RunRoot) -> None:
+    run = zero3_run
+    log = json.loads(run.read_text("sft", "train_log.json"))
+    steps = [entry for entry in log if "loss" in entry]
+    assert [entry["step"] for entry in steps] == list(range(1, STEPS + 1))
+    losses = [entry["loss"] for entry in steps]
+    assert all(loss == loss and loss > 0 for loss in losses) and losses[-1] < losses[0]
+    for entry in steps:
+        assert entry["grad_norm"] > 0 and "learning_rate" in entry and entry["tokens_per_second_per_worker"] > 0
+        assert "mfu" not in entry  # only on GPUs, whose peak is known
+
+    order = _sample_order(run)
+    assert [step["step"] for step in order] == list(range(1, STEPS + 1))
+    consumed = [example for step in order for worker in step["ids"] for example in worker]
+    examples = [row["id"] for row in run.read_rows("sft", "data")]
+    assert sorted(consumed) == sorted(examples * 3)  # every example once per epoch
+
+    # Every 2 steps, the last 2 kept, in the run root where every node sees them.
+    checkpoints = sorted(p for p in Path(run.fs_path("checkpoints", "sft")).glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    assert sorted(p.name for p in (checkpoints[-1] / "checkpoint").glob("global_step*")) == [f"global_step{STEPS}"]
+    assert list(Path(run.fs_path("sft", "tensorboard")).rglob("events.out.tfevents.*"))
+
+    model = run.fs_path("sft", "model")
+    assert sorted(p.name for p in Path(model).glob("*.safetensors")) == ["model.safetensors"]
+    assert Path(model, "tokenizer.json").exists() and Path(model, "chat_template.jinja").exists()
+    import ray.data
+
+    from sphuatuo import engines
+    from sphuatuo.engines import Request
+    from sphuatuo.recipe import EngineConfig, SamplingConfig
+
+    engine = EngineConfig(backend="vllm", model=model, max_model_len=512, batch_size=2)
+    request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=8))
+    prompts = [{"key": 0, "messages": [{"role": "user", "content": "Which vitamin deficiency causes scurvy?"}]}]
+    rows = engines.generate(ray.data.from_items(prompts), engine, request).take_all()
+    assert len(rows) == 1 and rows[0]["num_generated_tokens"] > 0 and rows[0]["generated_text"]
+
+
+def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: dict) -> None:
+    """SIGKILL one worker of the group once Ray Train has registered its first checkpoint (the pids of
+    the group are in that checkpoint's sample order)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+            latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+            order = json.loads((storage / latest / "checkpoint" / "sample_order.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+            continue
+        pid = order[-1]["worker_pids"][-1]
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if pid in [actor.pid for actor in workers]:
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, at_step=order[-1]["step"])
+        return
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_order(
+        tmp_path: Path, zero3_run: RunRoot) -> None:
+    recipe = tiny_recipe(tmp_path / "run", **SCALE)
+    ctx = _sft_inputs(recipe)
+    killed: dict[str, int] = {}
+    killer = threading.Thread(target=_kill_a_worker_after_the_first_checkpoint,
+                              args=(Path(ctx.run.fs_path("checkpoints", "sft")), killed), daemon=True)
+    killer.start()
+    sft.run(ctx)
+    killer.join(timeout=1)
+    assert killed, "no worker was killed"
+
+    order = _sample_order(ctx.run)
+    # Steps up to the checkpoint were trained by the first worker group, the rest by its replacement.
+    assert killed["at_step"] < STEPS
+    assert killed["pid"] in order[0]["worker_pids"] and killed["pid"] not in order[-1]["worker_pids"]
+    assert [step["step"] for step in order] == list(range(1, STEPS + 1))
+    assert [step["ids"] for step in order] == [step["ids"] for step in _sample_order(zero3_run)]
+    log = json.loads(ctx.run.read_text("sft", "train_log.json"))
+    assert [entry["step"] for entry in log if "loss" in entry] == list(range(1, STEPS + 1))
+    assert ctx.run.exists("sft", "model", "model.safetensors")
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
+    """moto's S3-compatible server on loopback with one bucket; the client settings only in the environment."""
+    import boto3
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(endpoint, timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "sphuatuo-test",
+                       "AWS_SECRET_ACCESS_KEY": "sphuatuo-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3").create_bucket(Bucket="sphuatuo")
+    yield "sphuatuo"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_from_it(s3_server: str,
+                                                                                      ray_cluster) -> None:
+    import boto3
+
+    recipe = tiny_recipe(f"s3://{s3_server}/run", **{
+        "data.train": [{"path": "builtin:sample_bank", "limit": 4}], "data.test_fraction": 0.0,
+        "stages.sft.checkpoint_every_steps": 1, "stages.sft.keep_checkpoints": 1,
+        "stages.dpo.checkpoint_every_steps": 1, "stages.dpo.scaling": {"num_workers": 2, "zero_stage": 3}})
+    ctx = _sft_inputs(recipe)
+    sft.run(ctx)  # ZeRO-2
+    run = ctx.run
+    run.write_rows(_pairs(run), "preference_pairs", "pairs")
+    dpo_ctx = StageContext(recipe=recipe, run=run, record=StageRecord())
+    dpo.run(dpo_ctx)  # ZeRO-3, from the SFT export in the bucket
+    assert dpo_ctx.record.details["start_model"] == f"s3://{s3_server}/run/sft/model"
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_server)["Contents"]]
+    for stage in ("sft", "dpo"):
+        assert f"run/{stage}/model/model.safetensors" in keys and f"run/{stage}/model/tokenizer.json" in keys
+        checkpoints = {k.split("/")[3] for k in keys if k.startswith(f"run/checkpoints/{stage}/checkpoint_")
+                       and k.endswith("/trainer_state.json")}
+        assert len(checkpoints) == 1  # every step, the last one kept
+    log = json.loads(run.read_text("dpo", "train_log.json"))
+    steps = [entry for entry in log if "loss" in entry]
+    assert len(steps) == 2 and all(0 <= entry["rewards/accuracies"] <= 1 and "rewards/margins" in entry
+                                   for entry in steps)
+    first = [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()]
+    assert [step["step"] for step in first] == [1, 2]
+
+    # A second launch finds the finished run's checkpoint in the bucket and trains no step again
+    # (a retrained step would carry the new workers' pids).
+    dpo.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
+    assert [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()] == first
