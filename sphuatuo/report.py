@@ -18,6 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sphuatuo.runs import Manifest, RunRoot  # noqa: E402
 
 
+def _png(fig: Any) -> bytes:
+    fig.axes[0].grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:
     """Loss per step, plus DPO's reward margin on a second axis when logged."""
     steps = [entry["step"] for entry in log if "loss" in entry]
@@ -33,12 +42,7 @@ def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:
         twin.plot(*zip(*margins), color="tab:orange", linestyle="--", label="reward margin")
         twin.set_ylabel("chosen - rejected reward")
         fig.legend(loc="upper right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def _plot_margins(logs: dict[str, list[dict[str, Any]]]) -> bytes | None:
@@ -56,12 +60,7 @@ def _plot_margins(logs: dict[str, list[dict[str, Any]]]) -> bytes | None:
     ax.set_ylabel("chosen - rejected reward")
     ax.set_title("DPO reward margin")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def _training_runs(manifest: Manifest) -> list[str]:

@@ -70,17 +70,23 @@ def tiny_model() -> str:
     return resolve_model("builtin:tiny")
 
 
-def tiny_recipe(run_root: Path, **changes: object) -> Recipe:
-    """A recipe on the tiny random model: fast, real engines and trainers, meaningless answers.
-
-    `changes` are dotted field paths, e.g. `**{"stages.sft.epochs": 2}`.
-    """
-    raw = yaml.safe_load((REPO / "tests" / "recipes" / "tiny.yaml").read_text())
+def raw_test_recipe(name: str, run_root: Path, changes: dict[str, object]) -> dict:
+    """`tests/recipes/<name>.yaml` with its run root set, test-relative data paths made absolute, and
+    `changes` (dotted field paths, e.g. `{"stages.sft.epochs": 2}`) applied."""
+    raw = yaml.safe_load((REPO / "tests" / "recipes" / f"{name}.yaml").read_text())
     raw["run_root"] = str(run_root)
+    for source in raw["data"]["train"] + raw["data"].get("test", []):
+        if source["path"].startswith("tests/"):
+            source["path"] = str(REPO / source["path"])
     for path, value in changes.items():
         node = raw
         *parents, leaf = path.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return Recipe.model_validate(raw)
+    return raw
+
+
+def tiny_recipe(run_root: Path, **changes: object) -> Recipe:
+    """A recipe on the tiny random model: fast, real engines and trainers, meaningless answers."""
+    return Recipe.model_validate(raw_test_recipe("tiny", run_root, changes))

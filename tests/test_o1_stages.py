@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import raw_test_recipe
 from sphuatuo.o1_parsing import format_o1
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import O1Recipe
@@ -25,22 +25,9 @@ from sphuatuo.verifier import verify_pass
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def tiny_o1_recipe(run_root: Path, **changes: object) -> O1Recipe:
-    raw = yaml.safe_load((REPO / "tests" / "recipes" / "tiny_o1.yaml").read_text())
-    raw["run_root"] = str(run_root)
-    for source in raw["data"]["train"] + raw["data"]["test"]:
-        if source["path"].startswith("tests/"):
-            source["path"] = str(REPO / source["path"])
-    for path, value in changes.items():
-        node = raw
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return O1Recipe.model_validate(raw)
+    return O1Recipe.model_validate(raw_test_recipe("tiny_o1", run_root, changes))
 
 
 def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster) -> None:
