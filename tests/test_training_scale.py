@@ -185,6 +185,10 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
         checkpoints = {k.split("/")[3] for k in keys if k.startswith(f"run/checkpoints/{stage}/checkpoint_")
                        and k.endswith("/trainer_state.json")}
         assert len(checkpoints) == 1  # every step, the last one kept
+    # The credentials travel inside Ray with the filesystem object, never into the bucket.
+    s3 = boto3.client("s3")
+    for key in keys:
+        assert b"sphuatuo-test-secret" not in s3.get_object(Bucket=s3_server, Key=key)["Body"].read(), key
     log = json.loads(run.read_text("dpo", "train_log.json"))
     steps = [entry for entry in log if "loss" in entry]
     assert len(steps) == 2 and all(0 <= entry["rewards/accuracies"] <= 1 and "rewards/margins" in entry
