@@ -177,7 +177,7 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
     run.write_rows(_pairs(run), "preference_pairs", "pairs")
     dpo_ctx = StageContext(recipe=recipe, run=run, record=StageRecord())
     dpo.run(dpo_ctx)  # ZeRO-3, from the SFT export in the bucket
-    assert dpo_ctx.record.details["start_model"] == f"s3://{s3_server}/run/sft/model"
+    assert dpo_ctx.record.details["runs"]["dpo"]["start_model"] == f"s3://{s3_server}/run/sft/model"
 
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_server)["Contents"]]
     for stage in ("sft", "dpo"):

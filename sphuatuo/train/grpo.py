@@ -33,6 +33,7 @@ def grpo_worker(config: dict[str, Any]) -> None:
     setup = prepare_worker(config, RlStage)
     # Imported after prepare_worker, which runs in this worker's environment (DS_ACCELERATOR on CPU).
     import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from sphuatuo.reward import O1Reward, build_verifier
@@ -43,7 +44,9 @@ def grpo_worker(config: dict[str, Any]) -> None:
     reward = O1Reward(build_verifier(stage.verifier, device))
     dataset = setup.dataset(["prompt", "ground_truth", "options", "answer"])
     args = config_type(**rl_arguments(setup.arguments, stage))
+    # Not `setup.trainer`: its sample-order record assumes one collated batch per training step, while
+    # GRPO/RLOO collate one generation batch for several steps.
     trainer = trainer_type(model=setup.model, reward_funcs=[reward], args=args, train_dataset=dataset,
                            processing_class=setup.tokenizer, peft_config=setup.peft_config,
-                           callbacks=setup.callbacks)
+                           callbacks=[RayTrainReportCallback()])
     setup.train_and_export(trainer)

@@ -156,7 +156,8 @@ class WorkerSetup:
 
         trainer = prepare_trainer(trainer)
         checkpoint = resume_checkpoint()
-        trainer.load_sample_order(checkpoint)
+        if hasattr(trainer, "load_sample_order"):  # built by `trainer()`; RL trainers sample their own data
+            trainer.load_sample_order(checkpoint)
         trainer.train(resume_from_checkpoint=checkpoint)
         export_model(trainer, self.config["model"], self.run, self.config["stage_name"], self.stage.finetuning)
 
@@ -225,8 +226,9 @@ def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, f
             _merge_lora(local, base_model)
         trainer.processing_class.save_pretrained(local)
         run.write_text(json.dumps(trainer.state.log_history, indent=1), stage_name, "train_log.json")
-        run.write_text("".join(json.dumps(step) + "\n" for step in trainer.sample_order), stage_name,
-                       "sample_order.jsonl")
+        if hasattr(trainer, "sample_order"):
+            run.write_text("".join(json.dumps(step) + "\n" for step in trainer.sample_order), stage_name,
+                           "sample_order.jsonl")
         # A pickle of the Trainer's arguments: no one should have to unpickle it to load the model.
         Path(local, "training_args.bin").unlink(missing_ok=True)
         _replace_dir(run, local, stage_name, "model")
