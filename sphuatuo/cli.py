@@ -40,14 +40,17 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a recipe (resumes: finished stages are skipped)")
+    run.set_defaults(func=run_command)
     run.add_argument("recipe", help="recipe YAML file")
     _overrides(run)
 
     demo = commands.add_parser("demo", help="run the demo recipe (SmolLM2-135M on local Ray, a few minutes on CPU)")
+    demo.set_defaults(func=demo_command)
     demo.add_argument("--run-root", default=None, help="where the run goes (default: the recipe's, runs/demo)")
     _overrides(demo)
 
     evaluate = commands.add_parser("eval", help="evaluate any model directory on a question file")
+    evaluate.set_defaults(func=eval_command)
     evaluate.add_argument("model", help="a model directory, a hub id, or builtin:smollm2-135m-instruct")
     evaluate.add_argument("--data", required=True, help="question file (any supported format)")
     evaluate.add_argument("--format", default=None, help="loader name (default: detected)")
@@ -61,17 +64,20 @@ def _build_parser() -> argparse.ArgumentParser:
                                                                 "items are scored by their option letters)")
 
     validate = commands.add_parser("validate", help="check recipe files; print every error with its field")
+    validate.set_defaults(func=validate_command)
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     _overrides(validate)
 
     data = commands.add_parser("data", help="question files")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     check = data_commands.add_parser("check", help="load a question file; print valid/rejected counts and reasons")
+    check.set_defaults(func=data_check_command)
     check.add_argument("path")
     check.add_argument("--format", default=None, help="loader name (default: detected)")
     check.add_argument("--rejects", default=None, help="also write the rejects as JSONL to this file")
 
     submit = commands.add_parser("submit", help="validate a recipe, submit it as a Ray job, follow its logs")
+    submit.set_defaults(func=submit_command)
     submit.add_argument("recipe", help="recipe YAML file (a path inside the working directory)")
     submit.add_argument("--address", default=None,
                         help="the cluster's job server, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
@@ -82,18 +88,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _overrides(submit)
 
     doctor = commands.add_parser("doctor", help="check the connected Ray cluster against a recipe")
+    doctor.set_defaults(func=doctor_command)
     doctor.add_argument("recipe", help="recipe YAML file")
     doctor.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or auto)")
     _overrides(doctor)
 
     export = commands.add_parser("export",
                                  help="a run's SFT data and preference pairs for LLaMA-Factory and HF datasets")
+    export.set_defaults(func=export_command)
     export.add_argument("run_root")
     export.add_argument("--out", required=True, help="output folder (llamafactory/ and hf/ go inside)")
 
     bench = commands.add_parser("bench", help="benchmarks: a table of ratios against a baseline, in one run")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     generate = bench_commands.add_parser("generate", help="Ray Data generation stage vs bare vLLM vs hf")
+    generate.set_defaults(func=bench_generate_command)
     generate.add_argument("--model", default="builtin:smollm2-135m-instruct")
     generate.add_argument("--prompts", type=int, default=128, help="how many chats (the sample bank, cycled)")
     generate.add_argument("--max-tokens", type=int, default=64)
@@ -104,6 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="CPU engines: compute threads of every engine, bare and Ray (default: all cores)")
     generate.add_argument("--no-hf", action="store_true", help="skip the transformers back-end")
     train = bench_commands.add_parser("train", help="Ray Train + DeepSpeed SFT tokens/s per worker vs bare TRL")
+    train.set_defaults(func=bench_train_command)
     train.add_argument("--model", default="builtin:smollm2-135m-instruct")
     train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled)")
     train.add_argument("--epochs", type=int, default=1)
@@ -113,10 +123,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpus-per-worker", type=float, default=1)
 
     report = commands.add_parser("report", help="(re)write report.md of a run")
+    report.set_defaults(func=report_command)
     report.add_argument("run_root")
 
     plan = commands.add_parser("plan", help="per stage: Ray resources, GPU memory, a rough duration; exit 1 if "
                                             "a stage does not fit")
+    plan.set_defaults(func=plan_command)
     plan.add_argument("recipe", help="recipe YAML file")
     plan.add_argument("--gpu-memory-gb", type=float, default=80, help="memory of one GPU (default: 80, an H100)")
     plan.add_argument("--gpu-bandwidth-tbs", type=float, default=3.35,
@@ -124,17 +136,131 @@ def _build_parser() -> argparse.ArgumentParser:
     _overrides(plan)
 
     models = commands.add_parser("models", help="build the models that ship with no download")
+    models.set_defaults(func=models_command)
     models.add_argument("which", choices=["tiny", "smollm2"], help="tiny random Qwen2, or SmolLM2-135M-Instruct")
     return parser
 
 
-def _run(recipe_path: str, overrides: list[str]) -> int:
+def _run_recipe(recipe_path: str, overrides: list[str]) -> int:
+    from sphuatuo.commands.report import write_report
     from sphuatuo.pipeline import run_pipeline
-    from sphuatuo.report import write_report
 
-    recipe = load_recipe(recipe_path, overrides)
-    run = run_pipeline(recipe)
+    run = run_pipeline(load_recipe(recipe_path, overrides))
     print(f"report: {write_report(run)}")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    return _run_recipe(args.recipe, args.overrides)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    overrides = args.overrides + ([f"run_root={args.run_root}"] if args.run_root else [])
+    return _run_recipe(str(DEMO_RECIPE), overrides)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.evaluate import evaluation_recipe, run_evaluation, summary
+    from sphuatuo.commands.report import write_report
+
+    recipe = evaluation_recipe(args.model, args.data, data_format=args.format, run_root=args.run_root,
+                               backend=args.backend, max_tokens=args.max_tokens, judge_model=args.judge_model,
+                               prompt=args.prompt)
+    run = run_evaluation(recipe)
+    print(summary(run))
+    print(f"report: {write_report(run)}")
+    return 0
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path, args.overrides)
+            print(f"{path}: valid recipe {recipe.name!r}")
+        except RecipeError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def data_check_command(args: argparse.Namespace) -> int:
+    from sphuatuo.data.loaders import load_questions, resolve_source_path, summarize, write_rejects
+
+    result = load_questions(resolve_source_path(args.path), format=args.format)
+    print(summarize(result))
+    if args.rejects:
+        write_rejects(result.rejects, args.rejects)
+    return 0
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.submit import submit
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    return submit(args.recipe, address, overrides=args.overrides, working_dir=args.working_dir,
+                  runtime_env_file=Path(args.runtime_env), follow=not args.no_follow)
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    import ray
+
+    from sphuatuo.commands.doctor import doctor, format_checks
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    checks = doctor(recipe)
+    print(format_checks(checks))
+    return 0 if all(check.ok for check in checks) else 1
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.export import export_run
+    from sphuatuo.store.run_root import RunRoot
+
+    for name, path in export_run(RunRoot(args.run_root), Path(args.out)).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def bench_generate_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.bench_generate import bench_generate, format_bench
+
+    print(format_bench(bench_generate(args.model, args.prompts, args.max_tokens, args.dtype, args.batch_size,
+                                      args.cpus, with_hf=not args.no_hf, cpu_threads=args.cpu_threads)))
+    return 0
+
+
+def bench_train_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.bench_train import bench_train, format_train_bench
+
+    print(format_train_bench(bench_train(args.model, args.examples, args.epochs, args.workers,
+                                         args.zero_stage, args.max_length, args.cpus_per_worker)))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.report import write_report
+    from sphuatuo.store.run_root import RunRoot
+
+    print(f"report: {write_report(RunRoot(args.run_root))}")
+    return 0
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.plan import format_plan, plan
+
+    result = plan(load_recipe(args.recipe, args.overrides), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
+    print(format_plan(result))
+    return 0 if result.fits else 1
+
+
+def models_command(args: argparse.Namespace) -> int:
+    from sphuatuo.local_models import build_smollm2, build_tiny_model
+
+    print(build_tiny_model() if args.which == "tiny" else build_smollm2())
     return 0
 
 
@@ -142,102 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.command == "run":
-            return _run(args.recipe, args.overrides)
-        if args.command == "demo":
-            overrides = args.overrides + ([f"run_root={args.run_root}"] if args.run_root else [])
-            return _run(str(DEMO_RECIPE), overrides)
-        if args.command == "eval":
-            from sphuatuo.evaluation import evaluation_recipe, run_evaluation, summary
-            from sphuatuo.report import write_report
-
-            recipe = evaluation_recipe(args.model, args.data, data_format=args.format, run_root=args.run_root,
-                                       backend=args.backend, max_tokens=args.max_tokens, judge_model=args.judge_model,
-                                       prompt=args.prompt)
-            run = run_evaluation(recipe)
-            print(summary(run))
-            print(f"report: {write_report(run)}")
-            return 0
-        if args.command == "validate":
-            failed = 0
-            for path in args.recipes:
-                try:
-                    recipe = load_recipe(path, args.overrides)
-                    print(f"{path}: valid recipe {recipe.name!r}")
-                except RecipeError as err:
-                    print(err, file=sys.stderr)
-                    failed += 1
-            return 1 if failed else 0
-        if args.command == "data":
-            from sphuatuo.data.loaders import load_questions, summarize, write_rejects
-            from sphuatuo.stages.questions import resolve_source_path
-
-            result = load_questions(resolve_source_path(args.path), format=args.format)
-            print(summarize(result))
-            if args.rejects:
-                write_rejects(result.rejects, args.rejects)
-            return 0
-        if args.command == "submit":
-            from sphuatuo.submit import submit
-
-            address = args.address or os.environ.get("RAY_ADDRESS")
-            if not address:
-                raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
-            return submit(args.recipe, address, overrides=args.overrides, working_dir=args.working_dir,
-                          runtime_env_file=Path(args.runtime_env), follow=not args.no_follow)
-        if args.command == "doctor":
-            import ray
-
-            from sphuatuo.doctor import doctor, format_checks
-
-            recipe = load_recipe(args.recipe, args.overrides)
-            ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-            checks = doctor(recipe)
-            print(format_checks(checks))
-            return 0 if all(check.ok for check in checks) else 1
-        if args.command == "export":
-            from sphuatuo.export import export_run
-            from sphuatuo.runs import RunRoot
-
-            for name, path in export_run(RunRoot(args.run_root), Path(args.out)).items():
-                print(f"{name}: {path}")
-            return 0
-        if args.command == "bench" and args.bench_command == "train":
-            from sphuatuo.bench_train import bench_train, format_train_bench
-
-            print(format_train_bench(bench_train(args.model, args.examples, args.epochs, args.workers,
-                                                 args.zero_stage, args.max_length, args.cpus_per_worker)))
-            return 0
-        if args.command == "bench":
-            from sphuatuo.bench import bench_generate, format_bench
-
-            print(format_bench(bench_generate(args.model, args.prompts, args.max_tokens, args.dtype, args.batch_size,
-                                              args.cpus, with_hf=not args.no_hf, cpu_threads=args.cpu_threads)))
-            return 0
-        if args.command == "report":
-            from sphuatuo.report import write_report
-            from sphuatuo.runs import RunRoot
-
-            print(f"report: {write_report(RunRoot(args.run_root))}")
-            return 0
-        if args.command == "plan":
-            from sphuatuo.plan import format_plan, plan
-
-            result = plan(load_recipe(args.recipe, args.overrides), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
-            print(format_plan(result))
-            return 0 if result.fits else 1
-        if args.command == "models":
-            from sphuatuo.local_models import build_smollm2, build_tiny_model
-
-            print(build_tiny_model() if args.which == "tiny" else build_smollm2())
-            return 0
+        return args.func(args)
     except RecipeError as err:
         print(err, file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

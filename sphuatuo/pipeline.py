@@ -6,82 +6,23 @@ again, so re-submitting a failed job resumes where it stopped.
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 import time
 from types import ModuleType
 
-import ray
-
 from sphuatuo.recipe import Recipe
-from sphuatuo.runs import RunRoot, StageRecord, StageTimer
-from sphuatuo.stages import (
-    StageContext,
-    StageSkipped,
-    dpo,
-    evaluate,
-    o1_sft,
-    preference_pairs,
-    questions,
-    reasoning_search,
-    rl,
-    sft,
-    student_answers,
-    teacher_cot,
-    verifiable_problems,
-)
+from sphuatuo.stages import StageContext, StageSkipped
+from sphuatuo.store.manifest import StageRecord, StageTimer, load_manifest, save_manifest
+from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.runtime import connect_ray
 
 log = logging.getLogger("sphuatuo")
 
-SELF_PLAY_STAGES: tuple[ModuleType, ...] = (
-    questions,
-    teacher_cot,
-    sft,
-    student_answers,
-    preference_pairs,
-    dpo,
-    evaluate,
-)
 
-O1_STAGES: tuple[ModuleType, ...] = (
-    questions,
-    verifiable_problems,
-    reasoning_search,
-    o1_sft,
-    rl,
-    evaluate,
-)
-
-# What engine and trainer processes need on a machine without GPUs; set before a local Ray starts so
-# every worker inherits it. Values already in the environment win.
-CPU_ENVIRONMENT = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "DS_ACCELERATOR": "cpu",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_AUTH_MODE": "disabled",
-}
-
-
-def apply_cpu_environment() -> None:
-    for key, value in CPU_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-
-
-def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` or RAY_ADDRESS (as under `ray job submit`), else start a local one
-    sized to this machine."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    apply_cpu_environment()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
+def recipe_stages(kind: type[Recipe]) -> tuple[ModuleType, ...]:
+    """The stage modules a recipe kind runs, in order (its config class names them)."""
+    return tuple(importlib.import_module(f"sphuatuo.stages.{name}") for name in kind.STAGES)
 
 
 class RunLog(logging.Handler):
@@ -115,7 +56,7 @@ def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -
     """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
     the first failing stage."""
     if stages is None:
-        stages = O1_STAGES if recipe.recipe == "huatuo_o1" else SELF_PLAY_STAGES
+        stages = recipe_stages(type(recipe))
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)
@@ -129,7 +70,7 @@ def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -
 
 
 def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, run_log: RunLog) -> RunRoot:
-    manifest = run.load_manifest(recipe)
+    manifest = load_manifest(run, recipe)
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     started = time.perf_counter()
     for stage in stages:
@@ -152,7 +93,7 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
                 record.status = "failed"
                 record.error = f"{type(err).__name__}: {err}"
                 failure = err
-        run.save_manifest(manifest)
+        save_manifest(run, manifest)
         log.info(stage_summary(stage.NAME, record))
         run_log.save()
         if failure is not None:

@@ -7,7 +7,7 @@ field's path instead of being silently ignored halfway through a GPU job.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -285,6 +285,19 @@ class StagesConfig(Strict):
     dpo: DpoStage = DpoStage()
     evaluate: EvaluateStage = EvaluateStage()
 
+    def dpo_models(self) -> dict[str, str]:
+        """DPO model name (also its folder in the run) -> the pair strategy it is trained on: `dpo` for one
+        strategy, `dpo_<strategy>` for each of several (an ablation)."""
+        strategies = self.preference_pairs.strategies
+        if len(strategies) == 1:
+            return {"dpo": strategies[0]}
+        return {f"dpo_{strategy}": strategy for strategy in strategies}
+
+    def evaluated_models(self) -> list[str]:
+        """The models the evaluate stage compares, with `dpo` standing for every DPO model."""
+        return [model for name in self.evaluate.models
+                for model in (self.dpo_models() if name == "dpo" else [name])]
+
     @model_validator(mode="after")
     def _sampled_needs_samples(self) -> StagesConfig:
         if "sampled" in self.preference_pairs.strategies and self.student_answers.samples_per_question < 2:
@@ -419,6 +432,9 @@ class O1StagesConfig(Strict):
     rl: RlStage = RlStage()
     evaluate: O1EvaluateStage = O1EvaluateStage()
 
+    def evaluated_models(self) -> list[str]:
+        return list(self.evaluate.models)
+
 
 class RayConfig(Strict):
     address: str | None = Field(default=None, description="None: connect to RAY_ADDRESS or start a local cluster")
@@ -426,6 +442,20 @@ class RayConfig(Strict):
 
 
 class Recipe(Strict):
+    """The Self-Play recipe (METHOD A)."""
+
+    # The stages a run of this kind runs, in order (modules under sphuatuo.stages), and those that train.
+    STAGES: ClassVar[tuple[str, ...]] = (
+        "questions",
+        "self_play.teacher_cot",
+        "self_play.sft",
+        "self_play.student_answers",
+        "self_play.preference_pairs",
+        "self_play.dpo",
+        "evaluate",
+    )
+    TRAINING_STAGES: ClassVar[tuple[str, ...]] = ("sft", "dpo")
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     recipe: Literal["self_play"] = "self_play"
     run_root: str = Field(description="local path, NFS path, or s3:// / gs:// URI; relative paths are resolved "
@@ -440,10 +470,21 @@ class Recipe(Strict):
 class O1Recipe(Recipe):
     """The HuatuoGPT-o1 recipe: the same data, models and Ray sections, its own stages."""
 
+    STAGES: ClassVar[tuple[str, ...]] = (
+        "questions",
+        "huatuo_o1.verifiable_problems",
+        "huatuo_o1.reasoning_search",
+        "huatuo_o1.sft",
+        "huatuo_o1.rl",
+        "evaluate",
+    )
+    TRAINING_STAGES: ClassVar[tuple[str, ...]] = ("sft", "rl")
+
     recipe: Literal["huatuo_o1"] = "huatuo_o1"  # type: ignore[assignment]
     stages: O1StagesConfig = O1StagesConfig()  # type: ignore[assignment]
 
 
+# The one place a recipe kind is looked up: its config class, which names its stages.
 RECIPE_KINDS: dict[str, type[Recipe]] = {"self_play": Recipe, "huatuo_o1": O1Recipe}
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sphuatuo.pipeline import apply_cpu_environment
 from sphuatuo.recipe import Recipe
+from sphuatuo.store.runtime import apply_cpu_environment
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")

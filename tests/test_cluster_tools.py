@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_recipe
-from sphuatuo.doctor import doctor, format_checks
+from sphuatuo.commands.doctor import doctor, format_checks
 from sphuatuo.recipe import load_recipe
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 from datasets import load_dataset
 
 from conftest import REPO
-from sphuatuo.export import export_run
-from sphuatuo.pipeline import SELF_PLAY_STAGES, run_pipeline
-from sphuatuo.recipe import load_recipe
-from sphuatuo.report import write_report
+from sphuatuo.commands.export import export_run
+from sphuatuo.commands.report import write_report
+from sphuatuo.pipeline import recipe_stages, run_pipeline
+from sphuatuo.recipe import Recipe, load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     report = Path(write_report(run)).read_text()
 
     stages = json.loads(run.read_text("manifest.json"))["stages"]
-    assert list(stages) == [stage.NAME for stage in SELF_PLAY_STAGES]
+    assert list(stages) == [stage.NAME for stage in recipe_stages(Recipe)]
     assert stages["questions"]["rows_out"] == 24
     assert stages["teacher_cot"]["status"] == "done" and stages["teacher_cot"]["output_tokens"] > 0
     assert stages["sft"]["status"] == "done", stages["sft"]["error"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from sphuatuo.runs import RunRoot
+from sphuatuo.store.run_root import RunRoot
 
 SYSTEM = {"role": "system", "content": "You are a medical expert."}
 

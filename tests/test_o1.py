@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from sphuatuo.o1_parsing import (
+from sphuatuo.parsing.o1 import (
     format_o1,
     last_conclusion,
     parse_chain,
@@ -24,8 +24,16 @@ from sphuatuo.o1_parsing import (
 )
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import O1Recipe, Recipe, RecipeError, load_recipe
-from sphuatuo.reward import ClassifierVerifier, ExactMatchVerifier, LLMVerifier, O1Reward, o1_rewards
-from sphuatuo.search import INIT, LABEL, SearchPlan, SearchState, advance, choose_strategy, solved_counts
+from sphuatuo.stages.huatuo_o1.search import (
+    INIT,
+    LABEL,
+    SearchPlan,
+    SearchState,
+    advance,
+    choose_strategy,
+    solved_counts,
+)
+from sphuatuo.train.reward import ClassifierVerifier, ExactMatchVerifier, LLMVerifier, O1Reward, o1_rewards
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("backtracking", "exploring_new_paths", "verification", "correction")
@@ -81,7 +89,7 @@ def test_chain_checks_and_rendering() -> None:
 
 def test_plain_text_fallback_for_small_generators() -> None:
     from sphuatuo.recipe import ReasoningSearchStage
-    from sphuatuo.stages.reasoning_search import read_chain, read_natural
+    from sphuatuo.stages.huatuo_o1.reasoning_search import read_chain, read_natural
 
     text = "Scurvy means collagen fails.\n\nSo the answer is Vitamin C."
     strict, lenient = ReasoningSearchStage(), ReasoningSearchStage(plain_text_fallback=True)
@@ -259,7 +267,7 @@ def test_o1_search_prompts_render_with_the_chain() -> None:
 
 
 def test_o1_plan_lists_every_stage() -> None:
-    from sphuatuo.plan import plan
+    from sphuatuo.commands.plan import plan
 
     result = plan(load_recipe(REPO / "pipelines" / "huatuo_o1_7b.yaml"))
     assert [(s.stage, s.role) for s in result.stages][-5:] == [

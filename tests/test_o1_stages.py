@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 
 from conftest import raw_test_recipe
-from sphuatuo.o1_parsing import format_o1
+from sphuatuo.parsing.o1 import format_o1
+from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import O1Recipe
-from sphuatuo.runs import Manifest, RunRoot, StageRecord
-from sphuatuo.stages import StageContext, o1_sft, questions, rl
-from sphuatuo.verifier import verify_pass
+from sphuatuo.stages import StageContext, questions
+from sphuatuo.stages.huatuo_o1 import rl
+from sphuatuo.stages.huatuo_o1 import sft as o1_sft
+from sphuatuo.store.manifest import Manifest, StageRecord
+from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +61,7 @@ def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster) -
     assert sorted(s["key"] for s in steps) == [f"{searched}:a0:d0", f"{searched}:a0:d1", f"{searched}:label"]
     assert [s["step"] for s in sorted(steps, key=lambda s: s["key"])] == ["init", "init", "label"]
     verdicts = run.read_rows("reasoning_search", "verdicts")
-    assert all(v["verdict"] is None and v["verified_by"] == "none" for v in verdicts)
+    assert all(v["verdict"] is None and v["decided_by"] == "none" for v in verdicts)
     failed = run.read_rows("reasoning_search", "failed")
     assert [f["reason"] for f in failed] == ["not verified even with the label revealed"]
     assert [entry["step"] for entry in json.loads(failed[0]["trace"])] == ["init", "init", "label"]
@@ -123,14 +126,14 @@ def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
         {**mc[0], "key": "unparsed", "conclusion": None, "ground_truth": gold},
         {**open_ended, "key": "llm", "conclusion": "Oxytocin", "ground_truth": mc[1]["reference"]},
     ]
-    verify_pass(ctx, rows, "verify/verdicts", "huatuo_o1/verify")
+    verdict_pass(ctx, rows, "verify/verdicts", ctx.recipe.models.judge, conclusion_verifier("huatuo_o1/verify"))
     verdicts = {row["key"]: row for row in run.read_rows("verify", "verdicts")}
-    assert verdicts["right"]["verdict"] is True and verdicts["right"]["verified_by"] == "rule"
+    assert verdicts["right"]["verdict"] is True and verdicts["right"]["decided_by"] == "rule"
     assert verdicts["wrong"]["verdict"] is False
-    assert verdicts["unparsed"]["verdict"] is None and verdicts["unparsed"]["verified_by"] == "none"
+    assert verdicts["unparsed"]["verdict"] is None and verdicts["unparsed"]["decided_by"] == "none"
     llm = verdicts["llm"]
     # "True" is several tokens in the tiny vocabulary: the verifier writes freely and its reply is read.
-    assert llm["verified_by"] == "llm:builtin:tiny" and llm["verdict"] in (True, False, None)
+    assert llm["decided_by"] == "llm:builtin:tiny" and llm["verdict"] in (True, False, None)
     assert [r["key"] for r in run.read_rows("verify", "verdicts_raw")] == ["llm"]
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_recipe
-from sphuatuo.runs import RunRoot, StageRecord
-from sphuatuo.stages import StageContext, questions, teacher_cot
+from sphuatuo.stages import StageContext, questions
+from sphuatuo.stages.self_play import teacher_cot
+from sphuatuo.store.manifest import StageRecord
+from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +75,7 @@ def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, o
     for row in rows:
         assert row["generated_text"].startswith("<think>\n")  # the prefilled start, continued by the server
         assert 0 < row["num_generated_tokens"] <= 32 and row["num_input_tokens"] > 0
-        assert row["judge_raw"] in ("1", "2") and row["judged_by"] == f"llm:{tiny_model}"
+        assert row["verdict_raw"] in ("1", "2") and row["decided_by"] == f"llm:{tiny_model}"
     for path in Path(recipe.run_root).rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"

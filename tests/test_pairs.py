@@ -6,11 +6,10 @@ import pytest
 
 from conftest import REPO, tiny_recipe
 from sphuatuo.data.questions import Question
+from sphuatuo.parsing.replies import format_cot
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import RecipeError, load_recipe
-from sphuatuo.stages.dpo import dpo_models
-from sphuatuo.stages.preference_pairs import correction_pairs, limit_pairs, sampled_pairs, to_correct
-from sphuatuo.stages.sft import format_cot
+from sphuatuo.stages.self_play.preference_pairs import correction_pairs, limit_pairs, sampled_pairs, to_correct
 
 PROMPT = get_prompt("self_play/student_answer")
 OPTIONS = {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}
@@ -23,7 +22,7 @@ def _answer(qid: str, sample: int, letter: str, *, truncated: bool = False) -> d
             "key": f"{qid}#{sample}", "model": "sft", "generated_text": text,
             "think": f"thinking {qid}/{sample}", "answer_text": letter, "truncated": truncated,
             "parse_error": "truncated at max_tokens" if truncated else None,
-            "judge_verdict": letter == "C", "judged_by": "rule"}
+            "verdict": letter == "C", "decided_by": "rule"}
 
 
 def _correction(wrong: dict, strategy: str, letter: str) -> dict:
@@ -79,10 +78,10 @@ def test_limits_per_question_then_in_all_spread_over_questions() -> None:
 
 
 def test_one_dpo_model_per_strategy_and_recipe_checks(tmp_path) -> None:
-    assert dpo_models(tiny_recipe(tmp_path)) == {"dpo": "self_correction"}
+    assert tiny_recipe(tmp_path).stages.dpo_models() == {"dpo": "self_correction"}
     ablation = tiny_recipe(tmp_path, **{"stages.preference_pairs.strategies": ["self_correction", "sampled"],
                                         "stages.student_answers.samples_per_question": 2})
-    assert dpo_models(ablation) == {"dpo_self_correction": "self_correction", "dpo_sampled": "sampled"}
+    assert ablation.stages.dpo_models() == {"dpo_self_correction": "self_correction", "dpo_sampled": "sampled"}
 
     singular = tiny_recipe(tmp_path, **{"stages.preference_pairs": {"strategy": "teacher_correction"}})
     assert singular.stages.preference_pairs.strategies == ["teacher_correction"]

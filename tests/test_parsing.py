@@ -1,10 +1,10 @@
-"""Tests for sphuatuo.parsing: section splitting, answer-letter extraction, judge verdicts."""
+"""Tests for sphuatuo.parsing.replies: section splitting, answer-letter extraction, judge verdicts."""
 
 from __future__ import annotations
 
 import pytest
 
-from sphuatuo.parsing import (
+from sphuatuo.parsing.replies import (
     ThinkAnswer,
     extract_answer,
     first_and_last_answers,

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from sphuatuo.cli import main
-from sphuatuo.plan import GIB, ModelSize, Plan, StagePlan, model_size, plan
+from sphuatuo.commands.plan import GIB, ModelSize, Plan, StagePlan, model_size, plan
 from sphuatuo.recipe import load_recipe
 
 RECIPE_7B = Path(__file__).resolve().parent.parent / "pipelines" / "sp_huatuo_7b.yaml"

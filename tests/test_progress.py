@@ -6,12 +6,12 @@ import logging
 
 import pytest
 
-from sphuatuo.progress import RowProgress, format_duration
+from sphuatuo.store.progress import RowProgress, format_duration
 
 
 def test_log_lines_give_rows_done_rate_and_eta(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
     clock = iter([0.0, 10.0, 10.0, 10.0, 40.0, 40.0, 40.0, 40.0, 40.0])
-    monkeypatch.setattr("sphuatuo.progress.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("sphuatuo.store.progress.time.perf_counter", lambda: next(clock))
     caplog.set_level(logging.INFO, logger="sphuatuo")
     progress = RowProgress("teacher_cot/first_generated", total=100, every_s=5, interactive=False)
     progress.update(25, output_tokens=2500)  # t = 10 s

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_recipe
-from sphuatuo.runs import RunRoot
+from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 

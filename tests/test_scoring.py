@@ -11,7 +11,7 @@ from sphuatuo.stages.evaluate import score, wilson_interval
 def _row(reply: str, verdict: bool, answer: str = "B", **metadata: str) -> dict:
     question = Question(id=f"q{abs(hash(reply)) % 10**6}", question="Which?", options={"A": "a", "B": "b", "C": "c"},
                         answer=[answer], source="bank", metadata=metadata)
-    return {**question.to_row(), "generated_text": reply, "judge_verdict": verdict, "truncated": False}
+    return {**question.to_row(), "generated_text": reply, "verdict": verdict, "truncated": False}
 
 
 def test_wilson_interval_known_values() -> None:

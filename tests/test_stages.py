@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_recipe
+from sphuatuo.commands.report import write_report
 from sphuatuo.data.questions import Question
+from sphuatuo.parsing.replies import format_cot
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.prompts import get_prompt
-from sphuatuo.report import write_report
-from sphuatuo.runs import RunRoot, StageRecord
-from sphuatuo.stages import (
-    StageContext,
-    StageFailed,
-    StageSkipped,
-    dpo,
-    evaluate,
-    preference_pairs,
-    questions,
-    sft,
-    student_answers,
-    teacher_cot,
-)
-from sphuatuo.stages.sft import format_cot
+from sphuatuo.stages import StageContext, StageFailed, StageSkipped, evaluate, questions
+from sphuatuo.stages.self_play import dpo, preference_pairs, sft, student_answers, teacher_cot
+from sphuatuo.store.manifest import StageRecord, load_manifest, save_manifest
+from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +44,7 @@ def _accepted_teacher_rows(run: RunRoot) -> list[dict]:
                      "hinted": False, "generated_text": text, "think": question.explanation,
                      "answer_text": f"{answer}. {question.answer_text}", "parse_error": None, "truncated": False,
                      "finish_reason": "stop", "num_input_tokens": 10, "num_generated_tokens": 20,
-                     "judge_verdict": True, "judged_by": "rule", "judge_raw": answer, "model": "teacher"})
+                     "verdict": True, "decided_by": "rule", "verdict_raw": answer, "model": "teacher"})
     return rows
 
 
@@ -83,8 +74,8 @@ def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp
     rows = ctx.run.read_rows("teacher_cot", "first")
     assert sorted(r["id"] for r in rows) == sorted(q["id"] for q in ctx.run.read_rows("questions", "train"))
     for row in rows:
-        assert row["judged_by"] == "llm:builtin:tiny" and row["judge_raw"] in ("1", "2")
-        assert row["judge_verdict"] is (row["judge_raw"] == "1")
+        assert row["decided_by"] == "llm:builtin:tiny" and row["verdict_raw"] in ("1", "2")
+        assert row["verdict"] is (row["verdict_raw"] == "1")
         assert row["prompt_version"] == get_prompt("self_play/teacher_cot").tag and row["model"] == "builtin:tiny"
         assert row["num_input_tokens"] > 0 and 0 < row["num_generated_tokens"] <= 32
         # The budget is 32 tokens and the random model never stops: every reply is flagged truncated.
@@ -111,7 +102,7 @@ def test_teacher_cot_on_hf_draws_n_samples_and_retries_rejected_questions_hinted
     ids = sorted(q["id"] for q in ctx.run.read_rows("questions", "train"))
     assert sorted(r["key"] for r in first) == sorted(f"{i}#{k}" for i in ids for k in (0, 1))
     assert sorted((r["id"], r["sample"]) for r in first) == sorted((i, k) for i in ids for k in (0, 1))
-    assert all(r["judged_by"] == "rule" and r["judge_verdict"] is False for r in first)
+    assert all(r["decided_by"] == "rule" and r["verdict"] is False for r in first)
     # One hinted retry per rejected question, not per rejected sample.
     assert sorted(r["key"] for r in hinted) == sorted(f"{i}:hinted" for i in ids)
     assert all(r["hinted"] for r in hinted) and not any(r["hinted"] for r in first)
@@ -167,7 +158,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
     ids = [q["id"] for q in run.read_rows("questions", "train")]
     assert sorted((r["key"], r["sample"]) for r in rows) == sorted((f"{i}#{k}", k) for i in ids for k in (0, 1))
     assert all(r["model"].endswith("sft/model") for r in rows)
-    wrong = sum(1 for r in rows if not r["judge_verdict"])
+    wrong = sum(1 for r in rows if not r["verdict"])
     assert answers.record.details["wrong"] == wrong and answers.record.details["correct"] == 12 - wrong
 
     # The random student never answers right; give each question a right and a wrong sample, as a
@@ -218,9 +209,9 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
         low, high = result["ci95"]
         assert low <= result["accuracy"] <= high
 
-    manifest = run.load_manifest(recipe)
+    manifest = load_manifest(run, recipe)
     manifest.stages.update(preference_pairs=pairs_ctx.record, dpo=dpo_ctx.record, evaluate=eval_ctx.record)
-    run.save_manifest(manifest)
+    save_manifest(run, manifest)
     report = Path(write_report(run)).read_text()
     assert "| sampled | 6 | – | 6 | 6 | dpo_sampled (done, trained on 6 pairs) |" in report
     assert "![DPO reward margin](dpo_reward_margins.png)" in report and run.exists("dpo_reward_margins.png")
@@ -236,7 +227,7 @@ def _judged_samples(run: RunRoot) -> list[dict]:
         letter = next(letter for letter in question.options if letter not in question.answer)
         wrong_text = format_cot("Not sure.", letter)
         rows.append({**gold, "key": f"{gold['id']}#0", "sample": 0, "model": "sft", "generated_text": wrong_text,
-                     "think": "Not sure.", "answer_text": letter, "judge_verdict": False, "judge_raw": letter})
+                     "think": "Not sure.", "answer_text": letter, "verdict": False, "verdict_raw": letter})
         rows.append({**gold, "key": f"{gold['id']}#1", "sample": 1, "model": "sft"})
     return rows
 
@@ -278,7 +269,7 @@ def test_a_stage_with_zero_rows_is_skipped_with_its_reason(tmp_path: Path, ray_c
 
 def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path, ray_cluster,
                                                                  tiny_model: str) -> None:
-    from sphuatuo.evaluation import evaluation_recipe, run_evaluation, summary
+    from sphuatuo.commands.evaluate import evaluation_recipe, run_evaluation, summary
 
     recipe = evaluation_recipe(tiny_model, str(FIXTURES / "o1_eval_sample.json"), data_format=None,
                                run_root=str(tmp_path / "eval"), backend="hf", max_tokens=8, judge_model=None,
@@ -302,7 +293,7 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
 def test_a_prompt_too_long_for_the_engine_is_kept_with_its_error_and_the_pass_goes_on(tmp_path: Path,
                                                                                       ray_cluster) -> None:
     from sphuatuo.engines import Request
-    from sphuatuo.stages.generation import generate_pass, parse_reply
+    from sphuatuo.passes.generation import generate_pass, parse_reply
 
     recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128})
     ctx = _context(recipe)

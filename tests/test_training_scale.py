@@ -20,8 +20,10 @@ from ray.util.state import list_actors
 from test_stages import _accepted_teacher_rows, _pairs
 
 from conftest import tiny_recipe
-from sphuatuo.runs import RunRoot, StageRecord
-from sphuatuo.stages import StageContext, dpo, questions, sft
+from sphuatuo.stages import StageContext, questions
+from sphuatuo.stages.self_play import dpo, sft
+from sphuatuo.store.manifest import StageRecord
+from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 

@@ -32,6 +32,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,16 @@ class _Record:
 
 class _BadRecord(ValueError):
     """A record whose content cannot make a question; the message is the user-facing reason."""
+
+
+SAMPLE_BANK = "builtin:sample_bank"
+
+
+def resolve_source_path(path: str) -> str:
+    """A question file's path; `builtin:sample_bank` is the bank the package ships."""
+    if path == SAMPLE_BANK:
+        return str(resources.files("sphuatuo.data").joinpath("sample_bank.jsonl"))
+    return path
 
 
 def load_questions(path: str | Path, format: str | None = None, source: str | None = None) -> LoadResult:

@@ -15,7 +15,6 @@ when it is trained, sampled and evaluated.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import ray.data
 
 from sphuatuo.local_models import resolve_model
 from sphuatuo.recipe import EngineConfig, SamplingConfig
+from sphuatuo.store.runtime import process_environment
 
 GENERATION_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason")
 
@@ -61,16 +61,9 @@ LIGHT_CPUS = 0.1
 
 def cpu_runtime_env(engine: EngineConfig) -> dict[str, dict[str, str]]:
     """Environment an engine actor needs on a CPU-only node."""
-    defaults = {
-        # Ray would set this to the actor's CPU count rounded down; an engine should use its share.
-        "OMP_NUM_THREADS": str(engine.cpu_threads or max(1, math.ceil(engine.cpus_per_replica))),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    return {"env_vars": {key: os.environ.get(key, value) for key, value in defaults.items()}}
+    # Ray would set OMP_NUM_THREADS to the actor's CPU count rounded down; an engine should use its share.
+    threads = str(engine.cpu_threads or max(1, math.ceil(engine.cpus_per_replica)))
+    return {"env_vars": process_environment(on_gpu=False, extra={"OMP_NUM_THREADS": threads})}
 
 
 def generate(

@@ -1,5 +1,8 @@
 """Stages: each reads datasets from the run root and writes one (Parquet) under it.
 
+`questions`, `evaluate` and `training` serve both recipes; `self_play/` and `huatuo_o1/` hold each
+recipe's own stages, in the order the recipe's config class lists them (`Recipe.STAGES`).
+
 The contract every stage keeps:
 - rows carry the stable `id` of their question, so any training example traces back to it;
 - re-running skips finished stages and, inside a stage, the keys already written;
@@ -12,7 +15,8 @@ import logging
 from dataclasses import dataclass
 
 from sphuatuo.recipe import Recipe
-from sphuatuo.runs import RunRoot, StageRecord
+from sphuatuo.store.manifest import StageRecord
+from sphuatuo.store.run_root import RunRoot
 
 log = logging.getLogger("sphuatuo")
 

@@ -13,11 +13,11 @@ import math
 from collections import defaultdict
 
 from sphuatuo.data.questions import Question
-from sphuatuo.parsing import first_and_last_answers
+from sphuatuo.parsing.replies import first_and_last_answers
+from sphuatuo.passes import Row
+from sphuatuo.passes.generation import count_tokens
 from sphuatuo.stages import StageContext, StageSkipped, log
-from sphuatuo.stages.dpo import dpo_models
-from sphuatuo.stages.generation import Row, count_tokens
-from sphuatuo.stages.student_answers import answer_questions
+from sphuatuo.stages.self_play.student_answers import answer_questions
 from sphuatuo.stages.training import model_of
 
 NAME = "evaluate"
@@ -48,12 +48,12 @@ def score(rows: list[Row]) -> dict:
             first_correct += first == frozenset(question.answer)
             unparsable += not last
         else:
-            first_correct += bool(row["judge_verdict"])
-            unparsable += row["judge_verdict"] is None or not row["generated_text"].strip()
+            first_correct += bool(row["verdict"])
+            unparsable += row["verdict"] is None or not row["generated_text"].strip()
         for group, value in {"source": question.source or "unknown", **question.metadata}.items():
-            groups[group][value][0] += bool(row["judge_verdict"])
+            groups[group][value][0] += bool(row["verdict"])
             groups[group][value][1] += 1
-    correct = sum(1 for row in rows if row["judge_verdict"])
+    correct = sum(1 for row in rows if row["verdict"])
     total = len(rows)
     return {
         "n": total,
@@ -79,8 +79,7 @@ def run(ctx: StageContext) -> None:
         raise StageSkipped("no test questions (set data.test or data.test_fraction)")
     results = ctx.record.details.setdefault("models", {})
     all_rows: list[Row] = []
-    names = [model for name in stage.models for model in (dpo_models(ctx.recipe) if name == "dpo" else [name])]
-    for name in names:
+    for name in ctx.recipe.stages.evaluated_models():
         try:
             model = model_of(ctx, name)
         except StageSkipped as missing:

@@ -9,23 +9,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict
-from importlib import resources
 
-from sphuatuo.data.loaders import LoadResult, load_questions
+from sphuatuo.data.loaders import LoadResult, load_questions, resolve_source_path
 from sphuatuo.data.questions import questions_table
 from sphuatuo.recipe import QuestionSource
 from sphuatuo.stages import StageContext, StageFailed
 
 NAME = "questions"
-SAMPLE_BANK = "builtin:sample_bank"
-
-
-def resolve_source_path(path: str) -> str:
-    if path == SAMPLE_BANK:
-        return str(resources.files("sphuatuo.data").joinpath("sample_bank.jsonl"))
-    return path
-
-
 def load_sources(sources: list[QuestionSource]) -> LoadResult:
     questions, rejects = [], []
     for source in sources:

@@ -1,7 +1,7 @@
 """RL with the HuatuoGPT-o1 reward, one Ray Train worker's view: TRL's GRPOTrainer or RLOOTrainer.
 
 Each worker samples a group of completions per prompt (transformers `generate`, or vLLM colocated on
-the worker's GPU when the recipe asks), scores them with `sphuatuo.reward.O1Reward` through the
+the worker's GPU when the recipe asks), scores them with `sphuatuo.train.reward.O1Reward` through the
 recipe's verifier, and takes a policy-gradient step with a KL penalty to the frozen starting model.
 """
 
@@ -36,7 +36,7 @@ def grpo_worker(config: dict[str, Any]) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from sphuatuo.reward import O1Reward, build_verifier
+    from sphuatuo.train.reward import O1Reward, build_verifier
 
     stage = setup.stage
     config_type, trainer_type = (GRPOConfig, GRPOTrainer) if stage.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)

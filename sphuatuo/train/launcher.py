@@ -20,15 +20,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from sphuatuo.recipe import TrainStage
-from sphuatuo.runs import RunRoot
+from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.runtime import process_environment
 from sphuatuo.train.deepspeed import deepspeed_config
-
-WORKER_ENV_CPU = {
-    "DS_ACCELERATOR": "cpu",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def fit(
@@ -46,9 +40,7 @@ def fit(
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    env = {key: os.environ.get(key, value) for key, value in WORKER_ENV_CPU.items()}
-    if scaling.use_gpu:
-        env.pop("DS_ACCELERATOR")
+    env = process_environment(on_gpu=scaling.use_gpu)
     filesystem = shared_filesystem(run)
     trainer = TorchTrainer(
         train_loop_per_worker=worker_fn,
@@ -141,7 +133,7 @@ class WorkerSetup:
         reporting checkpoints to Ray Train."""
         from ray.train.huggingface.transformers import RayTrainReportCallback
 
-        from sphuatuo.train.progress import RecordedTrainerMixin, gpu_peak_flops
+        from sphuatuo.train.recording import RecordedTrainerMixin, gpu_peak_flops
 
         recorded = type(f"Recorded{trainer_class.__name__}", (RecordedTrainerMixin, trainer_class), {})
         trainer = recorded(model=self.model, processing_class=self.tokenizer, peft_config=self.peft_config,

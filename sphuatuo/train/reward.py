@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from sphuatuo.parsing import extract_answer, split_thinking_response
+from sphuatuo.parsing.replies import extract_answer, split_thinking_response
 
 FORMAT_ERROR, REJECTED, ACCEPTED = 0.0, 0.1, 1.0
 

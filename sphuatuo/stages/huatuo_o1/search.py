@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from sphuatuo.o1_parsing import Step, extend_chain
+from sphuatuo.parsing.o1 import Step, extend_chain
 
 INIT, LABEL = "init", "label"
 Status = Literal["searching", "solved", "failed"]

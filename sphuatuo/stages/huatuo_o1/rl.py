@@ -3,7 +3,7 @@
 The policy starts from the SFT export (or the base student when the run has none, or when the recipe
 says so) and is prompted with the open-ended question alone, as in SFT. Rewards: 0 for a broken
 `## Thinking` / `## Final Response` format, 1.0 when the verifier accepts the final response, 0.1
-otherwise (`sphuatuo.reward`).
+otherwise (`sphuatuo.train.reward`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 from sphuatuo.data.questions import Question
+from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.generation import Row
 from sphuatuo.stages.training import model_of, train_stage, training_log
 from sphuatuo.train.grpo import grpo_worker
 

@@ -13,11 +13,12 @@ import json
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
-from sphuatuo.judge import generate_and_judge
-from sphuatuo.parsing import NO_ANSWER_SECTION
+from sphuatuo.passes import Row
+from sphuatuo.passes.generation import count_tokens, sample_key
+from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.generation import Row, count_tokens
+from sphuatuo.stages.self_play import training_answer
 
 NAME = "teacher_cot"
 
@@ -33,7 +34,7 @@ def teacher_messages(ctx: StageContext, row: Row) -> list[dict[str, str]]:
 
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.teacher_cot
-    teacher = ctx.recipe.models.teacher
+    teacher, judge = ctx.recipe.models.teacher, ctx.recipe.models.judge
     questions = ctx.run.read_rows("questions", "train")
     ctx.record.rows_in = len(questions)
     if not questions:
@@ -45,7 +46,7 @@ def run(ctx: StageContext) -> None:
     first = [{**q, **meta, "key": sample_key(q["id"], k, stage.samples_per_question), "sample": k,
               "hinted": stage.reveal_reference}
              for q in questions for k in range(stage.samples_per_question)]
-    generate_and_judge(ctx, first, f"{NAME}/first", engine=teacher, request=request,
+    generate_and_judge(ctx, first, f"{NAME}/first", judge=judge, engine=teacher, request=request,
                        messages=lambda row: teacher_messages(ctx, row))
 
     def usable(row: Row) -> bool:
@@ -57,7 +58,7 @@ def run(ctx: StageContext) -> None:
         retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True} for row in first
                  if row["id"] not in accepted_ids and row["sample"] == 0]
         ctx.note(f"{len(retry)} rejected questions asked again with the reference shown (hinted)")
-        generate_and_judge(ctx, retry, f"{NAME}/hinted", engine=teacher, request=request,
+        generate_and_judge(ctx, retry, f"{NAME}/hinted", judge=judge, engine=teacher, request=request,
                            messages=lambda row: teacher_messages(ctx, row))
 
     rows = ctx.run.read_rows(NAME, "first") + ctx.run.read_rows(NAME, "hinted")
@@ -73,25 +74,3 @@ def run(ctx: StageContext) -> None:
         truncated=sum(1 for row in rows if row["truncated"]),
     )
     ctx.note(f"{len(accepted)} of {len(questions)} questions have an accepted teacher answer")
-
-
-def sample_key(question_id: str, sample: int, samples_per_question: int) -> str:
-    """One sample per question keeps the question id as its key, so single-sample runs resume as before."""
-    return question_id if samples_per_question == 1 else f"{question_id}#{sample}"
-
-
-def training_answer(row: Row, answer_from_thought: bool) -> str | None:
-    """The formal answer an accepted reply contributes to SFT; None when it cannot be used.
-
-    A reply must be judged correct and complete (not cut at the token budget) and have an <answer>
-    section. With `answer_from_thought`, a multiple-choice reply whose thought ends in a verified
-    answer but that stopped before writing <answer> gets the judged option(s) as its formal answer
-    (small models often stop right after </think>).
-    """
-    if not row["judge_verdict"] or row["truncated"]:
-        return None
-    if row["parse_error"] is None:
-        return row["answer_text"]
-    if answer_from_thought and row["parse_error"] == NO_ANSWER_SECTION and row["judged_by"] == "rule":
-        return Question.from_row(row).answer_text  # the judge found exactly the gold letters in the thought
-    return None

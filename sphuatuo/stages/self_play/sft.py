@@ -7,18 +7,15 @@ exactly as the student is prompted at test time, so train and test share one cha
 from __future__ import annotations
 
 from sphuatuo.data.questions import Question
+from sphuatuo.parsing.replies import format_cot
+from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.stages import StageContext
-from sphuatuo.stages.generation import Row
-from sphuatuo.stages.teacher_cot import training_answer
+from sphuatuo.stages.self_play import training_answer
 from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.sft import sft_worker
 
 NAME = "sft"
-
-
-def format_cot(think: str, answer: str) -> str:
-    return f"<think>\n{think.strip()}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
 
 
 def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:

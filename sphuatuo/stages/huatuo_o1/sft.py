@@ -7,11 +7,11 @@ tokens from the loss. Paths found with the label revealed are used unless the re
 
 from __future__ import annotations
 
-from sphuatuo.o1_parsing import format_o1
+from sphuatuo.parsing.o1 import format_o1
+from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import O1SftStage, SftStage
 from sphuatuo.stages import StageContext
-from sphuatuo.stages.generation import Row
 from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.sft import sft_worker
 

@@ -6,24 +6,30 @@ most the batches in flight, and a finished pass costs nothing when re-run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
 
 import pyarrow.compute as pc
 import ray.data
 
 from sphuatuo import engines
 from sphuatuo.engines import LIGHT_CPUS, Request
-from sphuatuo.parsing import split_think_answer
-from sphuatuo.progress import RowProgress
+from sphuatuo.parsing.replies import split_think_answer
+from sphuatuo.passes import PassTarget, Row
 from sphuatuo.prompts import Messages
 from sphuatuo.recipe import EngineConfig
-from sphuatuo.stages import StageContext, log
+from sphuatuo.store.progress import RowProgress
 
-Row = dict[str, Any]
+log = logging.getLogger("sphuatuo")
 
 
-def missing_rows(ctx: StageContext, rows: list[Row], folder: str, key: str = "key") -> list[Row]:
+def sample_key(question_id: str, sample: int, samples_per_question: int) -> str:
+    """The key of the k-th sample of a question. One sample per question keeps the question id as its
+    key, so single-sample runs resume as before."""
+    return question_id if samples_per_question == 1 else f"{question_id}#{sample}"
+
+
+def missing_rows(ctx: PassTarget, rows: list[Row], folder: str, key: str = "key") -> list[Row]:
     done = set(ctx.run.read_column(key, folder))
     todo = [row for row in rows if row[key] not in done]
     if done:
@@ -32,7 +38,7 @@ def missing_rows(ctx: StageContext, rows: list[Row], folder: str, key: str = "ke
 
 
 def generate_pass(
-    ctx: StageContext,
+    ctx: PassTarget,
     rows: list[Row],
     folder: str,
     *,

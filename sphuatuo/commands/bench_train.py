@@ -17,12 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sphuatuo.data.loaders import load_questions
+from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
 from sphuatuo.local_models import resolve_model
+from sphuatuo.parsing.replies import format_cot
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import SftStage
-from sphuatuo.stages.questions import SAMPLE_BANK, resolve_source_path
-from sphuatuo.stages.sft import format_cot
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threa
 
 
 def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int) -> TrainBenchLine:
-    from sphuatuo.runs import RunRoot
+    from sphuatuo.store.run_root import RunRoot
     from sphuatuo.train.launcher import fit
     from sphuatuo.train.sft import sft_worker
 
@@ -90,7 +89,7 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
 
 def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage: int, max_length: int,
                 cpus_per_worker: float) -> list[TrainBenchLine]:
-    from sphuatuo.pipeline import apply_cpu_environment, connect_ray
+    from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
     path = resolve_model(model)

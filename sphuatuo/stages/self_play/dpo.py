@@ -6,21 +6,12 @@ several (an ablation) `dpo_<strategy>`, so the evaluation puts them side by side
 
 from __future__ import annotations
 
-from sphuatuo.recipe import Recipe
-from sphuatuo.runs import StageRecord
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.training import model_of, train_stage
+from sphuatuo.store.manifest import StageRecord
 from sphuatuo.train.dpo import dpo_worker
 
 NAME = "dpo"
-
-
-def dpo_models(recipe: Recipe) -> dict[str, str]:
-    """Model name (also its folder in the run) -> the pair strategy it is trained on."""
-    strategies = recipe.stages.preference_pairs.strategies
-    if len(strategies) == 1:
-        return {NAME: strategies[0]}
-    return {f"{NAME}_{strategy}": strategy for strategy in strategies}
 
 
 def run(ctx: StageContext) -> None:
@@ -28,7 +19,7 @@ def run(ctx: StageContext) -> None:
     ctx.record.rows_in = len(pairs)
     start = model_of(ctx, "sft")
     runs = ctx.record.details.setdefault("runs", {})
-    for name, strategy in dpo_models(ctx.recipe).items():
+    for name, strategy in ctx.recipe.stages.dpo_models().items():
         if runs.get(name, {}).get("status") == "done" and ctx.run.exists(name, "model", "config.json"):
             continue  # trained before this stage was interrupted
         examples = [{key: pair[key] for key in ("id", "prompt", "chosen", "rejected", "strategy")}

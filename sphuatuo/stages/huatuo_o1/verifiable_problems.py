@@ -18,12 +18,13 @@ from collections.abc import Callable
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
-from sphuatuo.o1_parsing import Parsed, parse_filter_verdict, parse_problem
-from sphuatuo.parsing import extract_answer
+from sphuatuo.parsing.o1 import Parsed, parse_filter_verdict, parse_problem
+from sphuatuo.parsing.replies import extract_answer
+from sphuatuo.passes import Row
+from sphuatuo.passes.generation import count_tokens, generate_pass
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, VerifiableProblemsStage
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.generation import Row, count_tokens, generate_pass
 
 NAME = "verifiable_problems"
 

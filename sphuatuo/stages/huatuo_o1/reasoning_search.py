@@ -2,7 +2,7 @@
 
 The generator (the recipe's teacher) answers each problem as a JSON chain of Inner Thinking steps, a
 Final Conclusion and a Verification; the verifier (the recipe's judge) compares the last Final
-Conclusion with the ground truth. Unverified items take strategy steps (`sphuatuo.search` keeps the
+Conclusion with the ground truth. Unverified items take strategy steps (`sphuatuo.stages.huatuo_o1.search` keeps the
 books). Each round is one generation pass and one verification pass over the items still searching,
 keyed by item, attempt and depth, so a re-run resumes where it stopped. A verified chain is rendered as
 text (`### title` per step), rewritten into natural first-person thinking, and a final response is
@@ -16,7 +16,7 @@ import json
 from collections import Counter
 
 from sphuatuo.engines import Request
-from sphuatuo.o1_parsing import (
+from sphuatuo.parsing.o1 import (
     Parsed,
     chain_from_plain_text,
     last_conclusion,
@@ -25,12 +25,13 @@ from sphuatuo.o1_parsing import (
     previous_reasoning,
     render_chain,
 )
+from sphuatuo.passes import Row
+from sphuatuo.passes.generation import count_tokens, generate_pass
+from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.prompts import Messages, get_prompt
 from sphuatuo.recipe import ReasoningSearchStage
-from sphuatuo.search import INIT, LABEL, SearchPlan, SearchState, advance, solved_counts
 from sphuatuo.stages import StageContext, StageSkipped, log
-from sphuatuo.stages.generation import Row, count_tokens, generate_pass
-from sphuatuo.verifier import verify_pass
+from sphuatuo.stages.huatuo_o1.search import INIT, LABEL, SearchPlan, SearchState, advance, solved_counts
 
 NAME = "reasoning_search"
 
@@ -79,9 +80,10 @@ def search(ctx: StageContext, problems: list[Row]) -> list[SearchState]:
         keys = {s.key for s in active}
         replies = {row["key"]: row for row in ctx.run.read_rows(NAME, "steps") if row["key"] in keys}
         parsed = {key: read_chain(stage, reply["generated_text"]) for key, reply in replies.items()}
-        verify_pass(ctx, [{**by_id[s.id], "key": s.key,
-                           "conclusion": last_conclusion(parsed[s.key].value) if parsed[s.key].value else None}
-                          for s in active], f"{NAME}/verdicts", stage.verifier_prompt)
+        verdict_pass(ctx, [{**by_id[s.id], "key": s.key,
+                            "conclusion": last_conclusion(parsed[s.key].value) if parsed[s.key].value else None}
+                           for s in active], f"{NAME}/verdicts", ctx.recipe.models.judge,
+                     conclusion_verifier(stage.verifier_prompt))
         verdicts = {row["key"]: row["verdict"] for row in ctx.run.read_rows(NAME, "verdicts") if row["key"] in keys}
         for s in active:
             states[s.id] = advance(plan, s, parsed[s.key].value, verdicts[s.key], parsed[s.key].error)

@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sphuatuo.runs import Manifest, RunRoot  # noqa: E402
+from sphuatuo.store.manifest import Manifest, read_manifest  # noqa: E402
+from sphuatuo.store.run_root import RunRoot  # noqa: E402
 
 
 def _png(fig: Any) -> bytes:
@@ -153,7 +154,7 @@ def _write_png(run: RunRoot, png: bytes, name: str) -> None:
 
 def write_report(run: RunRoot) -> str:
     """Write `report.md` (and the loss plots) into the run root; return the report's location."""
-    manifest = Manifest.model_validate_json(run.read_text("manifest.json"))
+    manifest = read_manifest(run)
     lines = [f"# Run report: {manifest.recipe['name']}", "",
              f"Run root: `{run.uri}`  ", f"Created: {manifest.created_at}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()), "",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sphuatuo.recipe import EngineConfig, QuestionSource, Recipe, TrainStage
+from sphuatuo.recipe import EngineConfig, O1Recipe, QuestionSource, Recipe, TrainStage
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -180,7 +180,7 @@ class Plan:
 def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3.35) -> Plan:
     """Plan every engine and trainer of a Self-Play recipe on GPUs with `gpu_memory_gb` each (as sold:
     an 80 GB H100 holds 80 GiB) and `gpu_bandwidth_tbs` of memory bandwidth (H100 SXM: 3.35 TB/s)."""
-    if recipe.recipe == "huatuo_o1":
+    if isinstance(recipe, O1Recipe):
         return _o1_plan(recipe, gpu_memory_gb, gpu_bandwidth_tbs)
     models, stages = recipe.models, recipe.stages
     train_rows, test_rows = _question_counts(recipe)
@@ -205,9 +205,8 @@ def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3
             passes = generation("preference_pairs", role, engine, samples, stages.preference_pairs.sampling.max_tokens)
             passes[0].notes.append(f"rows: at most the wrong answers of student_answers, for each of {', '.join(used)}")
             pairs += passes
-    dpo_models = len(strategies)
-    evaluated_models = sum(dpo_models if name == "dpo" else 1 for name in stages.evaluate.models)
-    evaluated = None if test_rows is None else test_rows * evaluated_models
+    dpo_models = len(stages.dpo_models())
+    evaluated = None if test_rows is None else test_rows * len(stages.evaluated_models())
     dpo = _train_plan("dpo", stages.dpo, models.student.model, gpu_memory_gb, preference=True)
     if dpo_models > 1:
         dpo.notes.append(f"{dpo_models} DPO models, one per pair strategy, one after the other")
@@ -227,7 +226,7 @@ def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3
     )
 
 
-def _o1_plan(recipe: Recipe, gpu_memory_gb: float, bandwidth_tbs: float) -> Plan:
+def _o1_plan(recipe: O1Recipe, gpu_memory_gb: float, bandwidth_tbs: float) -> Plan:
     """The HuatuoGPT-o1 stages: problem construction, the search (at most 1 + attempts x depth (+1 with the
     label revealed) steps per problem, each verified), SFT, RL (policy, reference and verifier per worker)."""
     models, stages = recipe.models, recipe.stages
@@ -253,7 +252,7 @@ def _o1_plan(recipe: Recipe, gpu_memory_gb: float, bandwidth_tbs: float) -> Plan
     rl.notes.append(f"plus a frozen reference copy, the {stages.rl.verifier.kind} verifier"
                     + (" and a colocated vLLM engine" if stages.rl.use_vllm else "") + " per worker: not modelled")
     plans.append(rl)
-    evaluated = None if test_rows is None else test_rows * len(stages.evaluate.models)
+    evaluated = None if test_rows is None else test_rows * len(stages.evaluated_models())
     plans.append(engine("evaluate", "student", models.student, evaluated, stages.evaluate.sampling.max_tokens))
     return Plan(recipe=recipe.name, gpu_memory_gb=gpu_memory_gb, gpu_bandwidth_tbs=bandwidth_tbs, stages=plans)
 

@@ -15,7 +15,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sphuatuo.recipe import EngineConfig, Recipe
-from sphuatuo.runs import RunRoot, package_versions
+from sphuatuo.store.manifest import package_versions
+from sphuatuo.store.run_root import RunRoot
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _resource_checks(recipe: Recipe, nodes: list[dict[str, Any]]) -> list[Check]
             f"{largest['GPU']:g} GPU",
             "" if fits else "add a worker group with nodes that large (cluster/aws.yaml: gpu_inference) or lower "
                             f"models.{role}.tensor_parallel_size / gpus_per_replica"))
-    for name in ("sft", "rl") if recipe.recipe == "huatuo_o1" else ("sft", "dpo"):
+    for name in recipe.TRAINING_STAGES:
         scaling = getattr(recipe.stages, name).scaling
         gpus = scaling.num_workers if scaling.use_gpu else 0
         cpus = scaling.num_workers * scaling.cpus_per_worker

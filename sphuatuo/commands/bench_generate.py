@@ -16,12 +16,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from sphuatuo.data.loaders import load_questions
+from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
 from sphuatuo.engines import Request
 from sphuatuo.local_models import resolve_model
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, SamplingConfig
-from sphuatuo.stages.questions import SAMPLE_BANK, resolve_source_path
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_
     """Bare vLLM first (the baseline), then the Ray Data back-ends. On CPU, each engine gets the same
     compute threads (`cpu_threads`, default: every core), so the ratios measure the pipeline, not
     a thread count."""
-    from sphuatuo.pipeline import apply_cpu_environment, connect_ray
+    from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
     path = resolve_model(model)

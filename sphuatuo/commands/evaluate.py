@@ -3,7 +3,7 @@ question file, without writing a recipe."""
 
 from __future__ import annotations
 
-from sphuatuo.data.loaders import load_questions
+from sphuatuo.data.loaders import load_questions, resolve_source_path
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import (
     DataConfig,
@@ -16,9 +16,9 @@ from sphuatuo.recipe import (
     SamplingConfig,
     StagesConfig,
 )
-from sphuatuo.runs import Manifest, RunRoot
 from sphuatuo.stages import evaluate, questions
-from sphuatuo.stages.questions import resolve_source_path
+from sphuatuo.store.manifest import read_manifest
+from sphuatuo.store.run_root import RunRoot
 
 
 def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_root: str, backend: str,
@@ -47,7 +47,7 @@ def run_evaluation(recipe: Recipe) -> RunRoot:
 
 
 def summary(run: RunRoot) -> str:
-    manifest = Manifest.model_validate_json(run.read_text("manifest.json"))
+    manifest = read_manifest(run)
     result = manifest.stages["evaluate"].details["models"]["base"]
     low, high = result["ci95"]
     lines = [f"{manifest.recipe['models']['student']['model']}: accuracy {result['accuracy']:.1%} "

@@ -24,6 +24,7 @@ __all__ = [
     "ThinkAnswer",
     "extract_answer",
     "first_and_last_answers",
+    "format_cot",
     "letters_text",
     "parse_judge_verdict",
     "split_think_answer",
@@ -68,6 +69,11 @@ _FINAL_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]*Final[ \t]+Response\b[ \t]*:?",
 
 
 NO_ANSWER_SECTION = "no <answer> section"
+
+
+def format_cot(think: str, answer: str) -> str:
+    """The Self-Play training format that `split_think_answer` reads back."""
+    return f"<think>\n{think.strip()}\n</think>\n<answer>\n{answer.strip()}\n</answer>"
 
 
 def split_think_answer(text: str) -> ThinkAnswer:

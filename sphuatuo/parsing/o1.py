@@ -1,6 +1,6 @@
 """Read the HuatuoGPT-o1 generator's structured replies: JSON objects, reasoning chains, verdicts.
 
-Pure functions over strings (stdlib only), like `sphuatuo.parsing`. A reply that cannot be read gives
+Pure functions over strings (stdlib only), like `sphuatuo.parsing.replies`. A reply that cannot be read gives
 `None` plus a reason, never an exception: the stages keep the reason with the row and retry or count it.
 """
 

@@ -1,0 +1,66 @@
+"""The one runtime environment: what engine and trainer processes need, and how a run joins Ray.
+
+On a node without GPUs, vLLM-CPU and DeepSpeed-over-gloo need a few variables (a small KV cache, no
+thread pinning, the in-process engine, DeepSpeed's CPU accelerator, no hub access). They are defined
+here once and given to CPU processes only: GPU workers get the common part alone, so a GPU job never
+inherits `HF_HUB_OFFLINE` or `DS_ACCELERATOR=cpu` from a laptop. Values already set in the driver's
+environment win everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Every engine and trainer process, on any node: readable worker logs, no tokenizer thread pools
+# fighting the engine for cores.
+COMMON_ENVIRONMENT = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Processes on a node without GPUs.
+CPU_ENVIRONMENT = {
+    **COMMON_ENVIRONMENT,
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "DS_ACCELERATOR": "cpu",
+    "HF_HUB_OFFLINE": "1",
+}
+
+# A local cluster started by sphuatuo (tests, the demo) runs without Ray's token authentication.
+LOCAL_CLUSTER_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled"}
+
+
+def process_environment(on_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables for an engine actor or a training worker (a Ray `runtime_env`'s env_vars)."""
+    defaults = {**(COMMON_ENVIRONMENT if on_gpu else CPU_ENVIRONMENT), **(extra or {})}
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+def apply_cpu_environment() -> None:
+    """Set the CPU environment in this process, before a local Ray starts, so every worker inherits it."""
+    for key, value in {**CPU_ENVIRONMENT, **LOCAL_CLUSTER_ENVIRONMENT}.items():
+        os.environ.setdefault(key, value)
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` or RAY_ADDRESS (as under `ray job submit`), else start a local one
+    sized to this machine (with the CPU environment when it has no GPU)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    if not _local_gpus():
+        apply_cpu_environment()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
