@@ -106,7 +106,8 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="builtin:smollm2-135m-instruct")
     generate.add_argument("--prompts", type=int, default=128, help="how many chats (the sample bank, cycled)")
     generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--dtype", default="bfloat16")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                          help="every engine's dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
     generate.add_argument("--batch-size", type=int, default=32)
     generate.add_argument("--cpus", type=float, default=1, help="CPUs per engine replica")
     generate.add_argument("--cpu-threads", type=int, default=None,

@@ -60,7 +60,9 @@ class EngineConfig(Strict):
     gpus_per_replica: float = Field(default=0, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_model_len: int = Field(default=4096, ge=64)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto: on GPUs the engine's own choice; on CPUs bf16 where the CPU has native "
+                                    "bf16 (AVX-512 BF16, AMX), else fp32 (sphuatuo.engines.precision)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vllm: share of each GPU's memory "
                                                                                "for weights and KV cache")
     enable_prefix_caching: bool = Field(default=True, description="vllm: reuse the KV cache of shared prompt "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
 from sphuatuo.engines import Request
+from sphuatuo.engines.precision import cpu_dtype
 from sphuatuo.local_models import resolve_model
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, SamplingConfig
@@ -102,6 +103,8 @@ def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_
     messages = bench_prompts(prompts)
     max_model_len = 2048
     threads = cpu_threads or os.cpu_count() or 1
+    # Both sides run the same dtype: the one `auto` picks for this CPU, unless one is given.
+    dtype = cpu_dtype().dtype if dtype == "auto" else dtype
     lines = list(_bare_vllm(path, messages, max_tokens, dtype, max_model_len))
 
     connect_ray()

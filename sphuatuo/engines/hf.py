@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from sphuatuo.engines import Request, cpu_runtime_env
+from sphuatuo.engines.precision import engine_dtype
 from sphuatuo.recipe import EngineConfig
 
 _DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -95,7 +96,7 @@ class HFChatGenerator:
 def generate_hf(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str) -> ray.data.Dataset:
     return ds.map_batches(
         HFChatGenerator,
-        fn_constructor_kwargs={"model_path": model_path, "dtype": engine.dtype, "request": request},
+        fn_constructor_kwargs={"model_path": model_path, "dtype": engine_dtype(engine), "request": request},
         batch_size=engine.batch_size,
         concurrency=engine.replicas,
         num_cpus=engine.cpus_per_replica,

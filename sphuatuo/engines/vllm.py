@@ -9,6 +9,7 @@ import ray.data
 from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
 from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env, row_seed
+from sphuatuo.engines.precision import engine_dtype
 from sphuatuo.recipe import EngineConfig
 
 
@@ -30,7 +31,7 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None) ->
     engine_kwargs = {
         "max_model_len": engine.max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
-        "dtype": engine.dtype,
+        "dtype": engine_dtype(engine),
         "enable_prefix_caching": engine.enable_prefix_caching,
         **({"gpu_memory_utilization": engine.gpu_memory_utilization} if on_gpu else {}),
         # On CPU, torch.compile costs a minute of engine start and recompiles on the first batches
