@@ -41,6 +41,14 @@ class DataConfig(Strict):
     )
 
 
+# vLLM's own defaults for its `LLM` class, per device kind (vllm.engine.arg_utils.get_batch_defaults):
+# (max_num_seqs, max_num_batched_tokens). ray.data.llm builds its engines without that usage context and
+# so gets the scheduler's base limits (128 sequences, 2,048 batched tokens), about half as many; these
+# are what a recipe gets unless it says otherwise.
+SCHEDULER_DEFAULTS = {"cpu": (256, 4096), "gpu": (256, 8192), "large_gpu": (1024, 16384)}
+LARGE_GPUS = ("H100", "H200", "H20", "B200", "B300", "GB200")  # >= 70 GiB, not A100: vLLM's larger defaults
+
+
 class EngineConfig(Strict):
     """Where a role's model runs. `vllm` is the production path (Ray's ray.data.llm processor);
     `hf` runs transformers `generate` in a Ray Data actor pool; `openai` sends chat requests to any
@@ -69,6 +77,11 @@ class EngineConfig(Strict):
                                                                   "prefixes (system prompt, one-shot example)")
     accelerator_type: str | None = Field(default=None, description="vllm: schedule replicas only on nodes with "
                                                                    "this Ray accelerator type, e.g. H100, A100-80G")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="vllm: sequences one replica decodes at "
+                                                                    "once (default: vLLM's LLM default for the "
+                                                                    "device kind, see SCHEDULER_DEFAULTS)")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="vllm: tokens per scheduler step "
+                                                                              "(default: as max_num_seqs)")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
     base_url: str | None = Field(default=None, description="openai: the server's /v1 URL")
     api_key_env: str | None = Field(default=None, description="openai: name of the environment variable "
@@ -90,6 +103,19 @@ class EngineConfig(Strict):
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ValueError(f"replicas must be N >= 1 or [min, max] with 1 <= min <= max (got {self.replicas})")
         return self
+
+    @property
+    def scheduler_limits(self) -> tuple[int, int]:
+        """(max_num_seqs, max_num_batched_tokens) one replica runs with: the recipe's, else the defaults of its
+        device kind (a CPU engine's scale with its tensor-parallel size, as vLLM's do)."""
+        if self.gpus_per_replica == 0:
+            seqs, tokens = (n * self.tensor_parallel_size for n in SCHEDULER_DEFAULTS["cpu"])
+        elif self.accelerator_type and self.accelerator_type.upper().startswith(LARGE_GPUS):
+            seqs, tokens = SCHEDULER_DEFAULTS["large_gpu"]
+        else:
+            seqs, tokens = SCHEDULER_DEFAULTS["gpu"]
+        return (self.engine_kwargs.get("max_num_seqs", self.max_num_seqs or seqs),
+                self.engine_kwargs.get("max_num_batched_tokens", self.max_num_batched_tokens or tokens))
 
     @property
     def min_replicas(self) -> int:

@@ -38,3 +38,14 @@ def test_each_sample_of_a_question_gets_its_own_seed() -> None:
     assert [row_seed(request, {"sample": k}) for k in range(3)] == [100, 101, 102]
     assert row_seed(request, {}) == 100
     assert row_seed(Request(temperature=0.0, top_p=1.0, max_tokens=16), {"sample": 2}) is None
+
+
+def test_scheduler_limits_are_the_device_kinds_vllm_defaults_unless_the_recipe_sets_them() -> None:
+    cpu = processor_config(EngineConfig(model="builtin:tiny"), "/cache/tiny", seed=0).engine_kwargs
+    assert (cpu["max_num_seqs"], cpu["max_num_batched_tokens"]) == (256, 4096)
+    h100 = EngineConfig(model="m", gpus_per_replica=1, tensor_parallel_size=2, accelerator_type="H100")
+    assert h100.scheduler_limits == (1024, 16384)
+    assert EngineConfig(model="m", gpus_per_replica=1, accelerator_type="A100-80G").scheduler_limits == (256, 8192)
+    assert EngineConfig(model="m", gpus_per_replica=1, max_num_seqs=64).scheduler_limits == (64, 8192)
+    legacy = EngineConfig(model="m", gpus_per_replica=1, engine_kwargs={"max_num_batched_tokens": 4096})
+    assert legacy.scheduler_limits == (256, 4096)

@@ -328,9 +328,12 @@ def _engine_plan(stage: str, role: str, engine: EngineConfig, gpu_memory_gb: flo
         return out
 
     reply = min(max_tokens, engine.max_model_len)
-    at_once = min(engine.batch_size, int(kv_room // (kv_token * reply)))
-    if at_once < engine.batch_size:
-        out.notes.append(f"KV cache holds {at_once} of {engine.batch_size} replies of {reply} tokens at once")
+    # Rows in flight per replica, capped by the scheduler (vLLM) or one batch at a time (transformers).
+    offered = min(engine.scheduler_limits[0], engine.batch_size * engine.max_concurrent_batches) if vllm \
+        else engine.batch_size
+    at_once = min(offered, int(kv_room // (kv_token * reply)))
+    if at_once < offered:
+        out.notes.append(f"KV cache holds {at_once} of {offered} replies of {reply} tokens at once")
     # A decode step reads the weights once and each running sequence's KV, on average half a reply long.
     step_seconds = (weights + at_once * kv_token * reply / 2) / (bandwidth_tbs * 1e12)
     out.tokens_per_s = at_once / step_seconds * engine.max_replicas

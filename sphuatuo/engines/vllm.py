@@ -32,6 +32,8 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None) ->
         "max_model_len": engine.max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "dtype": engine_dtype(engine),
+        "max_num_seqs": engine.scheduler_limits[0],
+        "max_num_batched_tokens": engine.scheduler_limits[1],
         "enable_prefix_caching": engine.enable_prefix_caching,
         **({"gpu_memory_utilization": engine.gpu_memory_utilization} if on_gpu else {}),
         # On CPU, torch.compile costs a minute of engine start and recompiles on the first batches
