@@ -19,6 +19,7 @@ EPILOG = """examples:
   sphuatuo run pipelines/huatuo_o1_demo.yaml      the HuatuoGPT-o1 recipe on SmolLM2-135M, CPU
   sphuatuo data check questions.csv --format cmexam
   sphuatuo eval runs/demo/sft/model --data test.jsonl    accuracy of any model directory on a question file
+  sphuatuo status runs/demo                        each stage: done, stale (and why), pending
   sphuatuo report runs/demo
   sphuatuo export runs/demo --out exports/demo    SFT data and pairs for LLaMA-Factory and HF datasets
   sphuatuo plan pipelines/sp_huatuo_7b.yaml       GPUs, memory and time per stage, before anything starts
@@ -54,7 +55,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a model directory, a hub id, or builtin:smollm2-135m-instruct")
     evaluate.add_argument("--data", required=True, help="question file (any supported format)")
     evaluate.add_argument("--format", default=None, help="loader name (default: detected)")
-    evaluate.add_argument("--run-root", default="runs/eval", help="where answers and report go (default: runs/eval)")
+    evaluate.add_argument("--run-root", default=None, help="where answers and report go (default: "
+                                                           "runs/eval/<model>-<data>-<prompt>-<hash>, one per model, "
+                                                           "question file and prompt)")
     evaluate.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     evaluate.add_argument("--max-tokens", type=int, default=2048, help="generation budget per answer")
     evaluate.add_argument("--prompt", default="self_play/student_answer",
@@ -122,6 +125,18 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2)
     train.add_argument("--max-length", type=int, default=512)
     train.add_argument("--cpus-per-worker", type=float, default=1)
+
+    status = commands.add_parser("status", help="each stage of a run: done, stale (and why), pending, with counts")
+    status.set_defaults(func=status_command)
+    status.add_argument("run_root")
+    status.add_argument("--recipe", default=None, help="compare against this recipe (default: the one the run "
+                                                       "last ran with)")
+    _overrides(status)
+
+    gc = commands.add_parser("gc", help="remove superseded stage outputs and checkpoints no stage refers to")
+    gc.set_defaults(func=gc_command)
+    gc.add_argument("run_root")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
 
     report = commands.add_parser("report", help="(re)write report.md of a run")
     report.set_defaults(func=report_command)
@@ -247,6 +262,27 @@ def report_command(args: argparse.Namespace) -> int:
     from sphuatuo.store.run_root import RunRoot
 
     print(f"report: {write_report(RunRoot(args.run_root))}")
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.status import format_statuses, stage_statuses
+    from sphuatuo.store.run_root import RunRoot
+
+    run = RunRoot(args.run_root)
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    print(format_statuses(run, stage_statuses(run, recipe)))
+    return 0
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.status import collect_garbage
+    from sphuatuo.store.run_root import RunRoot
+
+    garbage = collect_garbage(RunRoot(args.run_root), dry_run=args.dry_run)
+    for folder in garbage:
+        print(f"{'would remove' if args.dry_run else 'removed'} {folder}")
+    print(f"{len(garbage)} unreferenced outputs {'found' if args.dry_run else 'removed'}")
     return 0
 
 

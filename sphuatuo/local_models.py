@@ -107,6 +107,24 @@ def resolve_model(name_or_path: str) -> str:
     return str(builder().resolve()) if builder else name_or_path
 
 
+def model_identity(name_or_path: str) -> str:
+    """What a model named in a recipe is, for a stage's fingerprint, without loading it: a built-in by its
+    build version, a local directory by a digest of its config and weight files (names and sizes), a hub id
+    as itself (pin a revision by naming a local snapshot)."""
+    if name_or_path.startswith("builtin:"):
+        return f"{name_or_path}@{_RECIPE_VERSION}"
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json" or file.name.endswith(".index.json"):
+            digest.update(file.name.encode() + file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".gguf"):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return f"{path}@{digest.hexdigest()[:16]}"
+
+
 def build_tiny_model(cache_dir: Path | None = None) -> Path:
     """Build (once) the tiny random Qwen2 model and its locally trained tokenizer; return its directory."""
     corpus = list(_tiny_corpus())

@@ -1,7 +1,11 @@
-"""Run a recipe: connect to Ray, then run each stage in order, skipping the finished ones.
+"""Run a recipe: connect to Ray, then run each stage in order, reusing the ones already done for the same
+fingerprint.
 
-The manifest in the run root is the single record of progress: a stage marked `done` is never run
-again, so re-submitting a failed job resumes where it stopped.
+The manifest in the run root is the single record of progress. A stage done for the fingerprint it has now
+is reused, so re-submitting a failed job resumes where it stopped; a stage whose fingerprint changed (an
+edited recipe field it reads, another model or prompt version, a changed input) runs again, and the run
+says field by field why. Its earlier output is moved aside (`.superseded/`), never deleted, until
+`sphuatuo gc` removes it.
 """
 
 from __future__ import annotations
@@ -11,18 +15,60 @@ import logging
 import time
 from types import ModuleType
 
+from sphuatuo.local_models import model_identity
+from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import Recipe
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.store.manifest import StageRecord, StageTimer, load_manifest, save_manifest
+from sphuatuo.store.fingerprint import Fingerprint, changes, flatten
+from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_manifest, package_versions, save_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
 
 log = logging.getLogger("sphuatuo")
 
 
+# Engine and trainer fields that change how fast a stage runs or how it is placed, not what it writes.
+NOT_FINGERPRINTED = frozenset({
+    "replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "cpu_threads", "gpus_per_replica",
+    "tensor_parallel_size", "accelerator_type", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
+    "request_timeout_s", "max_retries", "qps", "checkpoint_every_steps", "keep_checkpoints", "max_failures",
+    "report_to", "cpus_per_worker", "peak_tflops_per_gpu",
+})
+SUPERSEDED = ".superseded"
+
+
 def recipe_stages(kind: type[Recipe]) -> tuple[ModuleType, ...]:
     """The stage modules a recipe kind runs, in order (its config class names them)."""
     return tuple(importlib.import_module(f"sphuatuo.stages.{name}") for name in kind.STAGES)
+
+
+def stage_outputs(stage: ModuleType, recipe: Recipe) -> tuple[str, ...]:
+    """The run-root folders a stage writes."""
+    return stage.outputs(recipe) if hasattr(stage, "outputs") else (stage.NAME,)
+
+
+def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str]) -> Fingerprint:
+    """The stage's fingerprint: the recipe fields it reads (less placement and speed knobs), the models and
+    prompt versions they name, the fingerprints of the stages it reads, and the producing packages' versions."""
+    dumped = recipe.model_dump(mode="json")
+    components: dict = {}
+    for path in stage.CONFIG:
+        value: object = dumped
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            components.update(flatten(value, path))
+    components = {key: value for key, value in components.items() if key.rsplit(".", 1)[-1] not in NOT_FINGERPRINTED}
+    for key, value in list(components.items()):
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "model" and isinstance(value, str):
+            components[f"{key}@identity"] = model_identity(value)
+        elif isinstance(value, str) and (leaf == "prompt" or leaf.endswith("_prompt")):
+            template = get_prompt(value)
+            components[f"{key}@version"] = Fingerprint.of(template.model_dump(mode="json")).short
+    components.update({f"input.{name}": upstream[name] for name in stage.READS if name in upstream})
+    components.update({f"package.{name}": version for name, version in package_versions().items()})
+    return Fingerprint.of(components)
 
 
 class RunLog(logging.Handler):
@@ -69,19 +115,66 @@ def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -
         run_log.save()
 
 
+def supersede(run: RunRoot, folders: tuple[str, ...], fingerprint: str | None) -> list[str]:
+    """Move a stage's earlier output aside (`.superseded/<folder>@<fingerprint>`); return what was moved."""
+    moved = []
+    for folder in folders:
+        if run.exists(folder):
+            target = f"{folder}@{(fingerprint or 'unfingerprinted')[:12]}"
+            run.move(folder, SUPERSEDED, target)
+            moved.append(f"{SUPERSEDED}/{target}")
+    return moved
+
+
+def plan_stages(recipe: Recipe, stages: tuple[ModuleType, ...], manifest: Manifest
+                ) -> list[tuple[ModuleType, Fingerprint, str]]:
+    """Each stage with its fingerprint and what a run would do with it: `reuse` (done or skipped for this
+    fingerprint), `stale` (done for another one, or for none), `resume` (started for this one) or `run`."""
+    upstream: dict[str, str] = {}
+    planned = []
+    for stage in stages:
+        fingerprint = stage_fingerprint(recipe, stage, upstream)
+        upstream[stage.NAME] = fingerprint.digest
+        record = manifest.stages.get(stage.NAME)
+        if record is None or record.status == "pending":
+            action = "run"
+        elif record.fingerprint != fingerprint.digest:
+            action = "stale"
+        else:
+            action = "reuse" if record.status in ("done", "skipped") else "resume"
+        planned.append((stage, fingerprint, action))
+    return planned
+
+
+def stale_reasons(record: StageRecord, fingerprint: Fingerprint) -> list[str]:
+    if record.fingerprint is None:
+        return ["no fingerprint recorded (a run from before fingerprints)"]
+    return changes(record.fingerprint_components, fingerprint.components)
+
+
 def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, run_log: RunLog) -> RunRoot:
     manifest = load_manifest(run, recipe)
+    planned = plan_stages(recipe, stages, manifest)
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     started = time.perf_counter()
-    for stage in stages:
-        record = manifest.stages.setdefault(stage.NAME, StageRecord())
-        if record.status in ("done", "skipped"):
-            log.info("stage %s: already %s, not run again", stage.NAME, record.status)
+    for stage, fingerprint, action in planned:
+        if action == "reuse":
+            log.info("stage %s: reused (%s for fingerprint %s)", stage.NAME, manifest.stages[stage.NAME].status,
+                     fingerprint.short)
             continue
+        if action == "stale":
+            record = manifest.stages[stage.NAME]
+            log.warning("stage %s: stale, runs again: %s", stage.NAME, "; ".join(stale_reasons(record, fingerprint)))
+            for moved in supersede(run, stage_outputs(stage, recipe), record.fingerprint):
+                log.info("stage %s: earlier output kept at %s until `sphuatuo gc`", stage.NAME, moved)
+            manifest.stages[stage.NAME] = StageRecord()
+        record = manifest.stages.setdefault(stage.NAME, StageRecord())
+        record.fingerprint, record.fingerprint_components = fingerprint.digest, fingerprint.components
         record.error = None
         log.info("stage %s: starting", stage.NAME)
         failure: BaseException | None = None
         with StageTimer(record):
+            save_manifest(run, manifest)  # a crash from here on leaves the stage `running` for this fingerprint
             try:
                 stage.run(StageContext(recipe=recipe, run=run, record=record))
                 record.status = "done"

@@ -571,6 +571,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = apply_overrides(raw, overrides or [])
     except ValueError as err:
         raise RecipeError(path, [str(err)]) from None
+    return parse_recipe(raw, path)
+
+
+def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    """Validate a raw recipe mapping (from a file, or as a manifest stores it); `source` names it in errors."""
+    path = source
     kind = raw.get("recipe", "self_play")
     if kind not in RECIPE_KINDS:
         raise RecipeError(path, [f"recipe: unknown recipe {kind!r} (known: {', '.join(RECIPE_KINDS)})"])

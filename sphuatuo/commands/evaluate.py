@@ -3,6 +3,11 @@ question file, without writing a recipe."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+from pathlib import Path
+
 from sphuatuo.data.loaders import load_questions, resolve_source_path
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import (
@@ -21,7 +26,16 @@ from sphuatuo.store.manifest import read_manifest
 from sphuatuo.store.run_root import RunRoot
 
 
-def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_root: str, backend: str,
+def default_run_root(model: str, data: str, prompt: str) -> str:
+    """One run root per model, question file and prompt, so evaluating another model never reuses this one's
+    answers (the stage fingerprints would tell them apart too, but answers of both stay browsable)."""
+    digest = hashlib.sha256("\n".join((model, os.path.abspath(data), prompt)).encode()).hexdigest()[:8]
+    slug = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", part).strip("_")[-32:]
+                    for part in (model, Path(data).stem, prompt.split("/")[-1]))
+    return f"runs/eval/{slug}-{digest}"
+
+
+def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_root: str | None, backend: str,
                       max_tokens: int, judge_model: str | None, prompt: str = "self_play/student_answer") -> Recipe:
     """A recipe with the test set and the `base` student only; the judge is the option-letter rule, or
     `judge_model` for open-ended items (refused without one, rather than scoring them all wrong)."""
@@ -34,7 +48,7 @@ def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_roo
              else JudgeConfig(kind="rule"))
     return Recipe(
         name="eval",
-        run_root=run_root,
+        run_root=run_root or default_run_root(model, data, prompt),
         data=DataConfig(train=[], test=[QuestionSource(path=data, format=data_format)], max_error_share=1.0),
         models=ModelsConfig(teacher=student, student=student, judge=judge),
         stages=StagesConfig(evaluate=EvaluateStage(models=["base"], prompt=prompt,

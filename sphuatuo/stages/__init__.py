@@ -3,9 +3,14 @@
 `questions`, `evaluate` and `training` serve both recipes; `self_play/` and `huatuo_o1/` hold each
 recipe's own stages, in the order the recipe's config class lists them (`Recipe.STAGES`).
 
+A stage is a module with `NAME` (its folder in the run root), `CONFIG` (the recipe fields it reads, as
+dotted paths), `READS` (the stages whose outputs it reads), `run(ctx)`, and optionally `outputs(recipe)`
+(its run-root folders, when they are not just `NAME`). CONFIG and READS make its fingerprint
+(`sphuatuo.pipeline.stage_fingerprint`).
+
 The contract every stage keeps:
 - rows carry the stable `id` of their question, so any training example traces back to it;
-- re-running skips finished stages and, inside a stage, the keys already written;
+- a stage whose fingerprint is unchanged is reused; inside a stage, the keys already written are skipped;
 - bad input goes to rejects with its reason, unparsable model output is kept with `parse_error` set.
 """
 

@@ -21,6 +21,8 @@ from sphuatuo.stages.self_play.student_answers import answer_questions
 from sphuatuo.stages.training import model_of
 
 NAME = "evaluate"
+CONFIG = ("models.student", "models.judge", "stages.evaluate", "stages.preference_pairs.strategies")
+READS = ("questions", "sft", "dpo", "rl")
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -16,6 +16,8 @@ from sphuatuo.recipe import QuestionSource
 from sphuatuo.stages import StageContext, StageFailed
 
 NAME = "questions"
+CONFIG = ("data", "seed")
+READS = ()
 def load_sources(sources: list[QuestionSource]) -> LoadResult:
     questions, rejects = [], []
     for source in sources:

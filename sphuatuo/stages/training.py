@@ -41,12 +41,18 @@ def train_stage(
         ctx.note(f"global batch {global_batch} is larger than the {len(examples)} examples: "
                  "each epoch is a single optimizer step")
     ctx.run.write_rows(examples, name, "data")
-    fit(ctx.run, name, stage, worker_fn, {"model": start_model, "data": f"{name}/data"})
+    fit(ctx.run, name, stage, worker_fn, {"model": start_model, "data": f"{name}/data"},
+        checkpoint_name=checkpoint_name(name, ctx.record.fingerprint))
     if not ctx.run.exists(name, "model", "config.json"):
         raise RuntimeError(f"{name}: training finished but no model was exported to {ctx.run.join(name, 'model')}")
     losses = [entry["loss"] for entry in training_log(ctx, name) if "loss" in entry]
     ctx.record.details.update(steps=len(losses), first_loss=losses[0] if losses else None,
                               last_loss=losses[-1] if losses else None)
+
+
+def checkpoint_name(name: str, fingerprint: str | None) -> str:
+    """Ray Train's run name: the stage's folder name and its fingerprint."""
+    return f"{name}-{fingerprint[:12]}" if fingerprint else name
 
 
 def training_log(ctx: StageContext, name: str) -> list[dict[str, Any]]:

@@ -39,6 +39,8 @@ class StageRecord(BaseModel):
     finished_at: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    fingerprint: str | None = None
+    fingerprint_components: dict[str, Any] = Field(default_factory=dict)
 
 
 class Manifest(BaseModel):

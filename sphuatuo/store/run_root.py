@@ -49,6 +49,17 @@ class RunRoot:
         if tmp != target:
             self.fs.move(tmp, target)
 
+    def move(self, source: str, *target: str) -> None:
+        """Move a file or folder inside the run (a rename on local disk; copy, then remove the source, on object
+        stores, which have no directory rename)."""
+        source_path, target_path = self.fs_path(source), self.fs_path(*target)
+        self.fs.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.move(source_path, target_path)
+            return
+        pafs.copy_files(source_path, target_path, source_filesystem=self.fs, destination_filesystem=self.fs)
+        self.fs.delete_dir(source_path)
+
     def read_text(self, *parts: str) -> str:
         with self.fs.open_input_stream(self.fs_path(*parts)) as f:
             return f.read().decode("utf-8")

@@ -1,6 +1,6 @@
 """Ray Train launch of a TRL trainer: one TorchTrainer per training stage.
 
-Checkpoints go to `<run root>/checkpoints/<stage>` through Ray Train's own storage (the run root's
+Checkpoints go to `<run root>/checkpoints/<stage>-<fingerprint>` through Ray Train's own storage (the run root's
 pyarrow filesystem: local disk, NFS, or an object store), so every node sees them and a re-run with
 the same name resumes. The stage's product is one consolidated Hugging Face model directory at
 `<run root>/<stage>/model`, next to `train_log.json` and `sample_order.jsonl`.
@@ -31,8 +31,12 @@ def fit(
     stage: TrainStage,
     worker_fn: Callable[[dict[str, Any]], None],
     worker_config: dict[str, Any],
+    checkpoint_name: str | None = None,
 ) -> None:
-    """Run `worker_fn` on `stage.scaling.num_workers` Ray Train workers; raise if training fails."""
+    """Run `worker_fn` on `stage.scaling.num_workers` Ray Train workers; raise if training fails.
+
+    Checkpoints go to `<run root>/checkpoints/<checkpoint_name>` (default: the stage name); a stage names
+    them by its fingerprint too, so a changed recipe never resumes another recipe's checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -49,7 +53,7 @@ def fit(
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=stage_name,
+            name=checkpoint_name or stage_name,
             storage_path=run.fs_path("checkpoints"),
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),

@@ -34,6 +34,8 @@ from sphuatuo.stages import StageContext, StageSkipped, log
 from sphuatuo.stages.huatuo_o1.search import INIT, LABEL, SearchPlan, SearchState, advance, solved_counts
 
 NAME = "reasoning_search"
+CONFIG = ("models.teacher", "models.judge", "stages.reasoning_search", "seed")
+READS = ("verifiable_problems",)
 
 
 def step_messages(stage: ReasoningSearchStage, row: Row) -> Messages:

@@ -18,6 +18,8 @@ from sphuatuo.stages.training import model_of, train_stage, training_log
 from sphuatuo.train.grpo import grpo_worker
 
 NAME = "rl"
+CONFIG = ("models.student.model", "stages.rl")
+READS = ("verifiable_problems", "sft")
 
 
 def rl_examples(prompt_name: str, problems: list[Row]) -> list[Row]:

@@ -16,6 +16,8 @@ from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.sft import sft_worker
 
 NAME = "sft"
+CONFIG = ("models.student.model", "stages.sft")
+READS = ("reasoning_search",)
 
 
 def sft_examples(stage: O1SftStage, paths: list[Row]) -> list[Row]:

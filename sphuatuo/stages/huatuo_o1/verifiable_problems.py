@@ -27,6 +27,8 @@ from sphuatuo.recipe import EngineConfig, VerifiableProblemsStage
 from sphuatuo.stages import StageContext, StageSkipped
 
 NAME = "verifiable_problems"
+CONFIG = ("models.teacher", "stages.verifiable_problems", "seed")
+READS = ("questions",)
 
 
 def question_messages(prompt_name: str, row: Row) -> list[dict[str, str]]:

@@ -6,12 +6,20 @@ several (an ablation) `dpo_<strategy>`, so the evaluation puts them side by side
 
 from __future__ import annotations
 
+from sphuatuo.recipe import Recipe
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.train.dpo import dpo_worker
 
 NAME = "dpo"
+CONFIG = ("stages.dpo", "stages.preference_pairs.strategies")
+READS = ("preference_pairs", "sft")
+
+
+def outputs(recipe: Recipe) -> tuple[str, ...]:
+    """The run-root folders this stage writes: one model per pair strategy."""
+    return tuple(recipe.stages.dpo_models())
 
 
 def run(ctx: StageContext) -> None:
@@ -24,7 +32,7 @@ def run(ctx: StageContext) -> None:
             continue  # trained before this stage was interrupted
         examples = [{key: pair[key] for key in ("id", "prompt", "chosen", "rejected", "strategy")}
                     for pair in pairs if pair["strategy"] == strategy]
-        sub = StageContext(recipe=ctx.recipe, run=ctx.run, record=StageRecord())
+        sub = StageContext(recipe=ctx.recipe, run=ctx.run, record=StageRecord(fingerprint=ctx.record.fingerprint))
         try:
             train_stage(sub, name, ctx.recipe.stages.dpo, examples, dpo_worker, start)
         except StageSkipped as reason:

@@ -30,6 +30,9 @@ from sphuatuo.stages.self_play import training_answer
 from sphuatuo.stages.training import model_of
 
 NAME = "preference_pairs"
+CONFIG = ("models.student", "models.teacher", "models.judge", "stages.preference_pairs",
+          "stages.student_answers.prompt")
+READS = ("student_answers", "sft")
 
 CORRECTIONS: tuple[PairStrategy, ...] = ("self_correction", "answer_correction", "teacher_correction")
 

@@ -16,6 +16,9 @@ from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.sft import sft_worker
 
 NAME = "sft"
+CONFIG = ("models.student.model", "stages.sft", "stages.student_answers.prompt",
+          "stages.teacher_cot.answer_from_thought")
+READS = ("teacher_cot",)
 
 
 def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:

@@ -19,6 +19,8 @@ from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.training import model_of
 
 NAME = "student_answers"
+CONFIG = ("models.student", "models.judge", "stages.student_answers")
+READS = ("questions", "sft")
 
 
 def student_messages(prompt_name: str, row: Row) -> Messages:

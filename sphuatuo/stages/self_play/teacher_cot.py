@@ -21,6 +21,8 @@ from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.self_play import training_answer
 
 NAME = "teacher_cot"
+CONFIG = ("models.teacher", "models.judge", "stages.teacher_cot")
+READS = ("questions",)
 
 
 def teacher_messages(ctx: StageContext, row: Row) -> list[dict[str, str]]:
