@@ -105,7 +105,8 @@ def test_stale_output_is_moved_aside_and_gc_removes_only_unreferenced_outputs(tm
     assert unreferenced_outputs(run, manifest) == garbage
     assert collect_garbage(run, dry_run=True) == garbage and run.exists(".superseded")
     assert collect_garbage(run) == garbage
-    assert not run.exists(".superseded", "teacher_cot@0123456789ab") and not run.exists("checkpoints", "sft-aaaaaaaaaaaa")
+    assert not run.exists(".superseded", "teacher_cot@0123456789ab")
+    assert not run.exists("checkpoints", "sft-aaaaaaaaaaaa")
     assert run.exists("checkpoints", f"sft-{'f' * 12}", "checkpoint_000001", "state")
 
 
