@@ -91,6 +91,11 @@ class EngineConfig(Strict):
     max_retries: int = Field(default=5, ge=0, description="openai: retries with exponential backoff on "
                                                           "429/408/5xx and timeouts")
     qps: int | None = Field(default=None, ge=1, description="openai: request rate limit per replica")
+    max_attempts: int = Field(default=2, ge=1, description="tries of a row the engine fails on (a prompt too long, "
+                                                           "a server error past its retries) before it is kept as "
+                                                           "an error row")
+    max_error_share: float = Field(default=0.1, ge=0.0, le=1.0, description="fail a pass when more than this "
+                                                                            "share of its rows ends in an error")
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> EngineConfig:
@@ -175,7 +180,6 @@ class TeacherCotStage(Strict):
         default=False, description="multiple-choice replies that stop after </think> with a verified answer in "
                                    "the thought get the judged option(s) as their <answer> (for small teachers)"
     )
-    max_error_share: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
 class LoraConfig(Strict):

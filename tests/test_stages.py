@@ -290,12 +290,13 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
     assert "stage evaluate: done in" in run_log and "output tok/s" in run_log
 
 
-def test_a_prompt_too_long_for_the_engine_is_kept_with_its_error_and_the_pass_goes_on(tmp_path: Path,
-                                                                                      ray_cluster) -> None:
+def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_counted(tmp_path: Path,
+                                                                                     ray_cluster) -> None:
     from sphuatuo.engines import Request
-    from sphuatuo.passes.generation import generate_pass, parse_reply
+    from sphuatuo.passes.generation import PassFailed, generate_pass, parse_reply
 
-    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128})
+    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128, "models.teacher.max_attempts": 2,
+                                              "models.teacher.max_error_share": 0.25})
     ctx = _context(recipe)
     rows = [{"key": f"q{i}", "text": "what is scurvy?"} for i in range(3)]
     rows.append({"key": "long", "text": "scurvy " * 400})
@@ -309,3 +310,14 @@ def test_a_prompt_too_long_for_the_engine_is_kept_with_its_error_and_the_pass_go
     assert out["long"]["parse_error"].startswith("engine error: ") and "128" in out["long"]["parse_error"]
     for key in ("q0", "q1", "q2"):
         assert out[key]["engine_error"] is None and out[key]["num_generated_tokens"] > 0
+    attempts = ctx.run.read_rows("probe_errors")
+    assert [(row["key"], row["attempt"]) for row in sorted(attempts, key=lambda r: r["attempt"])] == [
+        ("long", 1), ("long", 2)]
+    assert ctx.record.details["throughput"]["probe"]["engine_errors"] == 1
+
+    # Past the role's max_error_share the pass fails, with the counts and the commonest error.
+    strict = recipe.models.teacher.model_copy(update={"max_attempts": 1, "max_error_share": 0.1})
+    with pytest.raises(PassFailed, match=r"probe2: 1 of 4 rows failed in the engine after 1 attempts \(25%, more "
+                                         r"than max_error_share 10%\); commonest: 1 x .*128"):
+        generate_pass(ctx, rows, "probe2", engine=strict, request=Request(temperature=0.0, top_p=1.0, max_tokens=4),
+                      messages=lambda row: [{"role": "user", "content": row["text"]}])

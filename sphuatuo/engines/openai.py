@@ -59,10 +59,13 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         response = row["http_response"]
-        if not response.get("choices"):
-            raise RuntimeError(f"{url} answered without choices: {response.get('error') or response}")
-        choice, usage = response["choices"][0], response.get("usage") or {}
         out = {key: value for key, value in row.items() if key in input_columns}
+        if not response.get("choices"):  # a row error, not the pass's: kept, retried, counted
+            return {**out, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
+                    "finish_reason": "error",
+                    "engine_error": f"{url} answered without choices: {response.get('error') or response}"[:1000]}
+        choice, usage = response["choices"][0], response.get("usage") or {}
+        out["engine_error"] = None
         out["generated_text"] = choice["message"]["content"] or ""
         out["num_input_tokens"] = int(usage.get("prompt_tokens") or 0)
         out["num_generated_tokens"] = int(usage.get("completion_tokens") or 0)

@@ -1,14 +1,19 @@
 """One resumable generation pass: prompt rows, run them through an engine, append to a dataset folder.
 
 Keys already present in the folder are not generated again, so a pass interrupted by a crash loses at
-most the batches in flight, and a finished pass costs nothing when re-run.
+most the batches in flight, and a finished pass costs nothing when re-run. A row the engine fails on is
+tried again, up to the role's `max_attempts`; each failed attempt is kept in `<folder>_errors`, and a
+row that never succeeds is written with `finish_reason` "error". When more than the role's
+`max_error_share` of the pass fails, the pass fails with the counts and the commonest errors.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
@@ -21,6 +26,10 @@ from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.progress import RowProgress
 
 log = logging.getLogger("sphuatuo")
+
+
+class PassFailed(RuntimeError):
+    """More of a pass's rows failed in the engine than its role allows (`max_error_share`)."""
 
 
 def sample_key(question_id: str, sample: int, samples_per_question: int) -> str:
@@ -56,19 +65,58 @@ def generate_pass(
     if not todo:
         return 0
     model_name = model or engine.model
-    ds = ray.data.from_items([{**row, "messages": messages(row)} for row in todo])
-    ds = engines.generate(ds, engine, request, model=model_name)
-    ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
     progress = RowProgress(folder, total=len(todo))
-    # The driver appends each batch as it streams out, so a crash loses only the batches in flight.
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        ctx.run.append_rows(batch, folder)
-        progress.update(batch.num_rows, pc.sum(batch["num_generated_tokens"]).as_py() or 0)
+    pending, failed = todo, pa.table({})
+    for attempt in range(1, engine.max_attempts + 1):
+        failed = _generate_once(ctx, pending, folder, engine, request, messages, model_name, progress)
+        if not failed.num_rows:
+            break
+        ctx.run.append_rows(failed.append_column("attempt", pa.array([attempt] * failed.num_rows)), f"{folder}_errors")
+        if attempt < engine.max_attempts:
+            log.warning("%s: %d rows failed in the engine (attempt %d of %d); trying them again", folder,
+                        failed.num_rows, attempt, engine.max_attempts)
+            retry = set(failed.column("key").to_pylist())
+            pending = [row for row in todo if row["key"] in retry]
+    if failed.num_rows:
+        ctx.run.append_rows(failed, folder)  # kept, with finish_reason "error" and the engine's message
+        progress.update(failed.num_rows)
     done = progress.close()
     passes = ctx.record.details.setdefault("throughput", {})
     passes[folder] = {"rows": done.rows, "seconds": round(done.seconds, 1), "rows_per_s": round(done.rows_per_s, 3),
-                      "output_tokens_per_s": round(done.tokens_per_s, 1)}
+                      "output_tokens_per_s": round(done.tokens_per_s, 1), "engine_errors": failed.num_rows}
+    _check_error_share(folder, failed, len(todo), engine)
     return len(todo)
+
+
+def _generate_once(ctx: PassTarget, rows: list[Row], folder: str, engine: EngineConfig, request: Request,
+                   messages: Callable[[Row], Messages], model_name: str, progress: RowProgress) -> pa.Table:
+    """One trip of `rows` through the engine: successful rows are appended to `folder` batch by batch as they
+    stream out (a crash loses only the batches in flight); the rows the engine failed on are returned."""
+    ds = ray.data.from_items([{**row, "messages": messages(row)} for row in rows])
+    ds = engines.generate(ds, engine, request, model=model_name)
+    ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
+    failed = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        error = pc.equal(batch["finish_reason"], "error")
+        ok = batch.filter(pc.invert(error))
+        if ok.num_rows:
+            ctx.run.append_rows(ok, folder)
+            progress.update(ok.num_rows, pc.sum(ok["num_generated_tokens"]).as_py() or 0)
+        failed.append(batch.filter(error))
+    if not failed:
+        return pa.table({"key": pa.array([], pa.string())})
+    return pa.concat_tables(failed, promote_options="default")
+
+
+def _check_error_share(folder: str, failed: pa.Table, total: int, engine: EngineConfig) -> None:
+    if not failed.num_rows or failed.num_rows / total <= engine.max_error_share:
+        return
+    common = Counter(str(message)[:200] for message in failed.column("engine_error").to_pylist()).most_common(3)
+    raise PassFailed(
+        f"{folder}: {failed.num_rows} of {total} rows failed in the engine after {engine.max_attempts} attempts "
+        f"({failed.num_rows / total:.0%}, more than max_error_share {engine.max_error_share:.0%}); commonest: "
+        + "; ".join(f"{count} x {message}" for message, count in common)
+        + f" (every attempt is in {folder}_errors)")
 
 
 def _whole_reply(row: Row, model_name: str) -> Row:
