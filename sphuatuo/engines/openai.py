@@ -9,6 +9,7 @@ the HTTP session that sends it is built inside the actor.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import aiohttp
@@ -36,18 +37,41 @@ class ChatSession:
         return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
 
-def _payload(row: dict[str, Any], model: str, request: Request) -> dict[str, Any]:
+def _payload(row: dict[str, Any], model: str, request: Request, server: str) -> dict[str, Any]:
+    """The chat request; server extensions (vLLM's, SGLang's) only go to servers declared to have them."""
     messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": request.temperature,
                                "top_p": request.top_p, "max_tokens": request.max_tokens}
     if request.seed is not None:
         payload["seed"] = row_seed(request, row)
-    if messages[-1]["role"] == "assistant":
+    extended = server in ("vllm", "sglang")
+    if messages[-1]["role"] == "assistant" and extended:
         # Continue a prefilled reply: vLLM and SGLang servers take these chat-template switches.
         payload.update(continue_final_message=True, add_generation_prompt=False)
-    if request.allowed_token_ids:
-        payload["allowed_token_ids"] = list(request.allowed_token_ids)  # vLLM server extension
+    if request.allowed_token_ids and server == "vllm":
+        payload["allowed_token_ids"] = list(request.allowed_token_ids)
+    if request.verdict_words and request.verdict_via == "choice":
+        if server == "vllm":
+            payload["structured_outputs"] = {"choice": list(request.verdict_words)}
+        elif server == "sglang":
+            payload["regex"] = "(" + "|".join(re.escape(word) for word in request.verdict_words) + ")"
+    if request.verdict_words and request.verdict_via == "logprobs":
+        payload.update(logprobs=True, top_logprobs=20)
     return payload
+
+
+def likelier_word(choice: dict[str, Any], words: tuple[str, ...]) -> str | None:
+    """Of `words`, the one the first generated token most likely begins (the standard API's top_logprobs)."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    if not content:
+        return None
+    candidates = sorted(content[0].get("top_logprobs") or [], key=lambda c: -c["logprob"])
+    for candidate in candidates:
+        token = candidate["token"].strip().lower()
+        for word in words:
+            if token and word.lower().startswith(token):
+                return word
+    return None
 
 
 def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model: str) -> ray.data.Dataset:
@@ -55,7 +79,7 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
     input_columns = set(ds.columns())
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, "payload": _payload(row, model, request)}
+        return {**row, "payload": _payload(row, model, request, engine.server)}
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         response = row["http_response"]
@@ -67,6 +91,8 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
         choice, usage = response["choices"][0], response.get("usage") or {}
         out["engine_error"] = None
         out["generated_text"] = choice["message"]["content"] or ""
+        if request.verdict_words and request.verdict_via == "logprobs":
+            out["generated_text"] = likelier_word(choice, request.verdict_words) or out["generated_text"]
         out["num_input_tokens"] = int(usage.get("prompt_tokens") or 0)
         out["num_generated_tokens"] = int(usage.get("completion_tokens") or 0)
         out["finish_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"

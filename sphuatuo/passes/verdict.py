@@ -85,6 +85,22 @@ def rule_verdict(question: Question, reply: str) -> dict[str, Any]:
             "verdict_raw": letters_text(letters)}
 
 
+def verdict_request(judge: JudgeConfig, spec: VerdictSpec) -> Request:
+    """Greedy and one token long where the constraint allows it: the judge's own token ids on local engines (no
+    tokenizer is looked up for a hosted model), the server's choice, or the standard API's log-probabilities."""
+    assert judge.engine is not None
+    if judge.constraint == "token_ids":
+        token_ids = single_token_ids(judge.engine.model, spec.words)
+        if token_ids is None and not spec.free_text_fallback:
+            raise ValueError(f"judge model {judge.engine.model}: {spec.words[0]!r} and {spec.words[1]!r} must each be "
+                             "one token for the one-token judge")
+        return Request.from_config(SamplingConfig(temperature=0.0, max_tokens=1 if token_ids else 8), token_ids)
+    # A server's choice writes a whole word, however many tokens it is; log-probabilities need one token.
+    max_tokens = 8 if judge.constraint == "choice" else 1
+    return Request(temperature=0.0, top_p=1.0, max_tokens=max_tokens, verdict_words=spec.words,
+                   verdict_via=judge.constraint)
+
+
 def verdict_pass(target: PassTarget, rows: list[Row], folder: str, judge: JudgeConfig, spec: VerdictSpec) -> None:
     """Decide every row of `rows` (question columns, a `key` and the spec's reply column) not yet in `folder`,
     and write them there with their verdicts; the LLM's raw replies stay in `<folder>_raw`."""
@@ -107,16 +123,11 @@ def verdict_pass(target: PassTarget, rows: list[Row], folder: str, judge: JudgeC
 
     engine = judge.engine
     assert engine is not None  # the recipe validator guarantees it for kind llm/auto
-    token_ids = single_token_ids(engine.model, spec.words)
-    if token_ids is None and not spec.free_text_fallback:
-        raise ValueError(f"judge model {engine.model}: {spec.words[0]!r} and {spec.words[1]!r} must each be one "
-                         "token for the one-token judge")
     prompt = get_prompt(spec.prompt)
-    sampling = SamplingConfig(temperature=0.0, max_tokens=1 if token_ids else 8)
     # The judge sees only what its prompt needs; its own token counts stay out of the judged rows.
     inputs = [{"key": row["key"], **spec.prompt_fields(row)} for row in by_llm]
     raw_folder = folder + "_raw"
-    generate_pass(target, inputs, raw_folder, engine=engine, request=Request.from_config(sampling, token_ids),
+    generate_pass(target, inputs, raw_folder, engine=engine, request=verdict_request(judge, spec),
                   messages=lambda row: prompt.messages(**{name: row[name] for name in prompt.fields}))
     raw = {row["key"]: row["generated_text"] for row in target.run.read_rows(raw_folder)}
     judged = [{**row, "verdict": spec.parse(raw[row["key"]]), "decided_by": f"llm:{engine.model}",

@@ -2,7 +2,8 @@
 questions (METHOD A.6, B.5).
 
 Greedy decoding by default, a token budget that fits the chain of thought (the original 450 cut it
-short). Multiple-choice items are scored by option-letter set equality, open-ended ones by the judge.
+short). Multiple-choice items are scored by option-letter set equality whatever the judge kind, open-ended
+ones by the judge.
 First-match and last-match accuracy are reported separately, and an empty or unparsable reply counts
 as wrong and is counted.
 """
@@ -16,6 +17,7 @@ from sphuatuo.data.questions import Question
 from sphuatuo.parsing.replies import first_and_last_answers
 from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens
+from sphuatuo.recipe import JudgeConfig
 from sphuatuo.stages import StageContext, StageSkipped, log
 from sphuatuo.stages.self_play.student_answers import answer_questions
 from sphuatuo.stages.training import model_of
@@ -23,6 +25,12 @@ from sphuatuo.stages.training import model_of
 NAME = "evaluate"
 CONFIG = ("models.student", "models.judge", "stages.evaluate", "stages.preference_pairs.strategies")
 READS = ("questions", "sft", "dpo", "rl")
+
+
+def scoring_judge(judge: JudgeConfig) -> JudgeConfig:
+    """Evaluation scores multiple-choice items by their option letters whatever the judge kind, so a benchmark
+    number never depends on an LLM judge's reading of a letter; the LLM judge scores open-ended items only."""
+    return judge.model_copy(update={"kind": "auto"}) if judge.kind == "llm" else judge
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -88,7 +96,8 @@ def run(ctx: StageContext) -> None:
             ctx.note(f"not evaluating {name}: {missing}")
             continue
         log.info("evaluating %s (%s) on %d questions", name, model, len(questions))
-        rows = answer_questions(ctx, questions, f"{NAME}/{name}", model, stage.prompt, stage.sampling)
+        rows = answer_questions(ctx, questions, f"{NAME}/{name}", model, stage.prompt, stage.sampling,
+                                judge=scoring_judge(ctx.recipe.models.judge))
         results[name] = score(rows)
         all_rows.extend(rows)
         ctx.note(f"{name}: accuracy {results[name]['accuracy']:.1%} on {len(rows)} questions")

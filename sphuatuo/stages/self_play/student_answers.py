@@ -14,7 +14,7 @@ from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens, sample_key
 from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import Messages, get_prompt, options_block
-from sphuatuo.recipe import SamplingConfig
+from sphuatuo.recipe import JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.training import model_of
 
@@ -29,14 +29,15 @@ def student_messages(prompt_name: str, row: Row) -> Messages:
 
 
 def answer_questions(ctx: StageContext, questions: list[Row], folder: str, model: str, prompt_name: str,
-                     sampling: SamplingConfig, samples: int = 1) -> list[Row]:
+                     sampling: SamplingConfig, samples: int = 1, judge: JudgeConfig | None = None) -> list[Row]:
     """`samples` judged answers per question from `model` (the student engine), in `folder`; the k-th
-    sample of a question is seeded seed + k (see `engines.row_seed`)."""
+    sample of a question is seeded seed + k (see `engines.row_seed`). `judge`: default the recipe's."""
     meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump()),
             "hinted": False}
     rows = [{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
             for q in questions for k in range(samples)]
-    return generate_and_judge(ctx, rows, folder, judge=ctx.recipe.models.judge, engine=ctx.recipe.models.student,
+    return generate_and_judge(ctx, rows, folder, judge=judge or ctx.recipe.models.judge,
+                              engine=ctx.recipe.models.student,
                               request=Request.from_config(sampling), model=model,
                               messages=lambda row: student_messages(prompt_name, row))
 
