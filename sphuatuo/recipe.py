@@ -261,6 +261,10 @@ class TrainStage(Strict):
     global_batch_size: int | None = Field(
         default=None, ge=1, description="optional statement of the global batch, checked against the product")
     max_length: int = Field(default=2048, ge=16)
+    overlong: Literal["drop", "truncate_left"] = Field(
+        default="drop", description="an example longer than max_length: drop it, or cut its completion from the "
+                                    "start of the chain so the prompt and the answer stay (never a cut that "
+                                    "removes the answer)")
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
     seed: int = 0

@@ -64,6 +64,20 @@ def _plot_margins(logs: dict[str, list[dict[str, Any]]]) -> bytes | None:
     return _png(fig)
 
 
+def _lengths(run: RunRoot, name: str) -> list[str]:
+    """The histogram of example lengths a training stage saw, and what became of the overlong ones."""
+    if not run.exists(name, "lengths.json"):
+        return []
+    lengths = json.loads(run.read_text(name, "lengths.json"))
+    bins = lengths["histogram"]
+    return [f"{name}: example lengths in tokens (prompt and completion; max_length {lengths['max_length']}, "
+            f"longest {lengths['longest']}): {lengths['overlong']} of {lengths['examples']} overlong, "
+            f"{lengths['dropped']} dropped, {lengths['truncated']} cut from the left "
+            f"(`overlong: {lengths['overlong_policy']}`).", "",
+            "| " + " | ".join(bins) + " |", "|" + "---:|" * len(bins),
+            "| " + " | ".join(map(str, bins.values())) + " |", ""]
+
+
 def _training_runs(manifest: Manifest) -> list[str]:
     """The trained models: sft, then each DPO model the dpo stage recorded (`dpo` when it recorded none)."""
     dpo = manifest.stages.get("dpo")
@@ -183,7 +197,7 @@ def write_report(run: RunRoot) -> str:
         losses = [entry["loss"] for entry in log if "loss" in entry]
         lines += [f"![{name} loss]({name}_loss.png)", "",
                   f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "",
-                  _throughput(log), ""]
+                  _throughput(log), "", *_lengths(run, name)]
     margins = _plot_margins(dpo_logs)
     if margins:
         _write_png(run, margins, "dpo_reward_margins.png")

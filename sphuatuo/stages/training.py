@@ -45,6 +45,13 @@ def train_stage(
         checkpoint_name=checkpoint_name(name, ctx.record.fingerprint))
     if not ctx.run.exists(name, "model", "config.json"):
         raise RuntimeError(f"{name}: training finished but no model was exported to {ctx.run.join(name, 'model')}")
+    if ctx.run.exists(name, "lengths.json"):
+        lengths = json.loads(ctx.run.read_text(name, "lengths.json"))
+        ctx.record.details["lengths"] = lengths
+        if lengths["overlong"]:
+            ctx.note(f"{name}: {lengths['overlong']} of {lengths['examples']} examples are longer than max_length "
+                     f"{lengths['max_length']} (longest {lengths['longest']} tokens): {lengths['dropped']} dropped, "
+                     f"{lengths['truncated']} cut from the left")
     losses = [entry["loss"] for entry in training_log(ctx, name) if "loss" in entry]
     ctx.record.details.update(steps=len(losses), first_loss=losses[0] if losses else None,
                               last_loss=losses[-1] if losses else None)

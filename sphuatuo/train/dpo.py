@@ -19,7 +19,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
     from trl import DPOConfig, DPOTrainer
 
     stage = setup.stage
-    dataset = setup.dataset(["prompt", "chosen", "rejected"])
+    dataset = setup.dataset(["prompt", "chosen", "rejected"], completions=("chosen", "rejected"))
     args = DPOConfig(**setup.arguments, beta=stage.beta, loss_type=[stage.loss_type])
     trainer = setup.trainer(DPOTrainer, ref_model=None, args=args, train_dataset=dataset)
     setup.train_and_export(trainer)

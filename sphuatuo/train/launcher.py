@@ -23,6 +23,7 @@ from sphuatuo.recipe import TrainStage
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import process_environment
 from sphuatuo.train.deepspeed import deepspeed_config
+from sphuatuo.train.lengths import fit_to_length
 
 
 def fit(
@@ -126,11 +127,19 @@ class WorkerSetup:
     def run(self) -> RunRoot:
         return RunRoot(self.config["run_root"], self.config["filesystem"])
 
-    def dataset(self, columns: list[str]) -> Any:
+    def dataset(self, columns: list[str], completions: tuple[str, ...] = ()) -> Any:
+        """The stage's examples; with `completions`, those longer than `max_length` are dropped or cut from the
+        left (the recipe's `overlong`), and the first worker writes what happened to `<stage>/lengths.json`."""
+        import ray.train
         from datasets import Dataset
 
-        rows = self.run.read_rows(self.config["data"])
-        return Dataset.from_list([{column: row[column] for column in ["id", *columns]} for row in rows])
+        rows = [{column: row[column] for column in ["id", *columns]} for row in self.run.read_rows(self.config["data"])]
+        if completions:
+            rows, report = fit_to_length(self.tokenizer, rows, completions, self.stage.max_length,
+                                         self.stage.overlong)
+            if ray.train.get_context().get_world_rank() == 0:
+                self.run.write_text(json.dumps(report, indent=1), self.config["stage_name"], "lengths.json")
+        return Dataset.from_list(rows)
 
     def trainer(self, trainer_class: type, **kwargs: Any) -> Any:
         """`trainer_class` (TRL's SFTTrainer or DPOTrainer) recording sample order and throughput, and

@@ -19,7 +19,7 @@ def sft_worker(config: dict[str, Any]) -> None:
     # Imported after prepare_worker, which runs in this worker's environment (DS_ACCELERATOR on CPU).
     from trl import SFTConfig, SFTTrainer
 
-    dataset = setup.dataset(["prompt", "completion"])
+    dataset = setup.dataset(["prompt", "completion"], completions=("completion",))
     args = SFTConfig(**setup.arguments, completion_only_loss=True, packing=setup.stage.packing,
                      packing_strategy="bfd")
     trainer = setup.trainer(SFTTrainer, args=args, train_dataset=dataset)
