@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sphuatuo.recipe import RecipeError, load_recipe
+from sphuatuo.store.lease import LeaseError
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
 
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(err, file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, LeaseError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

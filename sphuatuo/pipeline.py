@@ -1,11 +1,12 @@
-"""Run a recipe: connect to Ray, then run each stage in order, reusing the ones already done for the same
-fingerprint.
+"""Run a recipe: take the run root's lease, connect to Ray, then run each stage in order, reusing the ones
+already done for the same fingerprint.
 
 The manifest in the run root is the single record of progress. A stage done for the fingerprint it has now
 is reused, so re-submitting a failed job resumes where it stopped; a stage whose fingerprint changed (an
 edited recipe field it reads, another model or prompt version, a changed input) runs again, and the run
 says field by field why. Its earlier output is moved aside (`.superseded/`), never deleted, until
-`sphuatuo gc` removes it.
+`sphuatuo gc` removes it. The lease keeps a run root to one driver at a time: a second driver fails
+before it connects to Ray.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import Recipe
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.store.fingerprint import Fingerprint, changes, flatten
+from sphuatuo.store.lease import Lease
 from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_manifest, package_versions, save_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
@@ -73,19 +75,22 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
 
 class RunLog(logging.Handler):
     """Keeps this process's `sphuatuo` log lines and appends them to `<run root>/run.log` at each save,
-    so the run root holds its own history (stages, progress, throughput) wherever it lives."""
+    so the run root holds its own history (stages, progress, throughput) wherever it lives. The earlier
+    log is read at the first save, under the lease, so a driver turned away never touches it."""
 
     def __init__(self, run: RunRoot):
         super().__init__(level=logging.INFO)
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.run = run
-        self.earlier = run.read_text("run.log") if run.exists("run.log") else ""
+        self.earlier: str | None = None
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
 
     def save(self) -> None:
+        if self.earlier is None:
+            self.earlier = self.run.read_text("run.log") if self.run.exists("run.log") else ""
         self.run.write_text(self.earlier + "".join(line + "\n" for line in self.lines), "run.log")
 
 
@@ -100,19 +105,22 @@ def stage_summary(name: str, record: StageRecord) -> str:
 
 def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -> RunRoot:
     """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
-    the first failing stage."""
-    if stages is None:
-        stages = recipe_stages(type(recipe))
+    the first failing stage, and LeaseError at once when another driver holds the run root."""
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)
     if not log.isEnabledFor(logging.INFO):
         log.setLevel(logging.INFO)  # the run log keeps progress lines even when the caller logs only warnings
     try:
-        return _run_stages(recipe, stages, run, run_log)
+        with Lease(run) as lease:  # before Ray and before any write: a second driver stops here
+            try:
+                # The stage modules import the engines and trainers (seconds): only once the lease is held.
+                stages = recipe_stages(type(recipe)) if stages is None else stages
+                return _run_stages(recipe, stages, run, run_log, lease)
+            finally:
+                run_log.save()
     finally:
         log.removeHandler(run_log)
-        run_log.save()
 
 
 def supersede(run: RunRoot, folders: tuple[str, ...], fingerprint: str | None) -> list[str]:
@@ -152,12 +160,14 @@ def stale_reasons(record: StageRecord, fingerprint: Fingerprint) -> list[str]:
     return changes(record.fingerprint_components, fingerprint.components)
 
 
-def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, run_log: RunLog) -> RunRoot:
+def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, run_log: RunLog,
+                lease: Lease) -> RunRoot:
     manifest = load_manifest(run, recipe)
     planned = plan_stages(recipe, stages, manifest)
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     started = time.perf_counter()
     for stage, fingerprint, action in planned:
+        lease.check()  # a driver whose lease was taken over writes no further stage
         if action == "reuse":
             log.info("stage %s: reused (%s for fingerprint %s)", stage.NAME, manifest.stages[stage.NAME].status,
                      fingerprint.short)

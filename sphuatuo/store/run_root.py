@@ -2,24 +2,47 @@
 
 Storage goes through pyarrow filesystems, so the same run root can be a local folder, an NFS mount
 shared by all nodes, or an `s3://` / `gs://` prefix.
+
+Every file is written whole or not at all (a `.tmp` renamed into place on local disk and NFS, one
+whole-object PUT on object stores), so a file named `*.parquet` is complete and readers never guess.
+A read that fails is retried with backoff, then raises naming the file: a flaky store or NFS mount
+never costs rows, and nothing here deletes a file it did not just write.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+log = logging.getLogger("sphuatuo")
+
+T = TypeVar("T")
+
+# Tries of one read, and the first wait between them (doubled after each failed try): rides out a few
+# seconds of a flaky object store or NFS server, then fails instead of hanging a stage.
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 0.5
+
+
+class RunRootReadError(OSError):
+    """A file of the run root that stayed unreadable after every retry; it is left where it is."""
+
 
 class RunRoot:
     """A run's storage. `uri` is what Ray and pyarrow are given; `path` is its filesystem path."""
 
-    def __init__(self, location: str, filesystem: pafs.FileSystem | None = None):
-        """`filesystem`: one already built for `location` (e.g. handed to a Ray worker with its options)."""
+    def __init__(self, location: str, filesystem: pafs.FileSystem | None = None, *,
+                 read_attempts: int = READ_ATTEMPTS, read_backoff_s: float = READ_BACKOFF_S):
+        """`filesystem`: one already built for `location` (e.g. handed to a Ray worker with its options).
+        `read_attempts` / `read_backoff_s`: retries of each read (tests make them short)."""
         if "://" not in location:
             location = os.path.abspath(os.path.expanduser(location))
         if filesystem is None:
@@ -27,6 +50,8 @@ class RunRoot:
         else:
             self.fs, self.path = filesystem, location.split("://", 1)[-1]
         self.uri = location
+        self.read_attempts = read_attempts
+        self.read_backoff_s = read_backoff_s
         self.fs.create_dir(self.path, recursive=True)
 
     def join(self, *parts: str) -> str:
@@ -39,11 +64,18 @@ class RunRoot:
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.fs_path(*parts)).type != pafs.FileType.NotFound
 
+    def _staging(self, target: str) -> str:
+        """Where to write `target` so that it appears whole: a unique `.tmp` beside it on local disk and
+        NFS (renamed into place after), the target itself on object stores (a PUT is atomic)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return f"{target}.{uuid.uuid4().hex[:8]}.tmp"
+        return target
+
     def write_text(self, text: str, *parts: str) -> None:
         """Write atomically where the filesystem allows (rename on local disk; object stores are atomic)."""
         target = self.fs_path(*parts)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        tmp = target + ".tmp" if isinstance(self.fs, pafs.LocalFileSystem) else target
+        tmp = self._staging(target)
         with self.fs.open_output_stream(tmp) as out:
             out.write(text.encode("utf-8"))
         if tmp != target:
@@ -60,52 +92,72 @@ class RunRoot:
         pafs.copy_files(source_path, target_path, source_filesystem=self.fs, destination_filesystem=self.fs)
         self.fs.delete_dir(source_path)
 
+    def _read(self, path: str, read: Callable[[], T]) -> T:
+        """`read()`, retried with exponential backoff; then a RunRootReadError naming `path`. A file that
+        is not there is not retried: FileNotFoundError at once."""
+        attempt = 1
+        while True:
+            try:
+                return read()
+            except FileNotFoundError:
+                raise
+            except (OSError, pa.ArrowException) as err:
+                if attempt >= self.read_attempts:
+                    raise RunRootReadError(f"cannot read {path} (tried {attempt} times): "
+                                           f"{type(err).__name__}: {err}") from err
+                delay = self.read_backoff_s * 2 ** (attempt - 1)
+                log.warning("reading %s failed (%s: %s); try %d of %d in %.1fs", path, type(err).__name__, err,
+                            attempt + 1, self.read_attempts, delay)
+                time.sleep(delay)
+                attempt += 1
+
     def read_text(self, *parts: str) -> str:
-        with self.fs.open_input_stream(self.fs_path(*parts)) as f:
-            return f.read().decode("utf-8")
+        path = self.fs_path(*parts)
+
+        def read() -> str:
+            with self.fs.open_input_stream(path) as f:
+                return f.read().decode("utf-8")
+
+        return self._read(path, read)
 
     def parquet_files(self, *parts: str) -> list[str]:
-        """Readable Parquet files under a dataset folder; a file cut short by a crash is removed."""
+        """The Parquet files of a dataset folder, sorted. Only complete files carry the `.parquet` name
+        (writes in flight or cut short end in `.tmp`), so nothing is opened, judged or removed here."""
         folder = self.fs_path(*parts)
-        if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
-            return []
-        files = []
-        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
-            if not info.path.endswith(".parquet"):
-                continue
-            try:
-                pq.read_metadata(info.path, filesystem=self.fs)
-            except Exception:  # noqa: BLE001 - any unreadable file is a partial write from a crash
-                self.fs.delete_file(info.path)
-                continue
-            files.append(info.path)
-        return sorted(files)
+        infos = self._read(folder, lambda: self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)))
+        return sorted(info.path for info in infos
+                      if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+
+    def _read_table(self, file: str, columns: list[str] | None = None) -> pa.Table:
+        return self._read(file, lambda: pq.read_table(file, columns=columns, filesystem=self.fs))
 
     def read_column(self, column: str, *parts: str) -> list[Any]:
         values: list[Any] = []
         for file in self.parquet_files(*parts):
-            values.extend(pq.read_table(file, columns=[column], filesystem=self.fs).column(column).to_pylist())
+            values.extend(self._read_table(file, [column]).column(column).to_pylist())
         return values
 
+    def _write_parquet(self, table: pa.Table, *parts: str) -> None:
+        target = self.fs_path(*parts)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        tmp = self._staging(target)
+        pq.write_table(table, tmp, filesystem=self.fs)
+        if tmp != target:
+            self.fs.move(tmp, target)
+
     def write_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
-        """Write a small dataset as one Parquet file `<parts>/part-0.parquet` (replacing it)."""
+        """Write a small dataset as one Parquet file `<parts>/part-0.parquet`, replacing it whole."""
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-        self.fs.create_dir(self.fs_path(*parts), recursive=True)
-        pq.write_table(table, self.fs_path(*parts, "part-0.parquet"), filesystem=self.fs)
+        self._write_parquet(table, *parts, "part-0.parquet")
 
     def append_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
         """Add one Parquet file to a dataset folder, written whole or not at all (a crash mid-write
         leaves a `.tmp` that readers ignore)."""
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-        self.fs.create_dir(self.fs_path(*parts), recursive=True)
-        target = self.fs_path(*parts, f"part-{uuid.uuid4().hex}.parquet")
-        tmp = target + ".tmp" if isinstance(self.fs, pafs.LocalFileSystem) else target
-        pq.write_table(table, tmp, filesystem=self.fs)
-        if tmp != target:
-            self.fs.move(tmp, target)
+        self._write_parquet(table, *parts, f"part-{uuid.uuid4().hex}.parquet")
 
     def read_rows(self, *parts: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for file in self.parquet_files(*parts):
-            rows.extend(pq.read_table(file, filesystem=self.fs).to_pylist())
+            rows.extend(self._read_table(file).to_pylist())
         return rows
