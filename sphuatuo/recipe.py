@@ -261,6 +261,11 @@ class TrainStage(Strict):
     global_batch_size: int | None = Field(
         default=None, ge=1, description="optional statement of the global batch, checked against the product")
     max_length: int = Field(default=2048, ge=16)
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        default=None, description="attention kernel (default: transformers' choice, sdpa where it can); "
+                                  "flash_attention_2 needs the flash-attn package and a GPU")
+    use_liger_kernel: bool = Field(default=False, description="Liger's fused kernels (RMSNorm, RoPE, SwiGLU, "
+                                                              "cross-entropy); needs the liger-kernel package, GPUs")
     overlong: Literal["drop", "truncate_left"] = Field(
         default="drop", description="an example longer than max_length: drop it, or cut its completion from the "
                                     "start of the chain so the prompt and the answer stay (never a cut that "
@@ -297,6 +302,9 @@ class DpoStage(TrainStage):
     grad_accumulation: int = Field(default=16, ge=1)
     beta: float = Field(default=0.3, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    precompute_ref_log_probs: bool = Field(default=False, description="compute the frozen reference's log-probs "
+                                                                      "once before training instead of every epoch "
+                                                                      "(the paper trains 10 epochs)")
 
 
 class StudentAnswersStage(Strict):
@@ -483,9 +491,14 @@ class RlStage(TrainStage):
     max_response_length: int = Field(default=1300, ge=1, description="paper: 1,300 tokens")
     temperature: float = Field(default=0.5, gt=0.0, description="paper: 0.5")
     iterations: int = Field(default=3, ge=1, description="optimisation passes per generated batch (PPO epochs: 3)")
-    use_vllm: bool = Field(default=False, description="generate with vLLM colocated in each worker (GPUs only)")
+    use_vllm: bool | None = Field(default=None, description="generate with vLLM colocated in each worker (GPUs "
+                                                              "only); default: on with GPUs, off on CPU")
     verifier: RewardVerifierConfig = RewardVerifierConfig()
     max_prompts: int | None = Field(default=None, ge=1, description="train on the first N RL problems")
+
+    @property
+    def generates_with_vllm(self) -> bool:
+        return self.scaling.use_gpu if self.use_vllm is None else self.use_vllm
 
 
 class O1EvaluateStage(EvaluateStage):

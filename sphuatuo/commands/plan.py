@@ -249,8 +249,9 @@ def _o1_plan(recipe: O1Recipe, gpu_memory_gb: float, bandwidth_tbs: float) -> Pl
         plans.append(engine("reasoning_search", "judge", judge, None, 8))
     plans.append(_train_plan("sft", stages.sft, models.student.model, gpu_memory_gb, preference=False))
     rl = _train_plan("rl", stages.rl, models.student.model, gpu_memory_gb, preference=False)
-    rl.notes.append(f"plus a frozen reference copy, the {stages.rl.verifier.kind} verifier"
-                    + (" and a colocated vLLM engine" if stages.rl.use_vllm else "") + " per worker: not modelled")
+    colocated = " and a colocated vLLM engine" if stages.rl.generates_with_vllm else ""
+    rl.notes.append(f"plus a frozen reference copy, the {stages.rl.verifier.kind} verifier{colocated} per worker: "
+                    "not modelled")
     plans.append(rl)
     evaluated = None if test_rows is None else test_rows * len(stages.evaluated_models())
     plans.append(engine("evaluate", "student", models.student, evaluated, stages.evaluate.sampling.max_tokens))

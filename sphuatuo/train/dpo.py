@@ -20,6 +20,7 @@ def dpo_worker(config: dict[str, Any]) -> None:
 
     stage = setup.stage
     dataset = setup.dataset(["prompt", "chosen", "rejected"], completions=("chosen", "rejected"))
-    args = DPOConfig(**setup.arguments, beta=stage.beta, loss_type=[stage.loss_type])
+    args = DPOConfig(**setup.arguments, beta=stage.beta, loss_type=[stage.loss_type],
+                     precompute_ref_log_probs=stage.precompute_ref_log_probs)
     trainer = setup.trainer(DPOTrainer, ref_model=None, args=args, train_dataset=dataset)
     setup.train_and_export(trainer)

@@ -21,7 +21,7 @@ def rl_arguments(base: dict[str, Any], stage: Any) -> dict[str, Any]:
         "max_completion_length": stage.max_response_length,
         "temperature": stage.temperature,
         "num_iterations": stage.iterations,
-        "use_vllm": stage.use_vllm,
+        "use_vllm": stage.generates_with_vllm,
         "vllm_mode": "colocate",
     }
 
@@ -46,7 +46,7 @@ def grpo_worker(config: dict[str, Any]) -> None:
     args = config_type(**rl_arguments(setup.arguments, stage))
     # Not `setup.trainer`: its sample-order record assumes one collated batch per training step, while
     # GRPO/RLOO collate one generation batch for several steps.
-    trainer = trainer_type(model=setup.model, reward_funcs=[reward], args=args, train_dataset=dataset,
+    trainer = trainer_type(model=setup.load_model(), reward_funcs=[reward], args=args, train_dataset=dataset,
                            processing_class=setup.tokenizer, peft_config=setup.peft_config,
                            callbacks=[RayTrainReportCallback()])
     setup.train_and_export(trainer)

@@ -103,6 +103,7 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> d
         "save_steps": stage.checkpoint_every_steps or 500,
         "save_total_limit": stage.keep_checkpoints,
         "report_to": list(stage.report_to) or "none",
+        "use_liger_kernel": stage.use_liger_kernel,
         "disable_tqdm": True,
         "use_cpu": not on_gpu,
         "deepspeed": deepspeed_config(stage.scaling, on_gpu=on_gpu),
@@ -114,14 +115,35 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> d
 
 @dataclass
 class WorkerSetup:
-    """What every training worker builds before its TRL trainer: the same for SFT and DPO."""
+    """What every training worker builds before its TRL trainer: the same for SFT, DPO and RL.
+
+    The model is loaded by `load_model`, after the trainer's config exists: with ZeRO-3 that config makes
+    transformers build the model inside `deepspeed.zero.Init`, so each rank holds only its shard of the
+    weights instead of the whole model in host memory."""
 
     config: dict[str, Any]
     stage: Any
-    model: Any
     tokenizer: Any
     peft_config: Any
     arguments: dict[str, Any]
+
+    def load_model(self) -> Any:
+        import ray.train
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if self.stage.scaling.zero_stage == 3 and not is_deepspeed_zero3_enabled():
+            raise RuntimeError("ZeRO-3 needs the trainer config built before the model is loaded")
+        model = AutoModelForCausalLM.from_pretrained(
+            self.config["model"], dtype="bfloat16" if self.stage.precision == "bf16" else "float32",
+            **({"attn_implementation": self.stage.attn_implementation} if self.stage.attn_implementation else {}))
+        local, total = parameter_counts(model)
+        if ray.train.get_context().get_world_rank() == 0:
+            world = ray.train.get_context().get_world_size()
+            self.run.write_text(json.dumps({"model_parameters": total, "parameters_on_rank_0": local,
+                                            "world_size": world, "zero_stage": self.stage.scaling.zero_stage}),
+                                self.config["stage_name"], "model_init.json")
+        return model
 
     @property
     def run(self) -> RunRoot:
@@ -149,8 +171,9 @@ class WorkerSetup:
         from sphuatuo.train.recording import RecordedTrainerMixin, gpu_peak_flops
 
         recorded = type(f"Recorded{trainer_class.__name__}", (RecordedTrainerMixin, trainer_class), {})
-        trainer = recorded(model=self.model, processing_class=self.tokenizer, peft_config=self.peft_config,
-                           model_parameters=sum(p.numel() for p in self.model.parameters()),
+        model = self.load_model()
+        trainer = recorded(model=model, processing_class=self.tokenizer, peft_config=self.peft_config,
+                           model_parameters=parameter_counts(model)[1],
                            peak_flops=gpu_peak_flops(self.stage.scaling.peak_tflops_per_gpu), **kwargs)
         # After the mixin's own callback, so checkpoints carry the sample order when Ray uploads them.
         trainer.add_callback(RayTrainReportCallback())
@@ -171,7 +194,7 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
     """Distributed init, model, tokenizer, LoRA config and Trainer arguments from the recipe stage."""
     import deepspeed
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     stage = stage_type.model_validate(config["stage"])
     config = {**config, "model": _local_model(config["model"], config["filesystem"])}
@@ -187,13 +210,21 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
     return WorkerSetup(
         config=config,
         stage=stage,
-        model=AutoModelForCausalLM.from_pretrained(
-            config["model"], dtype="bfloat16" if stage.precision == "bf16" else "float32"
-        ),
         tokenizer=AutoTokenizer.from_pretrained(config["model"]),
         peft_config=peft_config,
         arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu),
     )
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(parameters held by this rank, parameters of the model): equal without ZeRO-3, whose partitioned
+    parameters keep their full size in `ds_numel` and this rank's shard in `ds_tensor`."""
+    local = total = 0
+    for parameter in model.parameters():
+        sharded = hasattr(parameter, "ds_tensor")
+        local += parameter.ds_tensor.numel() if sharded else parameter.numel()
+        total += parameter.ds_numel if sharded else parameter.numel()
+    return local, total
 
 
 def _local_model(model: str, filesystem: pafs.FileSystem) -> str:
