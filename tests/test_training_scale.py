@@ -67,6 +67,11 @@ def test_zero3_sft_checkpoints_logs_and_exports_a_model_vllm_serves(zero3_run: R
         assert entry["grad_norm"] > 0 and "learning_rate" in entry and entry["tokens_per_second_per_worker"] > 0
         assert "mfu" not in entry  # only on GPUs, whose peak is known
 
+    # ZeRO-3 partitioned init: the model was built sharded, each rank holding about half of its parameters.
+    init = json.loads(run.read_text("sft", "model_init.json"))
+    assert init["world_size"] == 2 and init["zero_stage"] == 3
+    assert init["parameters_on_rank_0"] == pytest.approx(init["model_parameters"] / 2, rel=0.02)
+
     order = _sample_order(run)
     assert [step["step"] for step in order] == list(range(1, STEPS + 1))
     consumed = [example for step in order for worker in step["ids"] for example in worker]
