@@ -16,6 +16,7 @@ from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.store.manifest import StageRecord, StageTimer, load_manifest, save_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
+from sphuatuo.store.secrets import declare, redact, secret_names
 
 log = logging.getLogger("sphuatuo")
 
@@ -27,7 +28,8 @@ def recipe_stages(kind: type[Recipe]) -> tuple[ModuleType, ...]:
 
 class RunLog(logging.Handler):
     """Keeps this process's `sphuatuo` log lines and appends them to `<run root>/run.log` at each save,
-    so the run root holds its own history (stages, progress, throughput) wherever it lives."""
+    so the run root holds its own history (stages, progress, throughput) wherever it lives. The values of
+    declared secrets are masked in what it writes, whichever logger a line came from."""
 
     def __init__(self, run: RunRoot):
         super().__init__(level=logging.INFO)
@@ -40,7 +42,7 @@ class RunLog(logging.Handler):
         self.lines.append(self.format(record))
 
     def save(self) -> None:
-        self.run.write_text(self.earlier + "".join(line + "\n" for line in self.lines), "run.log")
+        self.run.write_text(redact(self.earlier + "".join(line + "\n" for line in self.lines)), "run.log")
 
 
 def stage_summary(name: str, record: StageRecord) -> str:
@@ -57,6 +59,7 @@ def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -
     the first failing stage."""
     if stages is None:
         stages = recipe_stages(type(recipe))
+    declare(secret_names(recipe.model_dump()))
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)

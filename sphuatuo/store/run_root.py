@@ -14,12 +14,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from sphuatuo.recipe import CREDENTIALS_ADVICE, uri_credentials
+
 
 class RunRoot:
     """A run's storage. `uri` is what Ray and pyarrow are given; `path` is its filesystem path."""
 
     def __init__(self, location: str, filesystem: pafs.FileSystem | None = None):
         """`filesystem`: one already built for `location` (e.g. handed to a Ray worker with its options)."""
+        problem = uri_credentials(location)
+        if problem:  # a run root given on the command line, which no recipe validated
+            raise ValueError("run root: " + CREDENTIALS_ADVICE.format(problem=problem))
         if "://" not in location:
             location = os.path.abspath(os.path.expanduser(location))
         if filesystem is None:
