@@ -29,9 +29,8 @@ class Strict(BaseModel):
 
 # An engine kwarg that is a recipe field: load_recipe names the field by its full path.
 RECIPE_FIELD_IN_KWARGS = "recipe_field_in_kwargs"
-# Refusals whose input may be a secret: load_recipe never shows the value given.
+# A refusal whose input holds credentials: load_recipe never shows the value given (nor any under `secrets`).
 CREDENTIALS_IN_URI = "credentials_in_uri"
-NOT_VARIABLE_NAMES = "not_variable_names"
 
 CREDENTIALS_ADVICE = (
     "credentials in the URI ({problem}) are refused: they would be written to the manifest, the report and the "
@@ -539,8 +538,8 @@ class Recipe(Strict):
         bad = [name for name in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
         if bad:
             # Only the count: an entry that is not a variable name may be a pasted secret.
-            raise PydanticCustomError(NOT_VARIABLE_NAMES, "entries that are not environment variable names: {count} "
-                                      "(list the variables' names, never their values)", {"count": len(bad)})
+            raise ValueError(f"entries that are not environment variable names: {len(bad)} (list the variables' "
+                             "names, never their values)")
         return names
 
 
@@ -572,15 +571,19 @@ RECIPE_KINDS: dict[str, type[Recipe]] = {"self_play": Recipe, "huatuo_o1": O1Rec
 
 def remote_code_models(recipe: Mapping[str, Any]) -> dict[str, str]:
     """Field path -> model of every model the recipe loads with `trust_remote_code`, from a recipe as a plain
-    mapping (a Recipe's model_dump, or the copy a manifest keeps), so old manifests are read the same way."""
+    mapping (a Recipe's model_dump, or the copy a manifest keeps), so old manifests are read the same way:
+    before the field existed, `engine_kwargs` could turn it on."""
     found: dict[str, str] = {}
 
     def walk(node: Any, path: tuple[Any, ...]) -> None:
         if isinstance(node, Mapping):
-            if node.get("trust_remote_code") is True:
+            kwargs = node.get("engine_kwargs")
+            if node.get("trust_remote_code") is True or (isinstance(kwargs, Mapping)
+                                                          and kwargs.get("trust_remote_code") is True):
                 found[_field_path(path)] = str(node.get("model"))
             for key, value in node.items():
-                walk(value, (*path, key))
+                if key != "engine_kwargs":  # read above, as its engine's
+                    walk(value, (*path, key))
         elif isinstance(node, list):
             for index, value in enumerate(node):
                 walk(value, (*path, index))
@@ -672,6 +675,6 @@ def _problem(error: Any) -> str:
     elif kind == RECIPE_FIELD_IN_KWARGS:
         kwarg = error["ctx"]["kwarg"]
         message = f"{kwarg} is a recipe field ({_field_path((*error['loc'][:-1], kwarg))}), not an engine kwarg"
-    hidden = ("missing", "extra_forbidden", RECIPE_FIELD_IN_KWARGS, CREDENTIALS_IN_URI, NOT_VARIABLE_NAMES)
-    given = "" if kind in hidden else f" (got {error.get('input')!r:.80})"
+    hidden = kind in ("missing", "extra_forbidden", RECIPE_FIELD_IN_KWARGS, CREDENTIALS_IN_URI)
+    given = "" if hidden or error["loc"][:1] == ("secrets",) else f" (got {error.get('input')!r:.80})"
     return f"{_field_path(error['loc'])}: {message}{given}"

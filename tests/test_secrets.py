@@ -215,6 +215,8 @@ def test_plan_and_report_say_which_models_run_remote_code(tmp_path: Path) -> Non
         "trust_remote_code: true}"])
     student = recipe.models.student.model
     assert remote_code_models(recipe.model_dump()) == {"models.student": student, "stages.rl.verifier": "org/verifier"}
+    old_manifest_copy = {"models": {"teacher": {"model": "org/t", "engine_kwargs": {"trust_remote_code": True}}}}
+    assert remote_code_models(old_manifest_copy) == {"models.teacher": "org/t"}
     expected = f"models.student → {student}, stages.rl.verifier → org/verifier"
     assert f"\nremote code: {expected}\n" in format_plan(plan(recipe))
 
@@ -273,8 +275,12 @@ def test_secret_names_are_the_listed_variables_and_every_api_key_env() -> None:
 def test_secrets_lists_names_never_values(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as caught:
         load_recipe(_write(tmp_path, _demo_raw(secrets=[TOKEN_VARIABLE, TOKEN])))
-    assert caught.value.problems == ["secrets: entries that are not environment variable names: 1 (list the "
-                                     "variables' names, never their values)"]
+    assert caught.value.problems == ["secrets: Value error, entries that are not environment variable names: 1 "
+                                     "(list the variables' names, never their values)"]
+    assert TOKEN not in str(caught.value)
+    with pytest.raises(RecipeError) as caught:  # a value where the list belongs
+        load_recipe(_write(tmp_path, _demo_raw(secrets=TOKEN)))
+    assert caught.value.problems[0].startswith("secrets: Input should be a valid list")
     assert TOKEN not in str(caught.value)
 
 
