@@ -6,10 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from sphuatuo.recipe import RecipeError, load_recipe
+from sphuatuo.recipe import Recipe, RecipeError, load_recipe
 from sphuatuo.store.lease import LeaseError
+from sphuatuo.store.secrets import RedactingFilter, declare, redact, secret_names
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
 
@@ -158,11 +160,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(path: str, overrides: list[str]) -> Recipe:
+    """`load_recipe`, then declare the recipe's secrets, so that whatever this process prints or logs after
+    masks their values (`main` declares them from the file when validation fails)."""
+    recipe = load_recipe(path, overrides)
+    declare(secret_names(recipe.model_dump()))
+    return recipe
+
+
+def _error(err: RecipeError | str) -> None:
+    """Print an error to stderr with the values of declared secrets masked."""
+    if isinstance(err, RecipeError):
+        declare(secret_names(err.raw or {}))
+    print(redact(str(err)), file=sys.stderr)
+
+
 def _run_recipe(recipe_path: str, overrides: list[str]) -> int:
     from sphuatuo.commands.report import write_report
     from sphuatuo.pipeline import run_pipeline
 
-    run = run_pipeline(load_recipe(recipe_path, overrides))
+    run = run_pipeline(_load(recipe_path, overrides))
     print(f"report: {write_report(run)}")
     return 0
 
@@ -193,10 +210,10 @@ def validate_command(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
         try:
-            recipe = load_recipe(path, args.overrides)
+            recipe = _load(path, args.overrides)
             print(f"{path}: valid recipe {recipe.name!r}")
         except RecipeError as err:
-            print(err, file=sys.stderr)
+            _error(err)
             failed += 1
     return 1 if failed else 0
 
@@ -226,7 +243,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 
     from sphuatuo.commands.doctor import doctor, format_checks
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load(args.recipe, args.overrides)
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
     checks = doctor(recipe)
     print(format_checks(checks))
@@ -290,7 +307,7 @@ def gc_command(args: argparse.Namespace) -> int:
 def plan_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.plan import format_plan, plan
 
-    result = plan(load_recipe(args.recipe, args.overrides), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
+    result = plan(_load(args.recipe, args.overrides), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
     print(format_plan(result))
     return 0 if result.fits else 1
 
@@ -305,14 +322,20 @@ def models_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # other libraries' lines too, once secrets are declared
+        if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         return args.func(args)
     except RecipeError as err:
-        print(err, file=sys.stderr)
+        _error(err)
         return 2
     except (ValueError, FileNotFoundError, LeaseError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _error(f"error: {err}")
         return 2
+    except Exception:  # noqa: BLE001 - the traceback Python would print, with secrets masked
+        _error(traceback.format_exc().rstrip())
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from sphuatuo.store.lease import Lease
 from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_manifest, package_versions, save_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
+from sphuatuo.store.secrets import declare, redact, secret_names
 
 log = logging.getLogger("sphuatuo")
 
@@ -76,7 +77,8 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
 class RunLog(logging.Handler):
     """Keeps this process's `sphuatuo` log lines and appends them to `<run root>/run.log` at each save,
     so the run root holds its own history (stages, progress, throughput) wherever it lives. The earlier
-    log is read at the first save, under the lease, so a driver turned away never touches it."""
+    log is read at the first save, under the lease, so a driver turned away never touches it. The values of
+    declared secrets are masked in what it writes, whichever logger a line came from."""
 
     def __init__(self, run: RunRoot):
         super().__init__(level=logging.INFO)
@@ -91,7 +93,7 @@ class RunLog(logging.Handler):
     def save(self) -> None:
         if self.earlier is None:
             self.earlier = self.run.read_text("run.log") if self.run.exists("run.log") else ""
-        self.run.write_text(self.earlier + "".join(line + "\n" for line in self.lines), "run.log")
+        self.run.write_text(redact(self.earlier + "".join(line + "\n" for line in self.lines)), "run.log")
 
 
 def stage_summary(name: str, record: StageRecord) -> str:
@@ -106,6 +108,7 @@ def stage_summary(name: str, record: StageRecord) -> str:
 def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -> RunRoot:
     """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
     the first failing stage, and LeaseError at once when another driver holds the run root."""
+    declare(secret_names(recipe.model_dump()))
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)

@@ -6,15 +6,52 @@ field's path instead of being silently ignored halfway through a GPU job.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # A ValidationError's text never shows the values it refuses: one may be a secret. `load_recipe`
+    # adds the value back where it helps and cannot be a credential.
+    model_config = ConfigDict(extra="forbid", validate_default=True, hide_input_in_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets in a recipe, and the error types load_recipe words itself
+# ---------------------------------------------------------------------------------------------
+
+# An engine kwarg that is a recipe field: load_recipe names the field by its full path.
+RECIPE_FIELD_IN_KWARGS = "recipe_field_in_kwargs"
+# A refusal whose input holds credentials: load_recipe never shows the value given (nor any under `secrets`).
+CREDENTIALS_IN_URI = "credentials_in_uri"
+
+CREDENTIALS_ADVICE = (
+    "credentials in the URI ({problem}) are refused: they would be written to the manifest, the report and the "
+    "logs. Leave them out; each node finds its own through its provider chain: an instance role, a Kubernetes "
+    "service account, or the AWS_* (GOOGLE_APPLICATION_CREDENTIALS for gs://) environment variables")
+
+_CREDENTIAL_QUERY = re.compile(r"key|secret|token|password|credential|signature", re.IGNORECASE)
+
+
+def uri_credentials(uri: str) -> str | None:
+    """What in `uri` carries credentials (`user:password@`, a `secret_key=` query parameter, ...), described
+    without their values; None when nothing does."""
+    if "://" not in uri:
+        return None
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        return "a user name or key before '@'"
+    named = sorted({key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if _CREDENTIAL_QUERY.search(key)})
+    if named:
+        return "the query parameter " + ", ".join(named)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +119,9 @@ class EngineConfig(Strict):
                                                                     "device kind, see SCHEDULER_DEFAULTS)")
     max_num_batched_tokens: int | None = Field(default=None, ge=1, description="vllm: tokens per scheduler step "
                                                                               "(default: as max_num_seqs)")
+    trust_remote_code: bool = Field(
+        default=False, description="run the Python code that ships with the model (transformers `auto_map`): "
+                                   "code from the model's repository runs on every node that loads it")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
     base_url: str | None = Field(default=None, description="openai: the server's /v1 URL")
     server: Literal["openai", "vllm", "sglang"] = Field(
@@ -101,10 +141,21 @@ class EngineConfig(Strict):
     max_error_share: float = Field(default=0.1, ge=0.0, le=1.0, description="fail a pass when more than this "
                                                                             "share of its rows ends in an error")
 
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_recipe_fields(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Running a model's own code is decided where `sphuatuo plan` and the report can see it."""
+        if "trust_remote_code" in kwargs:
+            raise PydanticCustomError(RECIPE_FIELD_IN_KWARGS, "{kwarg} is a recipe field (beside engine_kwargs), "
+                                      "not an engine kwarg", {"kwarg": "trust_remote_code"})
+        return kwargs
+
     @model_validator(mode="after")
     def _openai_needs_url(self) -> EngineConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://host:8000/v1)")
+        if self.backend == "openai" and self.trust_remote_code:
+            raise ValueError("backend 'openai' loads no model here: trust_remote_code is the server's own setting")
         return self
 
     @model_validator(mode="after")
@@ -462,6 +513,7 @@ class RewardVerifierConfig(Strict):
 
     kind: Literal["exact_match", "classifier", "llm"] = "exact_match"
     model: str | None = Field(default=None, description="classifier or llm: a local path or hub id")
+    trust_remote_code: bool = Field(default=False, description="run the Python code that ships with `model`")
     threshold: float = Field(default=0.4, gt=0.0, lt=1.0, description="classifier: p(True) above this accepts")
     prompt: str = Field(default="huatuo_o1/verify", description="llm: the verifier prompt")
     max_length: int = Field(default=2048, ge=64)
@@ -470,6 +522,8 @@ class RewardVerifierConfig(Strict):
     def _model_for_models(self) -> RewardVerifierConfig:
         if self.kind != "exact_match" and not self.model:
             raise ValueError(f"verifier kind {self.kind!r} needs `model`")
+        if self.kind == "exact_match" and self.trust_remote_code:
+            raise ValueError("verifier kind 'exact_match' loads no model: trust_remote_code does not apply")
         return self
 
 
@@ -544,10 +598,32 @@ class Recipe(Strict):
     run_root: str = Field(description="local path, NFS path, or s3:// / gs:// URI; relative paths are resolved "
                                       "against the current directory")
     seed: int = 0
+    secrets: list[str] = Field(
+        default_factory=list, description="names of environment variables whose values are secrets: masked as *** "
+                                          "in the run log, the manifest, the report and error messages (every "
+                                          "`api_key_env` counts without being listed)")
     data: DataConfig
     models: ModelsConfig
     stages: StagesConfig = StagesConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("run_root")
+    @classmethod
+    def _no_credentials(cls, run_root: str) -> str:
+        problem = uri_credentials(run_root)
+        if problem:
+            raise PydanticCustomError(CREDENTIALS_IN_URI, CREDENTIALS_ADVICE, {"problem": problem})
+        return run_root
+
+    @field_validator("secrets")
+    @classmethod
+    def _variable_names(cls, names: list[str]) -> list[str]:
+        bad = [name for name in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            # Only the count: an entry that is not a variable name may be a pasted secret.
+            raise ValueError(f"entries that are not environment variable names: {len(bad)} (list the variables' "
+                             "names, never their values)")
+        return names
 
 
 class O1Recipe(Recipe):
@@ -572,16 +648,55 @@ RECIPE_KINDS: dict[str, type[Recipe]] = {"self_play": Recipe, "huatuo_o1": O1Rec
 
 
 # ---------------------------------------------------------------------------------------------
+# Models that run their own code
+# ---------------------------------------------------------------------------------------------
+
+
+def remote_code_models(recipe: Mapping[str, Any]) -> dict[str, str]:
+    """Field path -> model of every model the recipe loads with `trust_remote_code`, from a recipe as a plain
+    mapping (a Recipe's model_dump, or the copy a manifest keeps), so old manifests are read the same way:
+    before the field existed, `engine_kwargs` could turn it on."""
+    found: dict[str, str] = {}
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        if isinstance(node, Mapping):
+            kwargs = node.get("engine_kwargs")
+            if node.get("trust_remote_code") is True or (isinstance(kwargs, Mapping)
+                                                          and kwargs.get("trust_remote_code") is True):
+                found[_field_path(path)] = str(node.get("model"))
+            for key, value in node.items():
+                if key != "engine_kwargs":  # read above, as its engine's
+                    walk(value, (*path, key))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, (*path, index))
+
+    walk(recipe, ())
+    return found
+
+
+def remote_code_summary(recipe: Mapping[str, Any]) -> str:
+    """`none`, or each model that runs its own code as `path → model`: the line `sphuatuo plan` and the report
+    print, so a reviewer sees it before a run and after."""
+    models = remote_code_models(recipe)
+    return ", ".join(f"{path} → {model}" for path, model in models.items()) or "none"
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
 
 class RecipeError(ValueError):
-    """Raised with every problem of a recipe file, each on its own line with its field path."""
+    """Raised with every problem of a recipe file, each on its own line with its field path.
 
-    def __init__(self, path: str, problems: list[str]):
+    `raw` is the file's mapping when it could be read, so a caller can still learn which environment
+    variables the recipe names as secrets (and mask them in the message it prints)."""
+
+    def __init__(self, path: str, problems: list[str], raw: dict[str, Any] | None = None):
         self.path = path
         self.problems = problems
+        self.raw = raw
         super().__init__(f"{path}: invalid recipe\n" + "\n".join(f"  {p}" for p in problems))
 
 
@@ -625,7 +740,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         raw = apply_overrides(raw, overrides or [])
     except ValueError as err:
-        raise RecipeError(path, [str(err)]) from None
+        raise RecipeError(path, [str(err)], raw) from None
     return parse_recipe(raw, path)
 
 
@@ -634,13 +749,21 @@ def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:
     path = source
     kind = raw.get("recipe", "self_play")
     if kind not in RECIPE_KINDS:
-        raise RecipeError(path, [f"recipe: unknown recipe {kind!r} (known: {', '.join(RECIPE_KINDS)})"])
+        raise RecipeError(path, [f"recipe: unknown recipe {kind!r} (known: {', '.join(RECIPE_KINDS)})"], raw)
     try:
         return RECIPE_KINDS[kind].model_validate(raw)
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            message = "unknown field (not part of the recipe schema)" if e["type"] == "extra_forbidden" else e["msg"]
-            given = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r:.80})"
-            problems.append(f"{_field_path(e['loc'])}: {message}{given}")
-        raise RecipeError(path, problems) from None
+        raise RecipeError(path, [_problem(e) for e in err.errors()], raw) from None
+
+
+def _problem(error: Any) -> str:
+    """One line of a RecipeError: the field's path, what is wrong, and the value given when it is safe to show."""
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        message = "unknown field (not part of the recipe schema)"
+    elif kind == RECIPE_FIELD_IN_KWARGS:
+        kwarg = error["ctx"]["kwarg"]
+        message = f"{kwarg} is a recipe field ({_field_path((*error['loc'][:-1], kwarg))}), not an engine kwarg"
+    hidden = kind in ("missing", "extra_forbidden", RECIPE_FIELD_IN_KWARGS, CREDENTIALS_IN_URI)
+    given = "" if hidden or error["loc"][:1] == ("secrets",) else f" (got {error.get('input')!r:.80})"
+    return f"{_field_path(error['loc'])}: {message}{given}"

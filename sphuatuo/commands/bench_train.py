@@ -78,7 +78,7 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
     run = RunRoot(tempfile.mkdtemp(prefix="sphuatuo-bench-run-"))
     run.write_rows(examples, "bench", "data")
     started = time.perf_counter()
-    fit(run, "bench", stage, sft_worker, {"model": model, "data": "bench/data"})
+    fit(run, "bench", stage, sft_worker, {"model": model, "data": "bench/data", "trust_remote_code": False})
     wall = time.perf_counter() - started
     log = json.loads(run.read_text("bench", "train_log.json"))
     steps = max(entry["step"] for entry in log)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sphuatuo.recipe import EngineConfig, O1Recipe, QuestionSource, Recipe, TrainStage
+from sphuatuo.recipe import EngineConfig, O1Recipe, QuestionSource, Recipe, TrainStage, remote_code_summary
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -171,6 +171,7 @@ class Plan:
     gpu_memory_gb: float
     gpu_bandwidth_tbs: float
     stages: list[StagePlan]
+    remote_code: str  # `none`, or `path → model` of each model that runs the code shipped with it
 
     @property
     def fits(self) -> bool:
@@ -214,6 +215,7 @@ def plan(recipe: Recipe, gpu_memory_gb: float = 80, gpu_bandwidth_tbs: float = 3
         recipe=recipe.name,
         gpu_memory_gb=gpu_memory_gb,
         gpu_bandwidth_tbs=gpu_bandwidth_tbs,
+        remote_code=remote_code_summary(recipe.model_dump()),
         stages=[
             *teacher,
             _train_plan("sft", stages.sft, models.student.model, gpu_memory_gb, preference=False),
@@ -255,7 +257,8 @@ def _o1_plan(recipe: O1Recipe, gpu_memory_gb: float, bandwidth_tbs: float) -> Pl
     plans.append(rl)
     evaluated = None if test_rows is None else test_rows * len(stages.evaluated_models())
     plans.append(engine("evaluate", "student", models.student, evaluated, stages.evaluate.sampling.max_tokens))
-    return Plan(recipe=recipe.name, gpu_memory_gb=gpu_memory_gb, gpu_bandwidth_tbs=bandwidth_tbs, stages=plans)
+    return Plan(recipe=recipe.name, gpu_memory_gb=gpu_memory_gb, gpu_bandwidth_tbs=bandwidth_tbs, stages=plans,
+                remote_code=remote_code_summary(recipe.model_dump()))
 
 
 def _question_counts(recipe: Recipe) -> tuple[int | None, int | None]:
@@ -445,6 +448,7 @@ def format_plan(result: Plan) -> str:
             lines.append(f"{s.stage}/{s.role}: {detail}")
     failing = [f"{s.stage}/{s.role}" for s in result.stages if s.fits is False]
     lines.append("")
+    lines.append(f"remote code: {result.remote_code}")
     lines.append(f"DOES NOT FIT: {', '.join(failing)}" if failing else "every checked stage fits")
     return "\n".join(lines)
 

@@ -15,8 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sphuatuo.recipe import remote_code_summary  # noqa: E402
 from sphuatuo.store.manifest import Manifest, read_manifest  # noqa: E402
 from sphuatuo.store.run_root import RunRoot  # noqa: E402
+from sphuatuo.store.secrets import redact, secret_names  # noqa: E402
 
 
 def _png(fig: Any) -> bytes:
@@ -167,11 +169,13 @@ def _write_png(run: RunRoot, png: bytes, name: str) -> None:
 
 
 def write_report(run: RunRoot) -> str:
-    """Write `report.md` (and the loss plots) into the run root; return the report's location."""
+    """Write `report.md` (and the loss plots) into the run root; return the report's location. The values
+    of the recipe's secrets are masked in it."""
     manifest = read_manifest(run)
     lines = [f"# Run report: {manifest.recipe['name']}", "",
              f"Run root: `{run.uri}`  ", f"Created: {manifest.created_at}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()), "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()) + "  ",
+             f"Remote code: {remote_code_summary(manifest.recipe)}", "",
              "## Stages", "", *_stage_table(manifest), ""]
     for name, record in manifest.stages.items():
         notes = record.details.get("notes", [])
@@ -204,5 +208,5 @@ def write_report(run: RunRoot) -> str:
         lines += ["![DPO reward margin](dpo_reward_margins.png)", ""]
 
     lines += ["## Evaluation", "", *_evaluation_table(manifest), ""]
-    run.write_text("\n".join(lines), "report.md")
+    run.write_text(redact("\n".join(lines), secret_names(manifest.recipe)), "report.md")
     return run.join("report.md")

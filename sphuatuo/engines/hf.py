@@ -35,11 +35,13 @@ class AllowedTokens(LogitsProcessor):
 class HFChatGenerator:
     """A Ray Data callable class: one model per actor, one `generate` per batch."""
 
-    def __init__(self, model_path: str, dtype: str, request: Request):
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    def __init__(self, model_path: str, dtype: str, request: Request, trust_remote_code: bool):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left",
+                                                       trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype],
+                                                          trust_remote_code=trust_remote_code).eval()
         self.request = request
         self.eos_ids = {self.tokenizer.eos_token_id, *np.atleast_1d(self.model.generation_config.eos_token_id or [])}
 
@@ -96,7 +98,8 @@ class HFChatGenerator:
 def generate_hf(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str) -> ray.data.Dataset:
     return ds.map_batches(
         HFChatGenerator,
-        fn_constructor_kwargs={"model_path": model_path, "dtype": engine_dtype(engine), "request": request},
+        fn_constructor_kwargs={"model_path": model_path, "dtype": engine_dtype(engine), "request": request,
+                               "trust_remote_code": engine.trust_remote_code},
         batch_size=engine.batch_size,
         concurrency=engine.replicas,
         num_cpus=engine.cpus_per_replica,

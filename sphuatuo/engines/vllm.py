@@ -43,6 +43,9 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None) ->
         # ("CPU Generator does not use offset"): seed the engine instead.
         **({} if on_gpu or seed is None else {"seed": seed}),
         **engine.engine_kwargs,
+        # A recipe field (never an engine kwarg), so that `sphuatuo plan` and the report can show it; Ray's
+        # chat-template stage reads it here too.
+        "trust_remote_code": engine.trust_remote_code,
     }
     bundle = {"CPU": engine.cpus_per_replica}
     if on_gpu:

@@ -66,9 +66,9 @@ def conclusion_verifier(prompt: str) -> VerdictSpec:
 
 
 @cache
-def single_token_ids(model: str, words: tuple[str, str]) -> tuple[int, int] | None:
+def single_token_ids(model: str, words: tuple[str, str], trust_remote_code: bool) -> tuple[int, int] | None:
     """Token ids of the two words when each is one distinct token in the model's vocabulary, else None."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
     encoded = [tokenizer.encode(word, add_special_tokens=False) for word in words]
     if any(len(ids) != 1 for ids in encoded) or encoded[0] == encoded[1]:
         return None
@@ -90,7 +90,7 @@ def verdict_request(judge: JudgeConfig, spec: VerdictSpec) -> Request:
     tokenizer is looked up for a hosted model), the server's choice, or the standard API's log-probabilities."""
     assert judge.engine is not None
     if judge.constraint == "token_ids":
-        token_ids = single_token_ids(judge.engine.model, spec.words)
+        token_ids = single_token_ids(judge.engine.model, spec.words, judge.engine.trust_remote_code)
         if token_ids is None and not spec.free_text_fallback:
             raise ValueError(f"judge model {judge.engine.model}: {spec.words[0]!r} and {spec.words[1]!r} must each be "
                              "one token for the one-token judge")

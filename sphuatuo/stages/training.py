@@ -41,7 +41,9 @@ def train_stage(
         ctx.note(f"global batch {global_batch} is larger than the {len(examples)} examples: "
                  "each epoch is a single optimizer step")
     ctx.run.write_rows(examples, name, "data")
-    fit(ctx.run, name, stage, worker_fn, {"model": start_model, "data": f"{name}/data"},
+    # Every start model is the student or trained from it: it runs the student's code if any.
+    fit(ctx.run, name, stage, worker_fn, {"model": start_model, "data": f"{name}/data",
+                                          "trust_remote_code": ctx.recipe.models.student.trust_remote_code},
         checkpoint_name=checkpoint_name(name, ctx.record.fingerprint))
     if not ctx.run.exists(name, "model", "config.json"):
         raise RuntimeError(f"{name}: training finished but no model was exported to {ctx.run.join(name, 'model')}")

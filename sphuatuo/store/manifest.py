@@ -6,6 +6,7 @@ run again, and the report is written from it.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from sphuatuo.recipe import Recipe
 from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.secrets import redact_data, secret_names
 
 StageStatus = Literal["pending", "running", "done", "skipped", "failed"]
 
@@ -78,7 +80,10 @@ def load_manifest(run: RunRoot, recipe: Recipe) -> Manifest:
 
 
 def save_manifest(run: RunRoot, manifest: Manifest) -> None:
-    run.write_text(manifest.model_dump_json(indent=2), MANIFEST)
+    """Write the manifest with the values of the recipe's secrets masked (in the recipe copy, stage errors,
+    anywhere): a stage's error text can hold whatever an exception quoted."""
+    data = redact_data(manifest.model_dump(mode="json"), secret_names(manifest.recipe))
+    run.write_text(json.dumps(data, indent=2, ensure_ascii=False), MANIFEST)
 
 
 class StageTimer:

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from sphuatuo.recipe import CREDENTIALS_ADVICE, uri_credentials
+
 log = logging.getLogger("sphuatuo")
 
 T = TypeVar("T")
@@ -43,6 +45,9 @@ class RunRoot:
                  read_attempts: int = READ_ATTEMPTS, read_backoff_s: float = READ_BACKOFF_S):
         """`filesystem`: one already built for `location` (e.g. handed to a Ray worker with its options).
         `read_attempts` / `read_backoff_s`: retries of each read (tests make them short)."""
+        problem = uri_credentials(location)
+        if problem:  # a run root given on the command line, which no recipe validated
+            raise ValueError("run root: " + CREDENTIALS_ADVICE.format(problem=problem))
         if "://" not in location:
             location = os.path.abspath(os.path.expanduser(location))
         if filesystem is None:

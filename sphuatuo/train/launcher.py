@@ -80,8 +80,10 @@ def shared_filesystem(run: RunRoot) -> pafs.FileSystem:
                                 "session_token": os.environ.get("AWS_SESSION_TOKEN", "")})
 
 
-def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> dict[str, Any]:
-    """Arguments shared by SFTConfig and DPOConfig, straight from the recipe."""
+def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool,
+                       trust_remote_code: bool = False) -> dict[str, Any]:
+    """Arguments shared by SFTConfig and DPOConfig (and the RL configs), straight from the recipe.
+    `trust_remote_code` reaches what TRL loads itself: reference models, a colocated vLLM engine."""
     return {
         "output_dir": output_dir,
         "learning_rate": stage.learning_rate,
@@ -110,6 +112,7 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool) -> d
         "dataloader_num_workers": 0,
         # The collators read only their own keys; the `id` column must reach RecordedTrainerMixin's.
         "remove_unused_columns": False,
+        "trust_remote_code": trust_remote_code,
     }
 
 
@@ -136,6 +139,7 @@ class WorkerSetup:
             raise RuntimeError("ZeRO-3 needs the trainer config built before the model is loaded")
         model = AutoModelForCausalLM.from_pretrained(
             self.config["model"], dtype="bfloat16" if self.stage.precision == "bf16" else "float32",
+            trust_remote_code=self.config["trust_remote_code"],
             **({"attn_implementation": self.stage.attn_implementation} if self.stage.attn_implementation else {}))
         local, total = parameter_counts(model)
         if ray.train.get_context().get_world_rank() == 0:
@@ -187,7 +191,8 @@ class WorkerSetup:
         if hasattr(trainer, "load_sample_order"):  # built by `trainer()`; RL trainers sample their own data
             trainer.load_sample_order(checkpoint)
         trainer.train(resume_from_checkpoint=checkpoint)
-        export_model(trainer, self.config["model"], self.run, self.config["stage_name"], self.stage.finetuning)
+        export_model(trainer, self.config["model"], self.run, self.config["stage_name"], self.stage.finetuning,
+                     trust_remote_code=self.config["trust_remote_code"])
 
 
 def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> WorkerSetup:
@@ -198,7 +203,7 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
 
     stage = stage_type.model_validate(config["stage"])
     config = {**config, "model": _local_model(config["model"], config["filesystem"])}
-    on_gpu = stage.scaling.use_gpu
+    on_gpu, trust_remote_code = stage.scaling.use_gpu, config["trust_remote_code"]
     if stage.scaling.zero_stage and not on_gpu:
         # Before any Trainer config: ZeRO-3 on gloo otherwise miscounts the world size.
         deepspeed.init_distributed(dist_backend="gloo")
@@ -210,9 +215,10 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
     return WorkerSetup(
         config=config,
         stage=stage,
-        tokenizer=AutoTokenizer.from_pretrained(config["model"]),
+        tokenizer=AutoTokenizer.from_pretrained(config["model"], trust_remote_code=trust_remote_code),
         peft_config=peft_config,
-        arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu),
+        arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu,
+                                     trust_remote_code=trust_remote_code),
     )
 
 
@@ -249,7 +255,8 @@ def resume_checkpoint() -> str | None:
     return str(Path(local) / "checkpoint")
 
 
-def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, finetuning: str) -> None:
+def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, finetuning: str, *,
+                 trust_remote_code: bool) -> None:
     """Save one consolidated HF model directory (LoRA merged), the step log, the sample order and any
     TensorBoard events, from rank 0.
 
@@ -259,7 +266,7 @@ def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, f
     trainer.save_model(local)
     if trainer.args.process_index == 0:
         if finetuning == "lora":
-            _merge_lora(local, base_model)
+            _merge_lora(local, base_model, trust_remote_code)
         trainer.processing_class.save_pretrained(local)
         run.write_text(json.dumps(trainer.state.log_history, indent=1), stage_name, "train_log.json")
         if hasattr(trainer, "sample_order"):
@@ -282,11 +289,11 @@ def _replace_dir(run: RunRoot, local: str, *parts: str) -> None:
     pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
 
 
-def _merge_lora(adapter_dir: str, base_model: str) -> None:
+def _merge_lora(adapter_dir: str, base_model: str, trust_remote_code: bool) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto", trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     for name in os.listdir(adapter_dir):
         if name.startswith("adapter_"):

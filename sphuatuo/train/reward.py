@@ -67,17 +67,19 @@ class ExactMatchVerifier:
 class ClassifierVerifier:
     """The released verifier's input: the `verifier_classifier` text ending in the eos token; label 1 = True."""
 
-    def __init__(self, model: str, threshold: float, max_length: int, device: str = "cpu"):
+    def __init__(self, model: str, threshold: float, max_length: int, device: str = "cpu", *,
+                 trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from sphuatuo.prompts import get_prompt
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(model).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model, trust_remote_code=trust_remote_code).to(device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.template, self.threshold, self.max_length, self.device = (
@@ -100,17 +102,18 @@ class ClassifierVerifier:
 class LLMVerifier:
     """A causal LM as verifier: the first tokens of "True" and "False" compete for its next token."""
 
-    def __init__(self, model: str, prompt: str, max_length: int, device: str = "cpu"):
+    def __init__(self, model: str, prompt: str, max_length: int, device: str = "cpu", *,
+                 trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from sphuatuo.prompts import get_prompt
 
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code).to(device).eval()
         self.prompt, self.max_length, self.device = get_prompt(prompt), max_length, device
         self.true_id, self.false_id = (self.tokenizer.encode(word, add_special_tokens=False)[0]
                                        for word in ("True", "False"))
@@ -136,8 +139,10 @@ def build_verifier(config: Any, device: str = "cpu") -> Verifier:
     if config.kind == "exact_match":
         return ExactMatchVerifier()
     if config.kind == "classifier":
-        return ClassifierVerifier(resolve_model(config.model), config.threshold, config.max_length, device)
-    return LLMVerifier(resolve_model(config.model), config.prompt, config.max_length, device)
+        return ClassifierVerifier(resolve_model(config.model), config.threshold, config.max_length, device,
+                                  trust_remote_code=config.trust_remote_code)
+    return LLMVerifier(resolve_model(config.model), config.prompt, config.max_length, device,
+                       trust_remote_code=config.trust_remote_code)
 
 
 class O1Reward:
