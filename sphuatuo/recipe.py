@@ -128,6 +128,8 @@ class EngineConfig(Strict):
         default="openai", description="openai: what answers at base_url. `openai` (a hosted API) gets the standard "
                                       "API only; `vllm` and `sglang` also get their extensions (continuing a "
                                       "prefilled reply, constrained choices, allowed token ids)")
+    api_key_file: str | None = Field(default=None, description="openai: a file holding the API key, at the same "
+                                                               "path on every node (a mounted secret)")
     api_key_env: str | None = Field(default=None, description="openai: name of the environment variable "
                                                               "holding the API key (the key itself never goes "
                                                               "in a recipe)")

@@ -43,7 +43,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
          f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         check=True, capture_output=True, text=True, env=env,
     )
-    head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
+            "temp_dir": str(temp_dir)}
     try:
         yield head
     finally:

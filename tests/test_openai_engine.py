@@ -60,6 +60,30 @@ def _context(recipe) -> StageContext:
     return StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
 
 
+def _files_holding(secret: str, *roots: str | Path, skip: tuple[Path, ...] = ()) -> list[str]:
+    """Every regular file under `roots` whose bytes contain `secret`."""
+    found = []
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink() and path not in skip:
+                try:
+                    if secret.encode() in path.read_bytes():
+                        found.append(str(path))
+                except OSError:
+                    continue
+    return found
+
+
+def _cluster_state() -> str:
+    """What Ray's state API shows of actors, tasks and jobs (runtime environments included), as text."""
+    import json
+
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    return json.dumps([list_actors(detail=True, limit=10_000), list_tasks(detail=True, limit=10_000),
+                       list_jobs(detail=True)], default=str)
+
+
 def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, openai_server: str, tiny_model: str,
                                                                ray_cluster, monkeypatch) -> None:
     monkeypatch.setenv(KEY_VARIABLE, KEY)
@@ -79,9 +103,10 @@ def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, o
         assert row["generated_text"].startswith("<think>\n")  # the prefilled start, continued by the server
         assert 0 < row["num_generated_tokens"] <= 32 and row["num_input_tokens"] > 0
         assert row["verdict_raw"] in ("1", "2") and row["decided_by"] == f"llm:{tiny_model}"
-    for path in Path(recipe.run_root).rglob("*"):
-        if path.is_file():
-            assert KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+    # Only the driver had the key: it reached the request actors through the object store, and no runtime
+    # environment, log, GCS-backed state or file of the run holds it.
+    assert _files_holding(KEY, recipe.run_root, ray_cluster["temp_dir"]) == []
+    assert KEY not in _cluster_state()
 
 
 def test_a_hosted_model_judges_and_verifies_through_the_standard_api(tmp_path: Path, openai_server: str,
@@ -112,6 +137,44 @@ def test_a_hosted_model_judges_and_verifies_through_the_standard_api(tmp_path: P
             assert row["decided_by"] == "llm:gpt-4o" and row["verdict"] is parse(row["verdict_raw"])
         raw = ctx.run.read_rows(f"{folder}_raw")
         assert all(r["num_generated_tokens"] == 1 and r["finish_reason"] != "error" for r in raw)
+
+
+def test_submit_with_the_key_in_a_secret_file_carries_it_and_leaves_it_nowhere(
+        tmp_path: Path, openai_server: str, ray_cluster, monkeypatch) -> None:
+    import json
+
+    import yaml
+    from ray.job_submission import JobSubmissionClient
+
+    from conftest import REPO
+
+    monkeypatch.delenv(KEY_VARIABLE, raising=False)
+    key_file = tmp_path / "secrets" / "openai-api-key"
+    key_file.parent.mkdir()
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    engine = {"backend": "openai", "model": "gpt-4o", "base_url": openai_server, "api_key_file": str(key_file),
+              "server": "vllm", "batch_size": 2}
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 2}],
+                                              "data.test_fraction": 0.0, "models.teacher": engine,
+                                              "models.judge.kind": "rule",
+                                              "stages.teacher_cot.retry_with_reference": False,
+                                              "stages.teacher_cot.sampling.max_tokens": 8})
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    result = subprocess.run(
+        [sys.executable, "-m", "sphuatuo.cli", "submit", str(recipe_file), "--address", ray_cluster["dashboard"]],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = RunRoot(recipe.run_root).read_rows("teacher_cot", "first")
+    assert len(rows) == 2 and all(row["finish_reason"] != "error" for row in rows)  # the requests carried the key
+    job_id = next(word for word in result.stdout.split() if word.startswith("raysubmit_"))
+    job = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(job_id)
+    assert KEY not in json.dumps(job.dict() if hasattr(job, "dict") else vars(job), default=str)
+    assert KEY not in result.stdout + result.stderr
+    assert _files_holding(KEY, recipe.run_root, ray_cluster["temp_dir"], skip=(key_file,)) == []
+    assert KEY not in _cluster_state()
 
 
 def test_a_wrong_key_fails_the_stage_with_the_servers_error(tmp_path: Path, openai_server: str, tiny_model: str,

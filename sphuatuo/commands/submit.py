@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from sphuatuo.recipe import load_recipe
+from sphuatuo.recipe import Recipe, load_recipe
 
 DEFAULT_RUNTIME_ENV = Path("cluster") / "runtime_env.yaml"
 
@@ -26,6 +26,22 @@ def job_runtime_env(working_dir: str, runtime_env_file: Path | None) -> dict[str
         runtime_env = yaml.safe_load(runtime_env_file.read_text()) or {}
     runtime_env["working_dir"] = working_dir
     return runtime_env
+
+
+def api_key_notes(recipe: Recipe) -> list[str]:
+    """Where the job will find each hosted model's API key: submit never sends one (a job's runtime env and
+    entrypoint are stored by the cluster and shown by its dashboard)."""
+    engines = {"models.teacher": recipe.models.teacher, "models.student": recipe.models.student}
+    if recipe.models.judge.engine is not None:
+        engines["models.judge.engine"] = recipe.models.judge.engine
+    notes = []
+    for path, engine in engines.items():
+        if engine.backend != "openai" or engine.api_key_file or not engine.api_key_env:
+            continue
+        notes.append(f"note: {path} reads its API key from {engine.api_key_env} on the cluster's nodes (or the job "
+                     "driver's environment there); sphuatuo submit does not send it. Set it on every node (KubeRay: "
+                     "the sphuatuo-secrets Secret) or give api_key_file, a mounted secret file.")
+    return notes
 
 
 def submit(
@@ -41,7 +57,9 @@ def submit(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     overrides = overrides or []
-    load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides)
+    for note in api_key_notes(recipe):
+        print(note, flush=True)
     entrypoint = ["sphuatuo", "run", recipe_path]
     for override in overrides:
         entrypoint += ["--set", override]

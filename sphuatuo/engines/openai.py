@@ -1,9 +1,11 @@
 """Any OpenAI-compatible chat endpoint, through Ray's own `ray.data.llm` HTTP processor: `replicas`
 actors each send their batch's requests, with exponential backoff on 429/408/5xx and timeouts.
 
-The API key is read from the environment variable the recipe names. It is never put in a recipe, a
-row, the manifest or a log line: the driver forwards it to the request actors' environment only, and
-the HTTP session that sends it is built inside the actor.
+The API key never enters a recipe, a row, the manifest, a log line, a Ray runtime environment (which the
+GCS stores and the dashboard shows) or a task argument. The HTTP session that sends it is built inside
+each request actor, which finds the key on its node: in the environment variable `api_key_env` (set on
+every node, e.g. from a Kubernetes Secret), in the file `api_key_file` (a mounted secret), or, when only
+the driver has the variable, behind an object-store reference the driver made with `ray.put`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from typing import Any
 
 import aiohttp
+import ray
 import ray.data
 from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
@@ -21,19 +24,36 @@ from sphuatuo.recipe import EngineConfig
 
 
 class ChatSession:
-    """Builds the aiohttp session inside each request actor (a picklable factory that holds no key)."""
+    """Builds the aiohttp session inside each request actor: a picklable factory that holds no key, only where
+    the actor finds it (see the module's docstring)."""
 
-    def __init__(self, api_key_env: str | None, timeout_s: float):
+    def __init__(self, api_key_env: str | None, api_key_file: str | None, key_ref: ray.ObjectRef | None,
+                 timeout_s: float):
         self.api_key_env = api_key_env
+        self.api_key_file = api_key_file
+        self.key_ref = key_ref
         self.timeout_s = timeout_s
 
-    def __call__(self) -> aiohttp.ClientSession:
-        headers = {}
+    def api_key(self) -> str | None:
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            return os.environ[self.api_key_env]
+        if self.api_key_file:
+            try:
+                with open(self.api_key_file, encoding="utf-8") as f:
+                    return f.read().strip()
+            except OSError as err:
+                raise RuntimeError(f"cannot read the API key file {self.api_key_file} where the request actor runs: "
+                                   f"{type(err).__name__}") from None
+        if self.key_ref is not None:
+            return ray.get(self.key_ref)
         if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise RuntimeError(f"the API key variable {self.api_key_env} is not set where the request actor runs")
-            headers["Authorization"] = f"Bearer {key}"
+            raise RuntimeError(f"the API key variable {self.api_key_env} is set neither on the node the request actor "
+                               "runs on nor in the driver; set it on every node or use api_key_file")
+        return None
+
+    def __call__(self) -> aiohttp.ClientSession:
+        key = self.api_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
 
@@ -98,7 +118,10 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
         out["finish_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"
         return out
 
-    forwarded = {engine.api_key_env: os.environ[engine.api_key_env]} if engine.api_key_env in os.environ else {}
+    # Only the driver has the key: once into the object store, fetched by the actors (never a runtime env).
+    key_ref = None
+    if engine.api_key_env and engine.api_key_env in os.environ and not engine.api_key_file:
+        key_ref = ray.put(os.environ[engine.api_key_env])
     config = HttpRequestProcessorConfig(
         url=url,
         batch_size=engine.batch_size,
@@ -106,8 +129,8 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
         qps=engine.qps,
         max_retries=engine.max_retries,
         base_retry_wait_time_in_s=1.0,
-        session_factory=ChatSession(engine.api_key_env, engine.request_timeout_s),
-        http_request_stage={"num_cpus": LIGHT_CPUS, "runtime_env": {"env_vars": forwarded}},
+        session_factory=ChatSession(engine.api_key_env, engine.api_key_file, key_ref, engine.request_timeout_s),
+        http_request_stage={"num_cpus": LIGHT_CPUS},
     )
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
