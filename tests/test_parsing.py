@@ -32,7 +32,8 @@ EXTRACT_CASES = [
     ("answers_are_and", "The correct answers are B and D.", EN, {"B", "D"}),
     ("answer_comma_list", "Answer: A, C", EN, {"A", "C"}),
     ("answer_run_together", "Answer: BD", EN, {"B", "D"}),
-    ("answer_or", "The answer would be A or C.", EN, {"A", "C"}),
+    # "A or C" holds two options open: a list of candidates, not an answer.
+    ("answer_or_is_candidates", "The answer would be A or C.", EN, set()),
     ("correct_option_is", "The correct option is C because warfarin is a vitamin K antagonist.", EN, {"C"}),
     ("choose", "Given the contraindication, I would choose B.", EN, {"B"}),
     ("letter_is_correct", "Therefore, D is correct.", EN, {"D"}),
