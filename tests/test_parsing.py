@@ -77,6 +77,9 @@ EXTRACT_CASES = [
     ("answer_tag_last_block", "<think>x</think><answer>A</answer><answer>答案：D</answer>", EN, {"D"}),
     ("answer_tag_truncated", "<think>thinking...</think><answer>The answer is B", EN, {"B"}),
     ("answer_tag_empty", "<think>The answer is A.</think><answer> </answer>", EN, set()),
+    # cut inside the reasoning: no final part, so nothing in the reasoning counts
+    ("think_never_closed", "<think>Let me weigh each drug. Warfarin is", EN, set()),
+    ("thinking_never_ends", "## Thinking\n\nThe answer is A, or maybe", EN, set()),
     ("final_response_zh", "## Thinking\n\n考虑A选项……\n\n## Final Response\n\n故选C。", ZH, {"C"}),
     # --- standalone letters ---
     ("standalone_letter", "B", EN, {"B"}),

@@ -133,12 +133,15 @@ def split_thinking_response(text: str) -> ThinkAnswer:
 
 def _final_part(text: str) -> str:
     """The part of a reply that holds its final answer: last <answer> block, else text after the
-    last '## Final Response', else the whole reply."""
+    last '## Final Response', else nothing when the reply opened a reasoning section (<think>,
+    '## Thinking') and never left it (it was cut, or broke off, before answering), else the whole reply."""
     if _ANSWER_OPEN.search(text):
         return split_think_answer(text).answer
     finals = list(_FINAL_HEADING.finditer(text))
     if finals:
         return text[finals[-1].end() :]
+    if (_THINK_OPEN.search(text) and not _THINK_CLOSE.search(text)) or _THINKING_HEADING.search(text):
+        return ""
     return text
 
 
@@ -312,8 +315,6 @@ _SENTENCE_END = re.compile(r"[.。!?！？;；\n]+")
 
 # Minimum difflib ratio for the closest-option-text fallback.
 SIMILARITY_THRESHOLD = 0.6
-# Naming this many options by their text (or all of them) is a list, not an answer.
-MAX_TEXT_ANSWERS = 2
 
 
 def _letter_keys(options: Mapping[str, str]) -> dict[str, str]:
@@ -543,7 +544,7 @@ def answer_commitment(reply: str, options: Mapping[str, str], question: str | No
     copy of the question are masked first: they name every option and choose none. Then, in order
     of strength: explicit answer statements (the first and the last one are kept), mentions of
     options the reply does not reject, a reply that is a lone letter (first or last line), the
-    options whose text it names (one or two of them), the one option whose text is closest to it.
+    options whose text it names (not all of them), the one option whose text is closest to it.
     Letters held open ("A or C", "it could be A, B or C") are `CANDIDATES`, not an answer.
     """
     text = _fold_width(_final_part(reply or "")).strip()
@@ -574,7 +575,7 @@ def answer_commitment(reply: str, options: Mapping[str, str], question: str | No
         return _committed(first.letters, last.letters)
 
     named = _option_text_matches(text, options)
-    if len(named) > MAX_TEXT_ANSWERS or (len(named) == len(options) > 1):
+    if len(named) == len(options) > 1:  # every option named: a discussion of them all, no choice
         return AnswerCommitment(_NO_LETTERS, _NO_LETTERS, CANDIDATES)
     closest = named or _closest_option(text, options)
     if closest:
