@@ -269,8 +269,8 @@ _NEGATION_AFTER = re.compile(
 )
 _NEGATION_BEFORE = re.compile(r"(?:\b(?:not|rule[ \t]+out|exclude|excluding|eliminate|except)|排除|不选|除了?)[ \t]*\Z",
                               re.IGNORECASE)
-# The end of the clause a mention belongs to.
-_CLAUSE_END = re.compile(r"[.;!?。；！？\n]|\bbut\b|但|而")
+# The end of the clause a mention belongs to ("Option B fits, while option D does not": B stands).
+_CLAUSE_END = re.compile(r"[.,;!?。，；！？\n]|\b(?:but|while|whereas|however)\b|但|而")
 
 # Candidate lists that match no statement: "it could be A, B or C", "may be either B or D", "可能是A或C".
 _CANDIDATE_LISTS = (
@@ -395,13 +395,27 @@ def _truncated_item(text: str, start: int, option_text: str) -> bool:
     return "\n" not in tail.strip() and _normalise(option_text).startswith(_normalise(tail))
 
 
+def _list_item(text: str, marker: re.Match[str], option_text: str) -> bool:
+    """Whether an item marker looks like part of an option list: it starts its line (after bullets or
+    a '>' quote), or the option's text follows it (or the start of that text, where the reply ends)."""
+    line_start = text.rfind("\n", 0, marker.start()) + 1
+    if not text[line_start : marker.start()].strip(" \t-*•>"):
+        return True
+    wanted = _normalise(option_text)
+    raw_tail = text[marker.end() : marker.end() + len(option_text) + 8]
+    tail = _normalise(raw_tail)
+    at_end = marker.end() + len(raw_tail) >= len(text)
+    return bool(wanted) and (tail.startswith(wanted) or bool(at_end and tail and wanted.startswith(tail)))
+
+
 def _option_list_spans(text: str, options: Mapping[str, str], keys: Mapping[str, str]) -> list[tuple[int, int]]:
     """Stretches of `text` that restate the options: runs of items with consecutive letters
     ("A. … B. … C. …", inline or one per line, "Option A: …", "（A）…"), at least three of them, or
     every option, or the first two when the first restates its option text and the reply ends in the
-    second (a truncated list); and three or more
-    lines that each hold nothing but an option's text."""
-    markers = [m for m in _ITEM_MARKER.finditer(text) if m.group("letter") in keys]
+    second (a truncated list); and three or more lines that each hold nothing but an option's text.
+    An item starts a line or restates its option's text, so "Vitamin B. Then C. Also D." is no list."""
+    markers = [m for m in _ITEM_MARKER.finditer(text)
+               if m.group("letter") in keys and _list_item(text, m, str(options[keys[m.group("letter")]]))]
     runs: list[list[re.Match[str]]] = []
     for marker in markers:
         if runs:
