@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sphuatuo.commands.evaluate import summary
 from sphuatuo.commands.report import write_report
 from sphuatuo.data.questions import Question
 from sphuatuo.parsing.replies import CATEGORIES
@@ -89,11 +90,12 @@ def test_report_shows_the_committed_column(tmp_path: Path) -> None:
             _five_row("A. Hypertension\nB. Diabetes mellitus\nC. Asthma\nD. Gout\nE. Anemia", False),
             _five_row("答案可能是A或E", False)]
     evaluation = StageRecord(status="done", details={"models": {"base": score(rows)}})
-    save_manifest(run, Manifest(recipe={"name": "hand-made"}, versions={"python": "3"}, created_at="today",
-                                stages={"evaluate": evaluation}))
+    save_manifest(run, Manifest(recipe={"name": "hand-made", "models": {"student": {"model": "tiny"}}},
+                                versions={"python": "3"}, created_at="today", stages={"evaluate": evaluation}))
     report = Path(write_report(run)).read_text()
     header = next(line for line in report.splitlines() if line.startswith("| model |"))
     assert "| committed |" in header
     row = next(line for line in report.splitlines() if line.startswith("| base |"))
     assert "| 2 (50.0%) | 1 / 0 / 1 / 0 |" in row
     assert "| 25.0% |" in row
+    assert "committed 2, restated options 1, copied question 0, candidates 1, no answer 0;" in summary(run)

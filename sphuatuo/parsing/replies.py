@@ -8,9 +8,14 @@ Two reply formats are understood:
 * Self-Play: ``<think>...</think><answer>...</answer>`` (`split_think_answer`);
 * HuatuoGPT-o1: ``## Thinking\\n\\n...\\n\\n## Final Response\\n\\n...`` (`split_thinking_response`).
 
-`extract_answer` finds the option letters a reply commits to, following the HuatuoGPT-o1
+`answer_commitment` finds the option letters a reply commits to, following the HuatuoGPT-o1
 evaluation (explicit statement, then a bare letter, then option text, then the closest option text)
-with Chinese phrasings, multi-letter answers and full-width characters added.
+with Chinese phrasings, lower-case letters after a label, multi-letter answers and full-width
+characters added, and says what the reply did when it committed to nothing: restated the option
+list, copied the question back, held several candidates open, or gave no answer. A restated list
+names every option and chooses none, so it is masked before any pattern reads it: read as its
+first or last option, it would make a weak model's accuracy an artefact of option order.
+`extract_answer` and `first_and_last_answers` are its letters.
 """
 
 from __future__ import annotations
