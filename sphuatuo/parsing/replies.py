@@ -230,8 +230,8 @@ _STATEMENTS = (
         r"(?:correct(?![\w-])|(?:final[ \t]+|most[ \t]+likely[ \t]+)?answers?\b|(?:right|best)"
         r"(?:[ \t]+(?:answers?|options?|choices?)\b|(?=[ \t]*(?:[.,;!)]|\n|$)))))"
     ),
-    # A concluding sentence: "So, C.", "Therefore it's B.", "Thus the answer must be... " is above;
-    # "I think it's C.", "It is most likely D." — the letters must end the sentence.
+    # A concluding sentence: "So, C.", "Therefore it's B.", "I think it's C.", "It is most likely D."
+    # (the letters must end the sentence, so "So A patient with…" is not read as A).
     re.compile(
         r"(?i:\b(?:so|thus|therefore|hence|(?:it|this)(?:['’]s|[ \t]+is|[ \t]+must[ \t]+be|[ \t]+would[ \t]+be))\b"
         r"[ \t,:]*(?:(?:it|this)(?:['’]s|[ \t]+is|[ \t]+must[ \t]+be)[ \t]+)?"
