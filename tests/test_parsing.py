@@ -32,7 +32,8 @@ EXTRACT_CASES = [
     ("answers_are_and", "The correct answers are B and D.", EN, {"B", "D"}),
     ("answer_comma_list", "Answer: A, C", EN, {"A", "C"}),
     ("answer_run_together", "Answer: BD", EN, {"B", "D"}),
-    ("answer_or", "The answer would be A or C.", EN, {"A", "C"}),
+    # "A or C" holds two options open: a list of candidates, not an answer.
+    ("answer_or_is_candidates", "The answer would be A or C.", EN, set()),
     ("correct_option_is", "The correct option is C because warfarin is a vitamin K antagonist.", EN, {"C"}),
     ("choose", "Given the contraindication, I would choose B.", EN, {"B"}),
     ("letter_is_correct", "Therefore, D is correct.", EN, {"D"}),
@@ -76,6 +77,9 @@ EXTRACT_CASES = [
     ("answer_tag_last_block", "<think>x</think><answer>A</answer><answer>答案：D</answer>", EN, {"D"}),
     ("answer_tag_truncated", "<think>thinking...</think><answer>The answer is B", EN, {"B"}),
     ("answer_tag_empty", "<think>The answer is A.</think><answer> </answer>", EN, set()),
+    # cut inside the reasoning: no final part, so nothing in the reasoning counts
+    ("think_never_closed", "<think>Let me weigh each drug. Warfarin is", EN, set()),
+    ("thinking_never_ends", "## Thinking\n\nThe answer is A, or maybe", EN, set()),
     ("final_response_zh", "## Thinking\n\n考虑A选项……\n\n## Final Response\n\n故选C。", ZH, {"C"}),
     # --- standalone letters ---
     ("standalone_letter", "B", EN, {"B"}),

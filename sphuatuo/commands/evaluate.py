@@ -67,6 +67,9 @@ def summary(run: RunRoot) -> str:
     lines = [f"{manifest.recipe['models']['student']['model']}: accuracy {result['accuracy']:.1%} "
              f"(95% CI {low:.1%}-{high:.1%}) on {result['n']} questions; "
              f"first-match {result['first_match_accuracy']:.1%}; "
+             f"committed {result.get('committed', '–')}, restated options {result.get('restated_options', '–')}, "
+             f"copied question {result.get('copied_question', '–')}, candidates {result.get('candidates', '–')}, "
+             f"no answer {result.get('no_answer', '–')}; "
              f"unparsable {result['unparsable']}, truncated {result['truncated']}"]
     for source, cell in result["by"].get("source", {}).items():
         lines.append(f"  {source}: {cell['accuracy']:.1%} on {cell['n']}")

@@ -133,14 +133,31 @@ def _evaluation_table(manifest: Manifest) -> list[str]:
     if not models:
         return ["No model was evaluated."]
     lines = [
-        "| model | questions | accuracy | 95% CI | first-match accuracy | unparsable | truncated |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        "| model | questions | accuracy | 95% CI | first-match accuracy | committed | no answer "
+        "(restated options / copied question / candidates / none) | unparsable | truncated |",
+        "|---|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for name, m in models.items():
         low, high = m["ci95"]
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.1%} | {low:.1%} – {high:.1%} | "
-                     f"{m['first_match_accuracy']:.1%} | {m['unparsable']} | {m['truncated']} |")
-    return lines + _breakdowns(models)
+                     f"{m['first_match_accuracy']:.1%} | {_committed_cell(m)} | {_no_answer_cell(m)} | "
+                     f"{m['unparsable']} | {m['truncated']} |")
+    return lines + ["", "A reply is committed when it gives option(s) as its answer; restating the options, "
+                    "copying the question back or holding several candidates open is no answer, and is wrong."
+                    ] + _breakdowns(models)
+
+
+def _committed_cell(m: dict[str, Any]) -> str:
+    """'97 (97.0%)'; '–' for a record written before commitments were counted."""
+    if "committed" not in m:
+        return "–"
+    return f"{m['committed']} ({m['committed'] / m['n']:.1%})" if m["n"] else "0"
+
+
+def _no_answer_cell(m: dict[str, Any]) -> str:
+    """'1 / 0 / 2 / 0': restated options, copied question, candidates, none."""
+    keys = ("restated_options", "copied_question", "candidates", "no_answer")
+    return " / ".join(str(m[key]) for key in keys) if all(key in m for key in keys) else "–"
 
 
 def _breakdowns(models: dict[str, Any], max_values: int = 20) -> list[str]:

@@ -80,7 +80,7 @@ def uses_rule(judge: JudgeConfig, question: Question) -> bool:
 
 
 def rule_verdict(question: Question, reply: str) -> dict[str, Any]:
-    letters = extract_answer(reply, question.options)
+    letters = extract_answer(reply, question.options, question.question)
     return {"verdict": letters == frozenset(question.answer), "decided_by": "rule",
             "verdict_raw": letters_text(letters)}
 

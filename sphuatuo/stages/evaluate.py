@@ -5,7 +5,10 @@ Greedy decoding by default, a token budget that fits the chain of thought (the o
 short). Multiple-choice items are scored by option-letter set equality whatever the judge kind, open-ended
 ones by the judge.
 First-match and last-match accuracy are reported separately, and an empty or unparsable reply counts
-as wrong and is counted.
+as wrong and is counted. Every reply is also counted by what it did with the options
+(`sphuatuo.parsing.replies.answer_commitment`): committed to an answer, restated the options, copied
+the question back, held candidates open, or gave no answer; an open-ended reply counts as committed
+when the judge could decide it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 from collections import defaultdict
 
 from sphuatuo.data.questions import Question
-from sphuatuo.parsing.replies import first_and_last_answers
+from sphuatuo.parsing.replies import CATEGORIES, COMMITTED, NO_ANSWER, answer_commitment
 from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens
 from sphuatuo.recipe import JudgeConfig
@@ -45,21 +48,26 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 def score(rows: list[Row]) -> dict:
     """Accuracy (the judge's verdict on the final answer), first-match accuracy, unparsable and
-    truncated counts, and accuracy per source and per metadata field (CMExam: disease group,
-    department, difficulty, …)."""
+    truncated counts, how many replies committed to an answer and why the others did not (one key
+    per `sphuatuo.parsing.replies.CATEGORIES`), and accuracy per source and per metadata field
+    (CMExam: disease group, department, difficulty, …)."""
     first_correct = 0
     unparsable = 0
+    commitments = dict.fromkeys(CATEGORIES, 0)
     # group ("source" or a metadata key) -> value -> [correct, total]
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for row in rows:
         question = Question.from_row(row)
         if question.is_multiple_choice:
-            first, last = first_and_last_answers(row["generated_text"], question.options)
-            first_correct += first == frozenset(question.answer)
-            unparsable += not last
+            commitment = answer_commitment(row["generated_text"], question.options, question.question)
+            first_correct += commitment.first == frozenset(question.answer)
+            unparsable += not commitment.letters
+            commitments[commitment.category] += 1
         else:
             first_correct += bool(row["verdict"])
-            unparsable += row["verdict"] is None or not row["generated_text"].strip()
+            undecided = row["verdict"] is None or not row["generated_text"].strip()
+            unparsable += undecided
+            commitments[NO_ANSWER if undecided else COMMITTED] += 1
         for group, value in {"source": question.source or "unknown", **question.metadata}.items():
             groups[group][value][0] += bool(row["verdict"])
             groups[group][value][1] += 1
@@ -72,6 +80,9 @@ def score(rows: list[Row]) -> dict:
         "ci95": wilson_interval(correct, total),
         "first_match_accuracy": first_correct / total if total else 0.0,
         "unparsable": unparsable,
+        # per reply, what it did with the options: committed, restated_options, copied_question,
+        # candidates, no_answer (they add up to n)
+        **commitments,
         "truncated": sum(1 for row in rows if row["truncated"]),
         "by": {
             group: {value: {"n": n, "accuracy": c / n, "ci95": wilson_interval(c, n)}
