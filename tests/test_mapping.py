@@ -13,11 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import raw_test_recipe
+from conftest import raw_test_recipe, tiny_recipe
 from sphuatuo.data.loaders import UnknownFormat, load_questions, merge_loads, sample_records
 from sphuatuo.data.mapping import ColumnMapping, mapping_yaml, propose_mapping, read_mapping
 from sphuatuo.recipe import QuestionSource, RecipeError, load_recipe
+from sphuatuo.stages import StageContext, StageFailed, questions
 from sphuatuo.stages.questions import load_sources, shared_questions
+from sphuatuo.store.manifest import StageRecord
+from sphuatuo.store.run_root import RunRoot
 
 # A Chinese licensing-exam layout (written for these tests): five option columns, the answer names one.
 EXAM = [
@@ -123,6 +126,19 @@ def test_datasets_save_to_disk_folder(tmp_path: Path) -> None:
         load_questions(splits, format="medmcqa_hf")
     test_split = load_questions(splits, format=ColumnMapping(**{**_medmcqa_columns(), "split": "test"}))
     assert [(q.id, q.answer) for q in test_split.questions] == [("m3", ("D",))]
+
+
+def test_a_folder_of_parquet_files_by_split(tmp_path: Path) -> None:
+    """The layout of a hub dataset snapshot: data/<split>-NNNNN-of-NNNNN.parquet."""
+    (tmp_path / "snapshot" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(MEDMCQA[:2]), tmp_path / "snapshot" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(MEDMCQA[2:]), tmp_path / "snapshot" / "data" / "test-00000-of-00001.parquet")
+    test = load_questions(tmp_path / "snapshot", format=ColumnMapping(**{**_medmcqa_columns(), "split": "test"}))
+    assert [(q.id, q.answer) for q in test.questions] == [("m3", ("D",))]
+    everything = load_questions(tmp_path / "snapshot", format="medmcqa_hf")
+    assert [q.id for q in everything.questions] == ["m3", "m1", "m2"]
+    with pytest.raises(ValueError, match=r"snapshot: no column\(s\) correct; it has id, question, opa"):
+        load_questions(tmp_path / "snapshot", format=ColumnMapping(**{**_medmcqa_columns(), "answer": "correct"}))
 
 
 def _medmcqa_columns() -> dict:
@@ -255,6 +271,11 @@ def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path) ->
     shared = shared_questions(load_sources([QuestionSource(path=str(train), columns=EXAM_MAPPING)]),
                               load_sources([QuestionSource(path=str(test), columns=EXAM_MAPPING)]))
     assert shared == [f"train {train} row 1 (id train:1) = test {test} row 2 (id test:2)"]
+
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(train), "columns": EXAM_MAPPING}],
+                                              "data.test": [{"path": str(test), "columns": EXAM_MAPPING}]})
+    with pytest.raises(StageFailed, match=rf"1 question\(s\) in both train and test: train {train} row 1"):
+        questions.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
 
 
 # --- Recipes: inline columns, datasets.yaml by name ----------------------------------------------

@@ -1,6 +1,6 @@
 """Split a question file into records, whatever holds it: a JSON array, JSONL, CSV, Parquet, or a
-Hugging Face `datasets` folder written by `save_to_disk`; on the local disk or any filesystem
-pyarrow opens by URI (`s3://bucket/exam.parquet`, `gs://…`, `file:///…`).
+Hugging Face `datasets` folder (written by `save_to_disk`, or a folder of Parquet files); on the local
+disk or any filesystem pyarrow opens by URI (`s3://bucket/exam.parquet`, `gs://…`, `file:///…`).
 
 Readers never judge content: each record carries its 1-based row number, its raw text (for the
 reject list) and its fields, or the reason it could not be read at all. The loaders decide what a
@@ -178,7 +178,8 @@ def _parquet_batches(location: str) -> Iterator[pa.RecordBatch]:
 
 
 def _arrow_folder_batches(location: str, split: str | None) -> Iterator[pa.RecordBatch]:
-    """The Arrow files of a `save_to_disk` folder, read with pyarrow alone (no `datasets` needed)."""
+    """The Arrow files of a `save_to_disk` folder, read with pyarrow alone (no `datasets` needed), or the
+    Parquet files of a folder such as a hub dataset snapshot (`data/train-00000-of-00001.parquet`)."""
     filesystem, path = _filesystem(location)
     path = path.rstrip("/")
 
@@ -195,11 +196,22 @@ def _arrow_folder_batches(location: str, split: str | None) -> Iterator[pa.Recor
             raise ValueError(f"{location}: a DatasetDict with splits {', '.join(splits)}; name one with `split:`")
         path = f"{path}/{split}"
         names = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector(path))}
-    if "state.json" not in names:
-        raise ValueError(f"{location}: a folder, but not one written by datasets' save_to_disk (no state.json)")
-    for data_file in read_json("state.json")["_data_files"]:
-        with filesystem.open_input_stream(f"{path}/{data_file['filename']}") as stream:
-            yield from pa.ipc.open_stream(stream)
+    if "state.json" in names:
+        for data_file in read_json("state.json")["_data_files"]:
+            with filesystem.open_input_stream(f"{path}/{data_file['filename']}") as stream:
+                yield from pa.ipc.open_stream(stream)
+        return
+    parquet = sorted(info.path for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if info.path.endswith(".parquet"))
+    if split:
+        parquet = [name for name in parquet if split in PurePosixPath(name).relative_to(path).parent.parts
+                   or PurePosixPath(name).name.startswith(f"{split}-")]
+    if not parquet:
+        raise ValueError(f"{location}: a folder, but neither a datasets save_to_disk folder (no state.json) nor "
+                         f"one holding Parquet files{f' of split {split}' if split else ''}")
+    for name in parquet:
+        with filesystem.open_input_file(name) as handle:
+            yield from pq.ParquetFile(handle).iter_batches()
 
 
 def _table_records(batches: Iterator[pa.RecordBatch], prefix: str, id_column: str | None) -> Iterator[Record]:

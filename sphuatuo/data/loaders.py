@@ -248,15 +248,17 @@ def summarize(result: LoadResult) -> str:
 
 
 def _mapped_records(location: str, mapping: ColumnMapping) -> Iterator[Record]:
-    """Records for a mapping; a table (CSV, Parquet, datasets folder) lacking a needed column fails whole."""
+    """Records for a mapping; a table (CSV, Parquet, datasets folder) lacking a needed column fails whole,
+    rather than as one "missing field" reject per row."""
     kind = mapping.file or files.file_kind(location)
-    records = files.read_records(location, kind, id_column=mapping.id, split=mapping.split)
-    for record in records:
-        if kind in ("csv", "parquet", "hf_dataset") and record.row == 1 and record.fields is not None:
+    checked = kind not in ("csv", "parquet", "hf_dataset")
+    for record in files.read_records(location, kind, id_column=mapping.id, split=mapping.split):
+        if not checked and record.fields is not None:
             missing = [name for name in mapping.required_columns() if name not in record.fields]
             if missing:
                 raise ValueError(f"{location}: no column(s) {', '.join(missing)}; it has "
                                  f"{', '.join(record.fields)}")
+            checked = True
         yield record
 
 
@@ -279,7 +281,10 @@ def _from_native(record: Record, source: str) -> Question:
     if isinstance(fields.get("options"), list):  # Parquet rows: a list of {letter, text}, metadata as JSON
         fields["options"] = {str(o["letter"]): str(o["text"]) for o in fields["options"]}
     if isinstance(fields.get("metadata"), str):
-        fields["metadata"] = json.loads(fields["metadata"] or "{}")
+        try:
+            fields["metadata"] = json.loads(fields["metadata"] or "{}")
+        except json.JSONDecodeError as error:
+            raise BadRecord(f"metadata is text but not a JSON object ({error.msg})") from None
     if "answer" in fields:
         _answer_letters(fields["answer"], "answer")
     if not fields.get("source"):

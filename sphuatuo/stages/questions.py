@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> None:
     test = load_sources(data.test)
     shared = shared_questions(train, test)
     if shared:
-        raise StageFailed(f"{len(shared)} questions are in both train and test: " + "; ".join(shared[:3]))
+        raise StageFailed(f"{len(shared)} question(s) in both train and test: " + "; ".join(shared[:3]))
     train_questions, test_questions = train.questions, test.questions
     if not data.test and data.test_fraction:
         shuffled = sorted(train_questions, key=lambda q: q.id)
