@@ -91,6 +91,7 @@ def test_a_pretty_printed_array_is_read_as_items_not_lines(tmp_path: Path) -> No
     result = load_questions(path, format="medmcqa")
     assert [q.id for q in result.questions] == ["m1", "m3"] and len(result.rejects) == 1
     assert result.rejects[0].reason == "cop must be an option number from 1 (opa) to 4 (opd), got 0"
+    assert load_questions(path) == load_questions(path, format="medmcqa_hf")  # detected: a 0 among cop values
 
 
 # --- MedMCQA: released (1-based) and hub (0-based) numbering -----------------------------------
@@ -177,6 +178,17 @@ def test_parquet_with_a_list_column_and_option_text_answers(tmp_path: Path) -> N
     assert [(q.id, q.answer) for q in result.questions] == [("bank:1", ("A",)), ("bank:2", ("A",))]
     assert result.rejects[0].reason == "gold 'Valproate' is not the text of any option"
     assert load_questions(f"file://{path}", format=mapping).questions == result.questions  # a pyarrow URI
+
+
+def test_index_and_key_answers_follow_option_order_blanks_included(tmp_path: Path) -> None:
+    path = _write_json(tmp_path / "bank.json", [
+        {"q": "Which is C?", "choices": ["a", "", "c"], "k": 2},  # a blank option keeps its position
+        {"q": "Which is B?", "choices": {"B": "b", "A": "a"}, "k": 0},  # mapping order, its own letters
+    ])
+    result = load_questions(path, format=ColumnMapping(question="q", options="choices", answer="k",
+                                                       answer_kind="index0"))
+    assert [(q.options, q.answer) for q in result.questions] == [
+        ({"A": "a", "C": "c"}, ("C",)), ({"A": "a", "B": "b"}, ("B",))]
 
 
 def test_a_mapping_must_say_how_to_score() -> None:

@@ -81,8 +81,8 @@ class ColumnMapping(BaseModel):
         missing = [name for name in self.required_columns() if _blank(fields.get(name))]
         if missing:
             raise BadRecord(f"missing field(s): {', '.join(missing)}")
-        options, keys = self._options(fields)
-        answer = self._answer(fields[self.answer], options, keys) if self.answer else ()
+        options, letter_of = self._options(fields)
+        answer = self._answer(fields[self.answer], options, letter_of) if self.answer else ()
         return Question(
             id=record.id or "",
             question=_text(fields[self.question], self.question),
@@ -94,30 +94,36 @@ class ColumnMapping(BaseModel):
             metadata=self._metadata(fields),
         )
 
-    def _options(self, fields: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
-        """{letter: text} and the option keys in order (column names, or the keys of a mapping column)."""
+    def _options(self, fields: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+        """{letter: text}, and each option's key (column name, mapping key or letter) to its letter, in
+        option order, blank options included: index and option_column answers count and name them."""
         if self.options is None:
-            return {}, []
+            return {}, {}
         if isinstance(self.options, list):
-            options = {OPTION_LETTERS[i]: str(fields[name]) for i, name in enumerate(self.options)
-                       if not _blank(fields.get(name))}
-            return options, list(self.options)
-        value = fields[self.options]
-        if isinstance(value, Mapping):
-            keys = [str(key) for key in value]
-            if all(len(key.strip()) == 1 and key.strip().upper() in OPTION_LETTERS for key in keys):
-                letters = [key.strip().upper() for key in keys]
+            letter_of = dict(zip(self.options, OPTION_LETTERS))
+            texts = [fields.get(name) for name in self.options]
+        else:
+            value = fields[self.options]
+            if isinstance(value, Mapping):
+                keys = [str(key) for key in value]
+                if all(len(key.strip()) == 1 and key.strip().upper() in OPTION_LETTERS for key in keys):
+                    letter_of = {key: key.strip().upper() for key in keys}
+                else:
+                    letter_of = dict(zip(keys, OPTION_LETTERS))
+                texts = list(value.values())
+            elif isinstance(value, list):
+                letter_of = dict(zip(OPTION_LETTERS, OPTION_LETTERS[: len(value)]))
+                texts = value
+            elif isinstance(value, str):
+                options = parse_option_lines(value)
+                return options, {letter: letter for letter in options}
             else:
-                letters = list(OPTION_LETTERS[: len(keys)])
-            return {letter: str(text) for letter, text in zip(letters, value.values()) if not _blank(text)}, keys
-        if isinstance(value, list):
-            return {OPTION_LETTERS[i]: str(text) for i, text in enumerate(value[:26]) if not _blank(text)}, []
-        if isinstance(value, str):
-            options = parse_option_lines(value)
-            return options, list(options)
-        raise BadRecord(f"{self.options} must hold a mapping, a list or `A. text` lines, got {json_type(value)}")
+                raise BadRecord(f"{self.options} must hold a mapping, a list or `A. text` lines, "
+                                f"got {json_type(value)}")
+        options = {letter: str(text) for letter, text in zip(letter_of.values(), texts) if not _blank(text)}
+        return options, letter_of
 
-    def _answer(self, value: Any, options: dict[str, str], keys: list[str]) -> str | list[str]:
+    def _answer(self, value: Any, options: dict[str, str], letter_of: dict[str, str]) -> str | list[str]:
         name = self.answer
         if self.answer_kind == "letters":
             if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -126,15 +132,14 @@ class ColumnMapping(BaseModel):
         values = value if isinstance(value, list) else [value]
         if self.answer_kind in ("index0", "index1"):
             base = int(self.answer_kind[-1])
-            count = len(keys) if keys else len(options)
-            names = keys or list(options)
+            names, count = list(letter_of), len(letter_of)
             letters = []
             for item in values:
                 number = _integer(item)
                 if number is None or not base <= number < base + count:
                     raise BadRecord(f"{name} must be an option number from {base} ({names[0]}) to "
                                     f"{base + count - 1} ({names[-1]}), got {item!r}")
-                letters.append(OPTION_LETTERS[number - base])
+                letters.append(letter_of[names[number - base]])
             return letters
         if self.answer_kind == "option_text":
             by_text = {normalise_text(text): letter for letter, text in options.items()}
@@ -142,12 +147,12 @@ class ColumnMapping(BaseModel):
             if None in letters:
                 raise BadRecord(f"{name} {value!r} is not the text of any option")
             return [letter for letter in letters if letter]
-        by_key = {key.strip().lower(): OPTION_LETTERS[i] for i, key in enumerate(keys)}
+        by_key = {key.strip().lower(): letter for key, letter in letter_of.items()}
         if isinstance(value, str):
             values = [part for part in _SEPARATORS.split(value) if part]
         letters = [by_key.get(str(item).strip().lower()) for item in values]
         if not values or None in letters:
-            raise BadRecord(f"{name} {value!r} names no option column ({', '.join(keys)})")
+            raise BadRecord(f"{name} {value!r} names no option column ({', '.join(letter_of)})")
         return [letter for letter in letters if letter]
 
     def _metadata(self, fields: Mapping[str, Any]) -> dict[str, str]:
