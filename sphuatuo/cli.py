@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from sphuatuo.data.mapping import ColumnMapping
 from sphuatuo.recipe import Recipe, RecipeError, load_recipe
 from sphuatuo.store.lease import LeaseError
 from sphuatuo.store.secrets import RedactingFilter, declare, redact, secret_names
@@ -21,6 +22,8 @@ EPILOG = """examples:
   sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
   sphuatuo run pipelines/huatuo_o1_demo.yaml      the HuatuoGPT-o1 recipe on SmolLM2-135M, CPU
   sphuatuo data check questions.csv --format cmexam
+  sphuatuo data check exam.json                   an unknown layout: prints a column mapping to check and reuse
+  sphuatuo data convert exam.json --columns mapping.yaml --out exam.parquet
   sphuatuo eval runs/demo/sft/model --data test.jsonl    accuracy of any model directory on a question file
   sphuatuo status runs/demo                        each stage: done, stale (and why), pending
   sphuatuo report runs/demo
@@ -34,6 +37,20 @@ EPILOG = """examples:
 def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a recipe field, e.g. --set stages.sft.learning_rate=2e-5 (repeatable)")
+
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--format", default=None, help="a built-in format name (default: detected)")
+    how.add_argument("--columns", default=None, metavar="MAPPING.yaml",
+                     help="a column mapping (question, options, answer, answer_kind, …), e.g. as data check "
+                          "proposes it")
+
+
+def _source_format(args: argparse.Namespace) -> str | ColumnMapping | None:
+    from sphuatuo.data.mapping import read_mapping
+
+    return read_mapping(args.columns) if args.columns else args.format
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -78,9 +95,17 @@ def _build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     check = data_commands.add_parser("check", help="load a question file; print valid/rejected counts and reasons")
     check.set_defaults(func=data_check_command)
-    check.add_argument("path")
-    check.add_argument("--format", default=None, help="loader name (default: detected)")
+    check.add_argument("path", help="a file or datasets folder (JSON array, JSONL, CSV, Parquet; local or s3://…)")
+    _source_options(check)
     check.add_argument("--rejects", default=None, help="also write the rejects as JSONL to this file")
+    convert = data_commands.add_parser("convert", help="a question file as native JSONL or HF datasets Parquet, "
+                                                       "rejects beside it (OUT.rejects.jsonl)")
+    convert.set_defaults(func=data_convert_command)
+    convert.add_argument("path", help="a file or datasets folder any format or mapping reads")
+    convert.add_argument("--out", required=True, help="output file (.jsonl or .parquet)")
+    _source_options(convert)
+    convert.add_argument("--to", choices=["jsonl", "parquet"], default=None,
+                         help="output kind (default: parquet for a .parquet OUT, else jsonl)")
 
     submit = commands.add_parser("submit", help="validate a recipe, submit it as a Ray job, follow its logs")
     submit.set_defaults(func=submit_command)
@@ -219,12 +244,37 @@ def validate_command(args: argparse.Namespace) -> int:
 
 
 def data_check_command(args: argparse.Namespace) -> int:
-    from sphuatuo.data.loaders import load_questions, resolve_source_path, summarize, write_rejects
+    """Exit 1 with a proposed mapping (YAML whose comments say what to do) when no format fits the file."""
+    from sphuatuo.data.loaders import UnknownFormat, load_questions, resolve_source_path, summarize, write_rejects
+    from sphuatuo.data.mapping import mapping_yaml, propose_mapping
 
-    result = load_questions(resolve_source_path(args.path), format=args.format)
+    try:
+        result = load_questions(resolve_source_path(args.path), format=_source_format(args))
+    except UnknownFormat as err:
+        proposal = propose_mapping(err.sample)
+        print(f"# {err}", file=sys.stderr)
+        if proposal is None:
+            columns = sorted({key for row in err.sample for key in row})
+            print(f"# no mapping to propose; the columns are: {', '.join(columns) or 'none'}", file=sys.stderr)
+            return 1
+        print(f"# a proposed mapping from the columns of {args.path}: check it, save it as mapping.yaml and\n"
+              f"# pass --columns mapping.yaml, or paste it under a source's columns: or into datasets.yaml\n"
+              + mapping_yaml(proposal), end="")
+        return 1
     print(summarize(result))
     if args.rejects:
         write_rejects(result.rejects, args.rejects)
+    return 0
+
+
+def data_convert_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.convert import convert, rejects_path
+    from sphuatuo.data.loaders import summarize
+
+    out = Path(args.out)
+    result = convert(args.path, out, format=_source_format(args), to=args.to)
+    print(summarize(result).splitlines()[0])
+    print(f"questions: {out}\nrejects: {rejects_path(out)}")
     return 0
 
 

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from sphuatuo.data.mapping import ColumnMapping
+
 
 class Strict(BaseModel):
     # A ValidationError's text never shows the values it refuses: one may be a secret. `load_recipe`
@@ -60,11 +62,25 @@ def uri_credentials(uri: str) -> str | None:
 
 
 class QuestionSource(Strict):
-    """A question file. `builtin:sample_bank` is the bank the package ships."""
+    """A question file. `builtin:sample_bank` is the bank the package ships.
 
-    path: str
-    format: str | None = Field(default=None, description="loader name; detected from the file when unset")
+    Either `format` (a built-in format, or an entry of the `datasets.yaml` beside the recipe, which
+    `load_recipe` replaces by its `columns`) or `columns` (a mapping written inline), or neither to
+    detect the format from the file.
+    """
+
+    path: str = Field(description="a file or datasets folder: local, NFS, or a pyarrow URI such as s3://…")
+    format: str | None = Field(default=None, description="format name; detected from the file when unset")
+    columns: ColumnMapping | None = Field(default=None, description="which column holds what (see datasets.yaml)")
+    source: str | None = Field(default=None, description="the source name questions carry (default: the format "
+                                                         "name, or the file stem)")
     limit: int | None = Field(default=None, ge=1, description="keep only the first N valid questions")
+
+    @model_validator(mode="after")
+    def _one_way_to_read(self) -> QuestionSource:
+        if self.format is not None and self.columns is not None:
+            raise ValueError("give either format or columns, not both")
+        return self
 
 
 class DataConfig(Strict):
@@ -727,6 +743,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+DATASETS_FILE = "datasets.yaml"
+"""Named column mappings beside a recipe, that its sources reference by `format:`."""
+
+
+def _resolve_formats(raw: dict[str, Any], datasets_file: Path) -> list[str]:
+    """Replace each `format:` naming a datasets.yaml entry by that entry's `columns:` (and make the name the
+    source's name), so the recipe the run records is complete without the file; unknown names are problems."""
+    from sphuatuo.data.loaders import BUILTIN_FORMATS
+    from sphuatuo.data.mapping import read_mappings
+
+    data = raw.get("data")
+    sources = [(f"data.{split}.{i}", item) for split in ("train", "test")
+               for i, item in enumerate(data.get(split) or [] if isinstance(data, dict) else [])
+               if isinstance(item, dict) and isinstance(item.get("format"), str)]
+    named = [(where, item) for where, item in sources if item["format"] not in BUILTIN_FORMATS]
+    if not named:
+        return []
+    try:
+        mappings = read_mappings(datasets_file) if datasets_file.is_file() else {}
+    except ValueError as err:
+        return [str(err)]
+    problems = []
+    for where, item in named:
+        name = item["format"]
+        if name not in mappings:
+            problems.append(f"{where}.format: unknown format {name!r} (built in: {', '.join(BUILTIN_FORMATS)}; "
+                            f"{datasets_file}: {', '.join(mappings) or 'none'})")
+            continue
+        del item["format"]
+        item["columns"] = mappings[name].model_dump(exclude_defaults=True)
+        item.setdefault("source", name)
+    return problems
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Parse and validate a recipe; raise RecipeError listing every problem with its field path."""
     path = str(path)
@@ -743,6 +793,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = apply_overrides(raw, overrides or [])
     except ValueError as err:
         raise RecipeError(path, [str(err)], raw) from None
+    problems = _resolve_formats(raw, Path(path).parent / DATASETS_FILE)
+    if problems:
+        raise RecipeError(path, problems, raw)
     return parse_recipe(raw, path)
 
 

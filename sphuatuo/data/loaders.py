@@ -1,26 +1,31 @@
-"""Load exam questions from the formats the recipes train and evaluate on, keeping the bad rows apart.
+"""Load exam questions from any file the recipes train and evaluate on, keeping the bad rows apart.
 
 Public datasets are messy: a few rows in a large file have no answer, an answer letter that is not
-an option, or broken bytes. A load never fails for such a row: it returns the good rows as
-`Question`s and every bad one as a `Reject` saying where it is and what is wrong, so one bad row
-costs one row, and the user can fix the file from the reject list. Only a problem with the whole
-file (missing, not JSON at all, the wrong top-level shape, a CSV without the needed columns) raises
-`ValueError`.
+an option, broken bytes, or the same question twice. A load never fails for such a row: it returns
+the good rows as `Question`s and every bad one as a `Reject` saying where it is and what is wrong,
+so one bad row costs one row, and the user can fix the file from the reject list. Only a problem
+with the whole file (missing, not JSON at all, the wrong top-level shape, a CSV without the needed
+columns, a format nobody can tell) raises `ValueError`.
 
-Formats (`FORMATS`):
+Formats live in one registry (`BUILTIN_FORMATS`), each entry either a `ColumnMapping` (a file
+described by its columns, see `sphuatuo.data.mapping`) or a `SpecialFormat` (a file that needs code):
 
-- ``sphuatuo``: native JSONL, one `Question` object per line (exactly its fields).
+- ``sphuatuo``: native, one `Question` object per record (exactly its fields); JSONL or the Parquet
+  that `sphuatuo data convert` writes. Special: it checks the exact field set.
 - ``cmexam``: CMExam CSV with columns Question, Options, Answer, Explanation (+ any others, kept in
-  `metadata`); Options holds one ``A text`` line per option.
+  `metadata`), matched case-insensitively; Options holds one ``A text`` line per option. Special.
 - ``huatuo_o1_eval``: the HuatuoGPT-o1 evaluation JSON, ``{source: [{question, options,
-  answer_idx, answer}, ...], ...}``.
-- ``medqa``: MedQA JSONL, ``{question, options, answer_idx, answer, meta_info?}`` per line.
-- ``medmcqa``: MedMCQA JSONL, either like MedQA or the original ``opa..opd`` + ``cop`` (1-based).
+  answer_idx, answer}, ...], ...}``. Special container, items read by the ``medqa`` mapping.
+- ``medqa``: ``{question, options, answer_idx, meta_info?}`` records. Mapping.
+- ``medmcqa_original``: MedMCQA's released layout ``opa..opd`` + ``cop`` counted from 1. Mapping.
+- ``medmcqa_hf``: the same layout as on the Hugging Face hub, ``cop`` counted from 0. Mapping.
+- ``medmcqa``: rows of either ``medmcqa_original`` or MedQA style in one file. Special (per row).
 - ``sp_conversations``: SP-Huatuo conversations JSON, a list of ``{id, conversations}`` whose
-  assistant turn reads ``答案是：<answer>。这是一些相关的背景信息：<background>`` (open-ended items).
+  assistant turn reads ``答案是：<answer>。这是一些相关的背景信息：<background>`` (open-ended). Special.
 
-Text is decoded as UTF-8 record by record: a record holding bytes that are not valid UTF-8 is
-rejected as "undecodable text (invalid UTF-8)" while the rest of the file loads.
+Every mapped file may be a JSON array, JSONL, CSV, Parquet or a `datasets` save_to_disk folder, local
+or behind a pyarrow filesystem URI (`sphuatuo.data.files`). Text is decoded as UTF-8 record by record:
+a record holding bytes that are not valid UTF-8 is rejected as "undecodable text (invalid UTF-8)".
 """
 
 from __future__ import annotations
@@ -38,10 +43,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sphuatuo.data import files
+from sphuatuo.data.files import BadRecord, Record
+from sphuatuo.data.mapping import ColumnMapping, parse_option_lines
 from sphuatuo.data.questions import Question
 
 RAW_LIMIT = 2000
 """Characters of the raw record kept in a `Reject` (enough to find and fix it, small enough to print)."""
+
+SAMPLE_ROWS = 50
+"""Records read to tell a file's format or to propose a mapping for it."""
 
 # Invalid bytes decode to lone surrogates under "surrogateescape"; JSON "\udcxx" escapes give the same.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -53,8 +64,8 @@ class Reject:
 
     `row` is the 1-based record number in the file: the line number for JSONL (blank lines count),
     the data row number for CSV (the header row is not counted; a quoted cell spanning several lines
-    is still one row), and the position in the file's item lists for JSON (counted across all
-    lists, in file order).
+    is still one row), the position in the file's item lists for JSON (counted across all lists, in
+    file order), and the row of the table for Parquet and `datasets` folders.
     """
 
     file: str
@@ -66,26 +77,31 @@ class Reject:
 
 @dataclass
 class LoadResult:
-    """The questions a file yielded, and the records it could not."""
+    """The questions a file yielded, the records it could not, and where each question came from."""
 
     questions: list[Question] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    origins: dict[str, tuple[str, int]] = field(default_factory=dict)  # question id -> (file, row)
 
 
 @dataclass(frozen=True)
-class _Record:
-    """One record as read from its container, before any checks on its content."""
+class SpecialFormat:
+    """A format that is not a plain column mapping: its container or its rows need code."""
 
-    row: int
-    raw: str
-    id: str | None = None
-    fields: Mapping[str, Any] | None = None
-    problem: str = ""  # why the record could not be read at all (then `fields` is None)
-    source: str | None = None  # the source the file names for this record, if any
+    read: Callable[[str], Iterator[Record]]
+    build: Callable[[Record, str], Question]
 
 
-class _BadRecord(ValueError):
-    """A record whose content cannot make a question; the message is the user-facing reason."""
+FormatEntry = ColumnMapping | SpecialFormat
+
+
+class UnknownFormat(ValueError):
+    """No registered format fits the file; `sample` holds its first records, to propose a mapping from."""
+
+    def __init__(self, location: str, sample: list[Mapping[str, Any]]):
+        self.sample = sample
+        super().__init__(f"{location}: cannot tell the question format; name a format, one of "
+                         f"{', '.join(BUILTIN_FORMATS)}, or a column mapping (`sphuatuo data check` proposes one)")
 
 
 SAMPLE_BANK = "builtin:sample_bank"
@@ -98,46 +114,56 @@ def resolve_source_path(path: str) -> str:
     return path
 
 
-def load_questions(path: str | Path, format: str | None = None, source: str | None = None) -> LoadResult:
+def load_questions(path: str | Path, format: str | ColumnMapping | None = None,
+                   source: str | None = None) -> LoadResult:
     """Read every question in `path`, rejecting bad records instead of failing on them.
 
-    `format` is one of `FORMATS`, or None to detect it from the extension and the content:
+    `format` is a name in `BUILTIN_FORMATS`, a `ColumnMapping`, or None to detect it from the
+    container and the first record's keys:
 
-    - ``.csv``: cmexam.
-    - ``.jsonl``: the first line that is a JSON object decides: ``opa``/``cop``/``subject_name``
-      keys mean medmcqa; otherwise ``answer_idx`` means medqa (MedQA-style MedMCQA rows load the
-      same way); only `Question` field names, including ``id`` and ``question``, mean sphuatuo.
-    - ``.json``: an object whose values are all lists means huatuo_o1_eval; a list whose first
-      item has ``conversations`` means sp_conversations.
-    - anything else raises ValueError naming the file; pass `format` then.
+    - a JSON object whose values are all lists: huatuo_o1_eval; a JSON list whose first item has
+      ``conversations``: sp_conversations; a CSV with Question, Options and Answer columns: cmexam.
+    - otherwise the first record: a ``cop`` key, or ``subject_name`` with ``answer_idx``, means medmcqa
+      (medmcqa_hf when the sampled ``cop`` values run 0-3 and include 0); ``answer_idx`` means medqa;
+      only `Question` field names, including ``id`` and ``question``, mean sphuatuo.
+    - anything else raises `UnknownFormat` naming the file.
 
-    `source` names the source of records whose file does not name one (the keys of a
-    HuatuoGPT-o1 eval file and a native item's own `source` win); it defaults to the format name.
+    A record repeating an earlier one's id, or its question (same normalised stem and options), is
+    rejected naming the first. `source` names the source of records whose file does not name one (the
+    keys of a HuatuoGPT-o1 eval file and a native item's own `source` win); it defaults to the format
+    name, or the file stem for an unnamed mapping.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    format = format or _detect_format(path, text)
-    if format not in _FORMATS:
-        raise ValueError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
-    read, build = _FORMATS[format]
-    fallback_source = source or format
+    location = str(path)
+    files.require(location)
+    name = None
+    if isinstance(format, ColumnMapping):
+        entry: FormatEntry = format
+    else:
+        name = format or _detect_format(location)
+        if name not in BUILTIN_FORMATS:
+            raise ValueError(f"{location}: unknown format {name!r}; expected one of {', '.join(BUILTIN_FORMATS)}")
+        entry = BUILTIN_FORMATS[name]
+    fallback_source = source or name or files.file_stem(location)
+    if isinstance(entry, ColumnMapping):
+        records, build = _mapped_records(location, entry), entry.question_from
+    else:
+        records, build = entry.read(location), entry.build
 
     result = LoadResult()
     first_row_of: dict[str, int] = {}
+    first_row_with: dict[str, int] = {}
 
-    def reject(record: _Record, reason: str) -> None:
+    def reject(record: Record, reason: str) -> None:
         raw = _LONE_SURROGATE.sub("\ufffd", record.raw)
         if len(raw) > RAW_LIMIT:
             raw = raw[:RAW_LIMIT] + "…"
-        result.rejects.append(Reject(str(path), record.row, record.id, reason, raw))
+        result.rejects.append(Reject(location, record.row, record.id, reason, raw))
 
-    for record in read(path, text):
+    for record in records:
         if record.fields is None:
             reject(record, record.problem)
             continue
-        if _LONE_SURROGATE.search(json.dumps(record.fields, ensure_ascii=False)):
+        if _LONE_SURROGATE.search(json.dumps(record.fields, ensure_ascii=False, default=str)):
             reject(record, "undecodable text (invalid UTF-8)")
             continue
         try:
@@ -145,15 +171,54 @@ def load_questions(path: str | Path, format: str | None = None, source: str | No
         except ValidationError as error:
             reject(record, _explain(error))
             continue
-        except _BadRecord as error:
+        except BadRecord as error:
             reject(record, str(error))
             continue
         if question.id in first_row_of:
             reject(record, f"duplicate id {question.id!r} (first seen at row {first_row_of[question.id]})")
             continue
-        first_row_of[question.id] = record.row
+        content = question.content_key()
+        if content in first_row_with:
+            reject(record, f"duplicate of {location} row {first_row_with[content]}")
+            continue
+        first_row_of[question.id] = first_row_with[content] = record.row
         result.questions.append(question)
+        result.origins[question.id] = (location, record.row)
     return result
+
+
+def merge_loads(results: Sequence[LoadResult]) -> LoadResult:
+    """Join the loads of several files; a question already loaded from an earlier file (same id, or same
+    normalised stem and options) is rejected naming the first, so a bank listed twice counts once."""
+    merged = LoadResult()
+    first_with: dict[str, tuple[str, int]] = {}
+    for result in results:
+        merged.rejects.extend(result.rejects)
+        for question in result.questions:
+            file, row = result.origins[question.id]
+            content = question.content_key()
+            earlier = merged.origins.get(question.id)
+            reason = (f"duplicate id {question.id!r} (first seen in {earlier[0]} row {earlier[1]})" if earlier
+                      else f"duplicate of {first_with[content][0]} row {first_with[content][1]}"
+                      if content in first_with else None)
+            if reason:
+                raw = json.dumps(question.to_row(), ensure_ascii=False)[:RAW_LIMIT]
+                merged.rejects.append(Reject(file, row, question.id, reason, raw))
+                continue
+            merged.questions.append(question)
+            merged.origins[question.id] = first_with[content] = (file, row)
+    return merged
+
+
+def sample_records(path: str | Path) -> list[Mapping[str, Any]]:
+    """The fields of the file's first readable records, as a format detector or a person would look at them."""
+    sample = []
+    for record in _records_by_extension(str(path)):
+        if record.fields is not None:
+            sample.append(record.fields)
+            if len(sample) == SAMPLE_ROWS:
+                break
+    return sample
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> None:
@@ -182,59 +247,244 @@ def summarize(result: LoadResult) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Containers: split a file into records, each with its row number and raw text.
-
-
-def _jsonl_records(text: str, id_prefix: str | None) -> Iterator[_Record]:
-    """One record per non-blank line; `id_prefix` makes `<prefix>-<line>` ids for lines without one."""
-    # Not splitlines(): it also splits at U+2028 and friends, which may sit inside a JSON string.
-    for row, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        fallback_id = f"{id_prefix}-{row}" if id_prefix else None
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            yield _Record(row, line, fallback_id, problem=f"malformed JSON: {error.msg} at column {error.colno}")
-            continue
-        if not isinstance(value, dict):
-            yield _Record(row, line, fallback_id, problem=f"expected a JSON object, got {_json_type(value)}")
-            continue
-        yield _Record(row, line, _explicit_id(value, "id") or fallback_id, value)
-
-
-def _json_document(path: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-
-
-def _json_item(row: int, item: Any, fallback_id: str, source: str | None = None) -> _Record:
-    raw = json.dumps(item, ensure_ascii=False)
-    if not isinstance(item, dict):
-        return _Record(row, raw, fallback_id, problem=f"expected a JSON object, got {_json_type(item)}")
-    return _Record(row, raw, _explicit_id(item, "id") or fallback_id, item, source=source)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
-
-
-def _explicit_id(fields: Mapping[str, Any], key: str) -> str | None:
-    value = fields.get(key)
-    if value is None:
-        return None
-    return str(value).strip() or None
+def _mapped_records(location: str, mapping: ColumnMapping) -> Iterator[Record]:
+    """Records for a mapping; a table (CSV, Parquet, datasets folder) lacking a needed column fails whole,
+    rather than as one "missing field" reject per row."""
+    kind = mapping.file or files.file_kind(location)
+    checked = kind not in ("csv", "parquet", "hf_dataset")
+    for record in files.read_records(location, kind, id_column=mapping.id, split=mapping.split):
+        if not checked and record.fields is not None:
+            missing = [name for name in mapping.required_columns() if name not in record.fields]
+            if missing:
+                raise ValueError(f"{location}: no column(s) {', '.join(missing)}; it has "
+                                 f"{', '.join(record.fields)}")
+            checked = True
+        yield record
 
 
 def _require(fields: Mapping[str, Any], *names: str) -> None:
     missing = [name for name in names if fields.get(name) is None]
     if missing:
-        raise _BadRecord(f"missing field(s): {', '.join(missing)}")
+        raise BadRecord(f"missing field(s): {', '.join(missing)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Native records (JSONL, or the Parquet `sphuatuo data convert` writes), and any file read by its extension.
+
+
+def _records_by_extension(location: str) -> Iterator[Record]:
+    return files.read_records(location, files.file_kind(location))
+
+
+def _from_native(record: Record, source: str) -> Question:
+    fields = dict(record.fields or {})
+    if isinstance(fields.get("options"), list):  # Parquet rows: a list of {letter, text}, metadata as JSON
+        fields["options"] = {str(o["letter"]): str(o["text"]) for o in fields["options"]}
+    if isinstance(fields.get("metadata"), str):
+        try:
+            fields["metadata"] = json.loads(fields["metadata"] or "{}")
+        except json.JSONDecodeError as error:
+            raise BadRecord(f"metadata is text but not a JSON object ({error.msg})") from None
+    if "answer" in fields:
+        _answer_letters(fields["answer"], "answer")
+    if not fields.get("source"):
+        fields["source"] = source
+    return Question.model_validate(fields)
+
+
+def _answer_letters(value: Any, name: str) -> str | list[str]:
+    """Let only letter strings through: `Question` would crash with a TypeError on a bare number."""
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise BadRecord(f"{name} must be option letter(s), got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CMExam CSV: columns matched case-insensitively, every other column kept in `metadata`.
+
+_CMEXAM_COLUMNS = {name.lower(): name for name in ("Question", "Options", "Answer", "Explanation", "id")}
+_CMEXAM_REQUIRED = ("Question", "Options", "Answer")
+
+
+def _cmexam_header(location: str, text: str) -> list[str]:
+    header = next(csv.reader(io.StringIO(text, newline="")), None)
+    if header is None:
+        raise ValueError(f"{location}: empty CSV file, expected a header row")
+    return header
+
+
+def _cmexam_records(location: str) -> Iterator[Record]:
+    text = files.read_text(location)
+    header = _cmexam_header(location, text)
+    columns = {_CMEXAM_COLUMNS.get(name.strip().lower()) for name in header}
+    missing = [name for name in _CMEXAM_REQUIRED if name not in columns]
+    if missing:
+        raise ValueError(f"{location}: CSV header lacks column(s) {', '.join(missing)}; it has {', '.join(header)}")
+    return files.csv_records(location, text, files.file_stem(location), rename=_CMEXAM_COLUMNS)
+
+
+def _from_cmexam(record: Record, source: str) -> Question:
+    fields = record.fields or {}
+    _require(fields, *_CMEXAM_REQUIRED)
+    known = set(_CMEXAM_COLUMNS.values())
+    metadata = {key: value.strip() for key, value in fields.items() if key and key not in known and value.strip()}
+    return Question(
+        id=record.id or "",
+        question=fields["Question"],
+        options=parse_option_lines(fields["Options"]),
+        answer=fields["Answer"],
+        explanation=fields.get("Explanation", "").strip(),
+        source=source,
+        metadata=metadata,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# MedQA / MedMCQA and the HuatuoGPT-o1 eval JSON (which holds MedQA-style items).
+
+MEDQA = ColumnMapping(question="question", options="options", answer="answer_idx", explanation="explanation",
+                      metadata=["meta_info"], id="id")
+_MEDMCQA_COLUMNS: dict[str, Any] = dict(question="question", options=["opa", "opb", "opc", "opd"], answer="cop",
+                                        explanation="exp", metadata=["subject_name", "topic_name", "choice_type"],
+                                        id="id")
+MEDMCQA_ORIGINAL = ColumnMapping(**_MEDMCQA_COLUMNS, answer_kind="index1")
+MEDMCQA_HF = ColumnMapping(**_MEDMCQA_COLUMNS, answer_kind="index0")
+_MEDMCQA_MEDQA_STYLE = MEDQA.model_copy(update={"explanation": "exp", "metadata": _MEDMCQA_COLUMNS["metadata"]})
+
+
+def _o1_eval_records(location: str) -> Iterator[Record]:
+    """Items of every source list, in file order, rows counted across the lists."""
+    document = _json_document(location)
+    if not isinstance(document, dict):
+        raise ValueError(
+            f"{location}: expected a JSON object mapping source names to item lists, got {files.json_type(document)}"
+        )
+    bad = [name for name, items in document.items() if not isinstance(items, list)]
+    if bad:
+        raise ValueError(f"{location}: the value of {', '.join(map(repr, bad))} is not a list of items")
+    prefix = files.file_stem(location)
+    row = 0
+    for name, items in document.items():
+        for item in items:
+            row += 1
+            yield files.json_item(row, item, f"{prefix}:{row}", source=name)
+
+
+def _from_medmcqa(record: Record, source: str) -> Question:
+    """Original MedMCQA rows (`opa`..`opd`, `cop` 1-based: 1 = opa) or MedQA-style rows."""
+    mapping = _MEDMCQA_MEDQA_STYLE if "options" in (record.fields or {}) else MEDMCQA_ORIGINAL
+    return mapping.question_from(record, source)
+
+
+def _json_document(location: str) -> Any:
+    try:
+        return json.loads(files.read_text(location))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{location}: not valid JSON ({error})") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# SP-Huatuo conversations JSON (open-ended).
+
+_USER_ROLES = {"user", "human"}
+_ASSISTANT_ROLES = {"assistant", "gpt"}
+_SP_ANSWER = re.compile(
+    r"^\s*答案是[：:]\s*(?P<answer>.*?)[。.]?\s*这是一些相关的背景信息[：:]\s*(?P<background>.*?)\s*$", re.S
+)
+
+
+def _sp_records(location: str) -> Iterator[Record]:
+    document = _json_document(location)
+    if not isinstance(document, list):
+        raise ValueError(f"{location}: expected a JSON list of conversations, got {files.json_type(document)}")
+    prefix = files.file_stem(location)
+    for row, item in enumerate(document, start=1):
+        yield files.json_item(row, item, f"{prefix}:{row}")
+
+
+def _from_conversation(record: Record, source: str) -> Question:
+    """The first user turn is the question; the assistant turn after it holds answer and background."""
+    fields = record.fields or {}
+    _require(fields, "conversations")
+    turns = fields["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise BadRecord("conversations must be a list of {from, value} objects")
+    roles = [str(turn.get("from", "")).lower() for turn in turns]
+    asked = next((i for i, role in enumerate(roles) if role in _USER_ROLES), None)
+    if asked is None:
+        raise BadRecord("conversations has no user turn")
+    replied = next((i for i in range(asked + 1, len(turns)) if roles[i] in _ASSISTANT_ROLES), None)
+    if replied is None:
+        raise BadRecord("conversations has no assistant turn after the user turn")
+    if not isinstance(turns[asked].get("value"), str) or not isinstance(turns[replied].get("value"), str):
+        raise BadRecord("a conversation turn has no text in its value field")
+    reply = turns[replied]["value"]
+    match = _SP_ANSWER.match(reply)
+    reference, explanation = (match["answer"], match["background"]) if match else (reply.strip(), "")
+    return Question(
+        id=record.id or "",
+        question=turns[asked]["value"],
+        reference=reference.strip(),
+        explanation=explanation,
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry and detection.
+
+
+BUILTIN_FORMATS: dict[str, FormatEntry] = {
+    "sphuatuo": SpecialFormat(_records_by_extension, _from_native),
+    "cmexam": SpecialFormat(_cmexam_records, _from_cmexam),
+    "huatuo_o1_eval": SpecialFormat(_o1_eval_records, MEDQA.question_from),
+    "medqa": MEDQA,
+    "medmcqa": SpecialFormat(_records_by_extension, _from_medmcqa),
+    "medmcqa_original": MEDMCQA_ORIGINAL,
+    "medmcqa_hf": MEDMCQA_HF,
+    "sp_conversations": SpecialFormat(_sp_records, _from_conversation),
+}
+FORMATS: tuple[str, ...] = tuple(BUILTIN_FORMATS)
+
+_QUESTION_FIELDS = frozenset(Question.model_fields)
+
+
+def _detect_format(location: str) -> str:
+    """Tell the format from the container, then from the first records (rules: `load_questions`)."""
+    kind = files.file_kind(location)
+    if kind == "csv":
+        header = {name.strip().lower() for name in _cmexam_header(location, files.read_text(location))}
+        if {"question", "options", "answer"} <= header:
+            return "cmexam"
+    elif kind == "json":
+        text = files.read_text(location).lstrip()
+        if text.startswith("{"):
+            try:
+                document = json.loads(text)
+            except json.JSONDecodeError:
+                document = None
+            if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+                return "huatuo_o1_eval"
+        elif text.startswith("["):
+            try:
+                document = json.loads(text)
+            except json.JSONDecodeError:
+                document = None
+            if isinstance(document, list) and document and isinstance(document[0], dict) \
+                    and "conversations" in document[0]:
+                return "sp_conversations"
+    sample = sample_records(location)
+    if sample:
+        keys = set(sample[0])
+        if "cop" in keys or {"subject_name", "answer_idx"} <= keys:
+            cops = [row.get("cop") for row in sample if "options" not in row]
+            zero_based = len(cops) == len(sample) and 0 in cops and all(c in (0, 1, 2, 3) for c in cops)
+            return "medmcqa_hf" if zero_based else "medmcqa"
+        if "answer_idx" in keys:
+            return "medqa"
+        if {"id", "question"} <= keys <= _QUESTION_FIELDS:
+            return "sphuatuo"
+    raise UnknownFormat(location, sample)
 
 
 def _explain(error: ValidationError) -> str:
@@ -253,271 +503,3 @@ def _explain(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------
-# Native JSONL.
-
-
-def _native_records(path: Path, text: str) -> Iterator[_Record]:
-    return _jsonl_records(text, id_prefix=None)
-
-
-def _from_native(record: _Record, source: str) -> Question:
-    fields = dict(record.fields or {})
-    if "answer" in fields:
-        _answer_letters(fields["answer"], "answer")
-    if not fields.get("source"):
-        fields["source"] = source
-    return Question.model_validate(fields)
-
-
-# ---------------------------------------------------------------------------------------------
-# CMExam CSV.
-
-# Column names matched case-insensitively; every other column goes to `metadata` under its own name.
-_CMEXAM_COLUMNS = {name.lower(): name for name in ("Question", "Options", "Answer", "Explanation", "id")}
-_CMEXAM_REQUIRED = ("Question", "Options", "Answer")
-_OPTION_LINE = re.compile(r"^\s*([A-Za-z])\s*(?:[.、:：．]|\s)\s*(.*)$")
-
-
-def _cmexam_records(path: Path, text: str) -> Iterator[_Record]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty CSV file, expected a header row")
-        columns = [_CMEXAM_COLUMNS.get(name.strip().lower(), name.strip()) for name in header]
-        missing = [name for name in _CMEXAM_REQUIRED if name not in columns]
-        if missing:
-            raise ValueError(f"{path}: CSV header lacks column(s) {', '.join(missing)}; it has {', '.join(header)}")
-        for row, cells in enumerate(reader, start=1):
-            if not any(cell.strip() for cell in cells):
-                continue
-            raw = io.StringIO()
-            csv.writer(raw, lineterminator="").writerow(cells)
-            fields = dict(zip(columns, cells))
-            fallback_id = _explicit_id(fields, "id") or f"cmexam-{row}"
-            if len(cells) > len(columns):
-                problem = f"{len(cells)} cells but the header has {len(columns)} columns (an unquoted comma?)"
-                yield _Record(row, raw.getvalue(), fallback_id, problem=problem)
-                continue
-            yield _Record(row, raw.getvalue(), fallback_id, fields)
-    except csv.Error as error:
-        raise ValueError(f"{path}: unreadable CSV near line {reader.line_num} ({error})") from error
-
-
-def _from_cmexam(record: _Record, source: str) -> Question:
-    fields = record.fields or {}
-    _require(fields, *_CMEXAM_REQUIRED)
-    known = set(_CMEXAM_COLUMNS.values())
-    metadata = {key: value.strip() for key, value in fields.items() if key and key not in known and value.strip()}
-    return Question(
-        id=record.id or "",
-        question=fields["Question"],
-        options=_parse_option_lines(fields["Options"]),
-        answer=fields["Answer"],
-        explanation=fields.get("Explanation", "").strip(),
-        source=source,
-        metadata=metadata,
-    )
-
-
-def _parse_option_lines(text: str) -> dict[str, str]:
-    """`A text` lines to {letter: text}; a line without a letter continues the option above it."""
-    options: dict[str, str] = {}
-    letter = None
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        match = _OPTION_LINE.match(line)
-        if match:
-            letter = match.group(1).upper()
-            if letter in options:
-                raise _BadRecord(f"option {letter} appears twice in Options")
-            options[letter] = match.group(2)
-        elif letter is None:
-            raise _BadRecord(f"Options does not start with an option letter: {line.strip()[:40]!r}")
-        else:
-            options[letter] = f"{options[letter]} {line.strip()}"
-    return options
-
-
-# ---------------------------------------------------------------------------------------------
-# MedQA / MedMCQA JSONL and the HuatuoGPT-o1 eval JSON (which holds MedQA-style items).
-
-
-def _medqa_records(path: Path, text: str) -> Iterator[_Record]:
-    return _jsonl_records(text, id_prefix="medqa")
-
-
-def _medmcqa_records(path: Path, text: str) -> Iterator[_Record]:
-    return _jsonl_records(text, id_prefix="medmcqa")
-
-
-def _o1_eval_records(path: Path, text: str) -> Iterator[_Record]:
-    """Items of every source list, in file order; ids are `<source>-<1-based index in its list>`."""
-    document = _json_document(path, text)
-    if not isinstance(document, dict):
-        raise ValueError(
-            f"{path}: expected a JSON object mapping source names to item lists, got {_json_type(document)}"
-        )
-    bad = [name for name, items in document.items() if not isinstance(items, list)]
-    if bad:
-        raise ValueError(f"{path}: the value of {', '.join(map(repr, bad))} is not a list of items")
-    row = 0
-    for name, items in document.items():
-        for index, item in enumerate(items, start=1):
-            row += 1
-            yield _json_item(row, item, f"{name}-{index}", source=name)
-
-
-def _from_medqa(record: _Record, source: str) -> Question:
-    fields = record.fields or {}
-    _require(fields, "question", "options", "answer_idx")
-    meta_info = fields.get("meta_info")
-    if isinstance(meta_info, dict):
-        metadata = {str(key): str(value) for key, value in meta_info.items() if value is not None}
-    elif meta_info in (None, ""):
-        metadata = {}
-    else:
-        metadata = {"meta_info": str(meta_info)}
-    return Question(
-        id=record.id or "",
-        question=fields["question"],
-        options=_option_map(fields["options"]),
-        answer=_answer_letters(fields["answer_idx"], "answer_idx"),
-        explanation=fields.get("explanation") or "",
-        source=source,
-        metadata=metadata,
-    )
-
-
-_MEDMCQA_OPTIONS = {"A": "opa", "B": "opb", "C": "opc", "D": "opd"}
-_MEDMCQA_METADATA = ("subject_name", "topic_name", "choice_type")
-
-
-def _from_medmcqa(record: _Record, source: str) -> Question:
-    """Original MedMCQA rows (`opa`..`opd`, `cop` 1-based: 1 = opa) or MedQA-style rows."""
-    fields = record.fields or {}
-    if "options" in fields:
-        _require(fields, "question", "options", "answer_idx")
-        options, answer = _option_map(fields["options"]), _answer_letters(fields["answer_idx"], "answer_idx")
-    else:
-        _require(fields, "question", *_MEDMCQA_OPTIONS.values(), "cop")
-        options = {letter: fields[key] for letter, key in _MEDMCQA_OPTIONS.items()}
-        cop = fields["cop"]
-        if isinstance(cop, bool) or not isinstance(cop, int) or not 1 <= cop <= len(options):
-            raise _BadRecord(f"cop must be an option number from 1 (opa) to {len(options)} (opd), got {cop!r}")
-        answer = (tuple(_MEDMCQA_OPTIONS)[cop - 1],)
-    return Question(
-        id=record.id or "",
-        question=fields["question"],
-        options=options,
-        answer=answer,
-        explanation=fields.get("exp") or fields.get("explanation") or "",
-        source=source,
-        metadata={key: str(fields[key]) for key in _MEDMCQA_METADATA if fields.get(key) not in (None, "")},
-    )
-
-
-def _option_map(options: Any) -> dict[str, Any]:
-    if not isinstance(options, dict):
-        raise _BadRecord(f"options must be an object mapping letters to text, got {_json_type(options)}")
-    return options
-
-
-def _answer_letters(value: Any, name: str) -> str | list[str]:
-    """Let only letter strings through: `Question` would crash with a TypeError on a bare number."""
-    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        return value
-    raise _BadRecord(f"{name} must be option letter(s), got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# SP-Huatuo conversations JSON (open-ended).
-
-_USER_ROLES = {"user", "human"}
-_ASSISTANT_ROLES = {"assistant", "gpt"}
-_SP_ANSWER = re.compile(
-    r"^\s*答案是[：:]\s*(?P<answer>.*?)[。.]?\s*这是一些相关的背景信息[：:]\s*(?P<background>.*?)\s*$", re.S
-)
-
-
-def _sp_records(path: Path, text: str) -> Iterator[_Record]:
-    document = _json_document(path, text)
-    if not isinstance(document, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got {_json_type(document)}")
-    for row, item in enumerate(document, start=1):
-        yield _json_item(row, item, f"sp_conversations-{row}")
-
-
-def _from_conversation(record: _Record, source: str) -> Question:
-    """The first user turn is the question; the assistant turn after it holds answer and background."""
-    fields = record.fields or {}
-    _require(fields, "conversations")
-    turns = fields["conversations"]
-    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
-        raise _BadRecord("conversations must be a list of {from, value} objects")
-    roles = [str(turn.get("from", "")).lower() for turn in turns]
-    asked = next((i for i, role in enumerate(roles) if role in _USER_ROLES), None)
-    if asked is None:
-        raise _BadRecord("conversations has no user turn")
-    replied = next((i for i in range(asked + 1, len(turns)) if roles[i] in _ASSISTANT_ROLES), None)
-    if replied is None:
-        raise _BadRecord("conversations has no assistant turn after the user turn")
-    if not isinstance(turns[asked].get("value"), str) or not isinstance(turns[replied].get("value"), str):
-        raise _BadRecord("a conversation turn has no text in its value field")
-    reply = turns[replied]["value"]
-    match = _SP_ANSWER.match(reply)
-    reference, explanation = (match["answer"], match["background"]) if match else (reply.strip(), "")
-    return Question(
-        id=record.id or "",
-        question=turns[asked]["value"],
-        reference=reference.strip(),
-        explanation=explanation,
-        source=source,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Format table and detection.
-
-_FORMATS: dict[str, tuple[Callable[[Path, str], Iterator[_Record]], Callable[[_Record, str], Question]]] = {
-    "sphuatuo": (_native_records, _from_native),
-    "cmexam": (_cmexam_records, _from_cmexam),
-    "huatuo_o1_eval": (_o1_eval_records, _from_medqa),
-    "medqa": (_medqa_records, _from_medqa),
-    "medmcqa": (_medmcqa_records, _from_medmcqa),
-    "sp_conversations": (_sp_records, _from_conversation),
-}
-FORMATS: tuple[str, ...] = tuple(_FORMATS)
-
-_QUESTION_FIELDS = frozenset(Question.model_fields)
-
-
-def _detect_format(path: Path, text: str) -> str:
-    """Tell the format from the extension, then from the first readable record (rules: `load_questions`)."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return "cmexam"
-    if suffix == ".jsonl":
-        for line in text.split("\n"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                keys = set(value)
-                if keys & {"opa", "cop", "subject_name"}:
-                    return "medmcqa"
-                if "answer_idx" in keys:
-                    return "medqa"
-                if {"id", "question"} <= keys <= _QUESTION_FIELDS:
-                    return "sphuatuo"
-                break
-    elif suffix == ".json":
-        document = _json_document(path, text)
-        if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
-            return "huatuo_o1_eval"
-        if isinstance(document, list) and document and isinstance(document[0], dict) and "conversations" in document[0]:
-            return "sp_conversations"
-    raise ValueError(f"{path}: cannot tell the question format; pass format= one of {', '.join(FORMATS)}")

@@ -8,6 +8,7 @@ filled, so a judge can compare any reply with it.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,6 +94,12 @@ class Question(BaseModel):
             return self.reference
         return "; ".join(f"{letter}. {self.options[letter]}" for letter in self.answer)
 
+    def content_key(self) -> str:
+        """What makes two items the same question whatever their ids: the stem and the option texts,
+        compared after Unicode (NFKC), case and whitespace normalisation, options in any order."""
+        texts = sorted(normalise_text(text) for text in self.options.values())
+        return json.dumps([normalise_text(self.question), texts], ensure_ascii=False)
+
     def to_row(self) -> dict[str, Any]:
         """A flat row for Parquet / Ray Data (see QUESTION_SCHEMA)."""
         return {
@@ -122,6 +129,11 @@ class Question(BaseModel):
             source=str(row.get("source") or ""),
             metadata=json.loads(metadata) if isinstance(metadata, str) else dict(metadata),
         )
+
+
+def normalise_text(text: str) -> str:
+    """Text as compared for sameness: Unicode NFKC, case-folded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 # Explicit, so that files with only open-ended items (empty option lists) share one schema with the rest.
