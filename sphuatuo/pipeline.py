@@ -11,11 +11,16 @@ before it connects to Ray.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import time
+from pathlib import Path
 from types import ModuleType
 
+import pyarrow.fs as pafs
+
+from sphuatuo.data.loaders import resolve_source_path
 from sphuatuo.local_models import model_identity
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import Recipe
@@ -50,6 +55,23 @@ def stage_outputs(stage: ModuleType, recipe: Recipe) -> tuple[str, ...]:
     return stage.outputs(recipe) if hasattr(stage, "outputs") else (stage.NAME,)
 
 
+def file_identity(location: str) -> str:
+    """A question file's content, for the questions stage's fingerprint: a digest of a local file's bytes (or
+    of a folder's files), size and modification time where a remote store holds it; "missing" if absent."""
+    if "://" in location and not location.startswith("file://"):
+        filesystem, path = pafs.FileSystem.from_uri(location)
+        info = filesystem.get_file_info(path)
+        return "missing" if info.type == pafs.FileType.NotFound else f"{info.size}@{info.mtime_ns}"
+    path = Path(location.removeprefix("file://")).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    if not files:
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str]) -> Fingerprint:
     """The stage's fingerprint: the recipe fields it reads (less placement and speed knobs), the models and
     prompt versions they name, the fingerprints of the stages it reads, and the producing packages' versions."""
@@ -66,6 +88,8 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
         leaf = key.rsplit(".", 1)[-1]
         if leaf == "model" and isinstance(value, str):
             components[f"{key}@identity"] = model_identity(value)
+        elif leaf == "path" and key.startswith("data.") and isinstance(value, str):
+            components[f"{key}@identity"] = file_identity(resolve_source_path(value))
         elif isinstance(value, str) and (leaf == "prompt" or leaf.endswith("_prompt")):
             template = get_prompt(value)
             components[f"{key}@version"] = Fingerprint.of(template.model_dump(mode="json")).short

@@ -132,3 +132,17 @@ def test_eval_run_roots_differ_by_model_data_and_prompt() -> None:
     roots = {default_run_root(model, data, prompt) for model in ("m1", "m2") for data in ("a.jsonl", "b.jsonl")
              for prompt in ("self_play/student_answer", "huatuo_o1/eval")}
     assert len(roots) == 8 and all(root.startswith("runs/eval/") for root in roots)
+
+
+def test_an_edited_question_file_reruns_the_questions_stage_and_all_after(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.jsonl"
+    bank.write_text('{"id": "q1", "question": "Which vitamin prevents scurvy?", "options": {"A": "C", "B": "D"}, '
+                    '"answer": ["A"]}\n')
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(bank)}]})
+    before = _fingerprints(recipe)
+    bank.write_text(bank.read_text() + '{"id": "q2", "question": "Which vitamin prevents rickets?", '
+                                       '"options": {"A": "C", "B": "D"}, "answer": ["B"]}\n')
+    after = _fingerprints(recipe)
+    assert {name for name in before if before[name].digest != after[name].digest} == set(before)
+    assert [line.split(":")[0] for line in changes(before["questions"].components, after["questions"].components)
+            ] == ["data.train.0.path@identity"]

@@ -35,7 +35,10 @@ class Fingerprint:
 
 
 def flatten(value: Any, prefix: str) -> Components:
-    """`{"a": {"b": 1}}` under `x` -> `{"x.a.b": 1}`; lists stay values."""
+    """`{"a": {"b": 1}}` under `x` -> `{"x.a.b": 1}`; a list of mappings by index (`x.0.b`), other lists as
+    values."""
+    if isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value):
+        value = {str(index): item for index, item in enumerate(value)}
     if isinstance(value, Mapping):
         flat: Components = {}
         for key, inner in value.items():
