@@ -85,7 +85,7 @@ def self_play_run(tmp_path: Path) -> RunRoot:
         "questions": _record(64, 64, 0, 1.2, details={"train": 48, "test": 16}),
         "teacher_cot": _record(48, 41, 5, 310.5, output_tokens=18_300, input_tokens=22_000,
                                details={"samples": 55, "accepted_unhinted": 36, "accepted_hinted": 5}),
-        "sft": _record(55, 41, 313, 181.0, details={"global_batch": 8, "workers": 2, "zero_stage": 2, "steps": 15,
+        "sft": _record(55, 41, 316, 181.0, details={"global_batch": 8, "workers": 2, "zero_stage": 2, "steps": 15,
                                                     "first_loss": 1.89, "last_loss": 0.43}),
         "student_answers": _record(48, 96, 495, 75.3, details={"correct": 58, "wrong": 38}),
         "preference_pairs": _record(96, 12, 571, 60.0, details={"strategies": {
@@ -185,6 +185,23 @@ def test_o1_cards_carry_the_rl_rewards_and_one_result_per_benchmark(o1_report: R
     assert "trained by RL from the run's SFT model, itself fine-tuned from `Qwen/Qwen2.5-7B-Instruct`" in card.text
     assert "PPO is no longer in TRL" in card.text
     assert Path(run.path, "rl_reward.png").is_file() and "![rl reward](rl_reward.png)" in run.read_text("report.md")
+
+
+def test_sphuatuo_report_refreshes_the_cards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A card follows the manifest: after a re-evaluation, `sphuatuo report RUN_ROOT` writes it anew."""
+    from sphuatuo.cli import main
+    from sphuatuo.commands.model_cards import write_model_cards
+    from sphuatuo.store.manifest import read_manifest
+
+    run = o1_run(tmp_path)
+    card = Path(run.path, "sft", "model", "README.md")
+    manifest = read_manifest(run)
+    write_model_cards(run, manifest)
+    assert "model-index" in card.read_text()
+    manifest.stages["evaluate"].details["models"].pop("sft")
+    save_manifest(run, manifest)
+    assert main(["report", run.path]) == 0 and f"report: {run.path}/report.md" in capsys.readouterr().out
+    assert "model-index" not in card.read_text() and "Not evaluated in this run." in card.read_text()
 
 
 @pytest.mark.parametrize(("model", "hub"), [(SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct"), (TINY, None),

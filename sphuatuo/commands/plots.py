@@ -131,8 +131,9 @@ def accuracy(models: dict[str, dict[str, Any]]) -> bytes | None:
         return None
     names = list(models)
     values = [models[name]["accuracy"] for name in names]
-    low = [value - models[name]["ci95"][0] for name, value in zip(names, values)]
-    high = [models[name]["ci95"][1] - value for name, value in zip(names, values)]
+    # Wilson intervals hold their proportion; max() keeps a rounded one from giving a negative error bar.
+    low = [max(0.0, value - models[name]["ci95"][0]) for name, value in zip(names, values)]
+    high = [max(0.0, models[name]["ci95"][1] - value) for name, value in zip(names, values)]
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.3), dpi=100)
     ax.errorbar(values, range(len(names)), xerr=[low, high], fmt="o", capsize=4)
     for y, (name, value) in enumerate(zip(names, values)):
