@@ -166,7 +166,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gc.add_argument("run_root")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
 
-    report = commands.add_parser("report", help="(re)write report.md of a run")
+    report = commands.add_parser("report", help="(re)write report.md, report.html and the model cards of a run")
     report.set_defaults(func=report_command)
     report.add_argument("run_root")
 

@@ -1,4 +1,5 @@
-"""The run report: `report.md` in the run root, with loss curves as PNG beside it.
+"""The run report: `report.md` in the run root, with its plots as PNG beside it; `report.html` (the same run,
+plots inlined) and a model card in every exported model folder are written with it.
 
 Base, SFT and every DPO model (one per pair strategy) side by side on the evaluation sets, with 95%
 intervals, per source and per category; the pair statistics per strategy; the DPO reward margins.
@@ -6,64 +7,35 @@ intervals, per source and per category; the pair statistics per strategy; the DP
 
 from __future__ import annotations
 
-import io
 import json
-from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sphuatuo.recipe import remote_code_summary  # noqa: E402
-from sphuatuo.store.manifest import Manifest, read_manifest  # noqa: E402
-from sphuatuo.store.run_root import RunRoot  # noqa: E402
-from sphuatuo.store.secrets import redact, secret_names  # noqa: E402
-
-
-def _png(fig: Any) -> bytes:
-    fig.axes[0].grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _plot_training(log: list[dict[str, Any]], title: str) -> bytes:
-    """Loss per step, plus DPO's reward margin on a second axis when logged."""
-    steps = [entry["step"] for entry in log if "loss" in entry]
-    losses = [entry["loss"] for entry in log if "loss" in entry]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, losses, marker="o", markersize=3, label="training loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    margins = [(entry["step"], entry["rewards/margins"]) for entry in log if "rewards/margins" in entry]
-    if margins:
-        twin = ax.twinx()
-        twin.plot(*zip(*margins), color="tab:orange", linestyle="--", label="reward margin")
-        twin.set_ylabel("chosen - rejected reward")
-        fig.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+from sphuatuo.commands import plots
+from sphuatuo.commands.model_cards import write_model_cards
+from sphuatuo.commands.report_html import write_html_report
+from sphuatuo.commands.report_tables import (
+    PAIRS_FOOTNOTE,
+    Table,
+    breakdown_tables,
+    evaluated_models,
+    evaluation_table,
+    missing_log_reason,
+    pairs_table,
+    stage_table,
+    throughput,
+    training_log,
+    training_runs,
+    training_stage,
+)
+from sphuatuo.recipe import remote_code_summary
+from sphuatuo.store.manifest import Manifest, read_manifest
+from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.secrets import redact, secret_names
 
 
-def _plot_margins(logs: dict[str, list[dict[str, Any]]]) -> bytes | None:
-    """DPO's reward margin (chosen - rejected implicit reward) per step, every DPO model on one plot."""
-    curves = {name: [(e["step"], e["rewards/margins"]) for e in log if "rewards/margins" in e]
-              for name, log in logs.items()}
-    curves = {name: points for name, points in curves.items() if points}
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for name, points in curves.items():
-        ax.plot(*zip(*points), marker="o", markersize=3, label=name)
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("chosen - rejected reward")
-    ax.set_title("DPO reward margin")
-    ax.legend(fontsize=8)
-    return _png(fig)
+def markdown_table(table: Table) -> list[str]:
+    return ["| " + " | ".join(table.header) + " |",
+            "|" + "".join("---:|" if a == "r" else "---|" for a in table.align),
+            *("| " + " | ".join(row) + " |" for row in table.rows)]
 
 
 def _lengths(run: RunRoot, name: str) -> list[str]:
@@ -80,103 +52,15 @@ def _lengths(run: RunRoot, name: str) -> list[str]:
             "| " + " | ".join(map(str, bins.values())) + " |", ""]
 
 
-def _training_runs(manifest: Manifest) -> list[str]:
-    """The trained models: sft, then each DPO model the dpo stage recorded (`dpo` when it recorded none)."""
-    dpo = manifest.stages.get("dpo")
-    runs = ["sft"]
-    if dpo is not None:
-        runs += dpo.details.get("runs") or ["dpo"]
-    return runs + (["rl"] if "rl" in manifest.stages else [])  # HuatuoGPT-o1: sft, then rl
-
-
-def _pairs_table(manifest: Manifest) -> list[str]:
-    pairs = manifest.stages.get("preference_pairs")
-    strategies = pairs.details.get("strategies", {}) if pairs else {}
-    if not strategies:
-        return ["No preference pairs were built."]
-    dpo = manifest.stages.get("dpo")
-    runs = {run["strategy"]: (name, run) for name, run in (dpo.details.get("runs", {}) if dpo else {}).items()}
-    lines = ["| strategy | wrong answers | corrections written | verified | pairs | DPO model |",
-             "|---|---:|---:|---:|---:|---|"]
-    for strategy, c in strategies.items():
-        name, run = runs.get(strategy, ("–", {}))
-        model = f"{name} ({run['status']}, trained on {run['pairs']} pairs)" if run else "–"
-        corrected = "–" if c["corrected"] is None else c["corrected"]
-        lines.append(f"| {strategy} | {c['wrong']} | {corrected} | {c['verified']} | {c['paired']} | {model} |")
-    return lines + ["", "`sampled` writes no corrections: its verified count is the judged-correct, complete samples."]
-
-
-def _throughput(log: list[dict[str, Any]]) -> str:
-    """Median tokens/s per worker (and MFU on GPUs) over the logged steps."""
-    speeds = sorted(entry["tokens_per_second_per_worker"] for entry in log if "tokens_per_second_per_worker" in entry)
-    if not speeds:
-        return ""
-    mfu = sorted(entry["mfu"] for entry in log if "mfu" in entry)
-    return (f"Median {speeds[len(speeds) // 2]:.0f} tokens/s per worker"
-            + (f", MFU {mfu[len(mfu) // 2]:.1%}." if mfu else "."))
-
-
-def _stage_table(manifest: Manifest) -> list[str]:
-    lines = [
-        "| stage | status | rows in | rows out | rejected | failed | time (s) | input tokens | output tokens |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in manifest.stages.items():
-        lines.append(f"| {name} | {r.status} | {r.rows_in} | {r.rows_out} | {r.rows_rejected} | {r.rows_failed} | "
-                     f"{r.seconds:.1f} | {r.input_tokens} | {r.output_tokens} |")
-    return lines
-
-
-def _evaluation_table(manifest: Manifest) -> list[str]:
-    evaluation = manifest.stages.get("evaluate")
-    models = evaluation.details.get("models", {}) if evaluation else {}
+def _evaluation(manifest: Manifest) -> list[str]:
+    models = evaluated_models(manifest)
     if not models:
         return ["No model was evaluated."]
-    lines = [
-        "| model | questions | accuracy | 95% CI | first-match accuracy | committed | no answer "
-        "(restated options / copied question / candidates / none) | unparsable | truncated |",
-        "|---|---:|---:|---|---:|---:|---|---:|---:|",
-    ]
-    for name, m in models.items():
-        low, high = m["ci95"]
-        lines.append(f"| {name} | {m['n']} | {m['accuracy']:.1%} | {low:.1%} – {high:.1%} | "
-                     f"{m['first_match_accuracy']:.1%} | {_committed_cell(m)} | {_no_answer_cell(m)} | "
-                     f"{m['unparsable']} | {m['truncated']} |")
-    return lines + ["", "A reply is committed when it gives option(s) as its answer; restating the options, "
-                    "copying the question back or holding several candidates open is no answer, and is wrong."
-                    ] + _breakdowns(models)
-
-
-def _committed_cell(m: dict[str, Any]) -> str:
-    """'97 (97.0%)'; '–' for a record written before commitments were counted."""
-    if "committed" not in m:
-        return "–"
-    return f"{m['committed']} ({m['committed'] / m['n']:.1%})" if m["n"] else "0"
-
-
-def _no_answer_cell(m: dict[str, Any]) -> str:
-    """'1 / 0 / 2 / 0': restated options, copied question, candidates, none."""
-    keys = ("restated_options", "copied_question", "candidates", "no_answer")
-    return " / ".join(str(m[key]) for key in keys) if all(key in m for key in keys) else "–"
-
-
-def _breakdowns(models: dict[str, Any], max_values: int = 20) -> list[str]:
-    """Accuracy per source and per metadata field, models side by side (fields with few values only)."""
-    lines: list[str] = []
-    groups = {group: values for m in models.values() for group, values in m.get("by", {}).items()}
-    for group in sorted(groups):
-        values = sorted({value for m in models.values() for value in m.get("by", {}).get(group, {})})
-        if len(values) > max_values:
-            continue
-        lines += ["", f"By {group}:", "", f"| {group} | " + " | ".join(models) + " |",
-                  "|---|" + "---:|" * len(models)]
-        for value in values:
-            cells = []
-            for m in models.values():
-                cell = m.get("by", {}).get(group, {}).get(value)
-                cells.append(f"{cell['accuracy']:.1%} ({cell['ci95'][0]:.0%}–{cell['ci95'][1]:.0%}, n={cell['n']})"
-                             if cell else "–")
-            lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    lines = markdown_table(evaluation_table(models))
+    lines += ["", "A reply is committed when it gives option(s) as its answer; restating the options, copying the "
+              "question back or holding several candidates open is no answer, and is wrong."]
+    for group, table in breakdown_tables(models).items():
+        lines += ["", f"By {group}:", "", *markdown_table(table)]
     return lines
 
 
@@ -186,14 +70,17 @@ def _write_png(run: RunRoot, png: bytes, name: str) -> None:
 
 
 def write_report(run: RunRoot) -> str:
-    """Write `report.md` (and the loss plots) into the run root; return the report's location. The values
-    of the recipe's secrets are masked in it."""
+    """Write `report.md` (and the loss plots), `report.html` and the model cards; return report.md's location.
+    The values of the recipe's secrets are masked in the report.
+
+    The cards are written here rather than at export because only now are the evaluation results known."""
     manifest = read_manifest(run)
     lines = [f"# Run report: {manifest.recipe['name']}", "",
              f"Run root: `{run.uri}`  ", f"Created: {manifest.created_at}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()) + "  ",
              f"Remote code: {remote_code_summary(manifest.recipe)}", "",
-             "## Stages", "", *_stage_table(manifest), ""]
+             "An HTML version with every plot inlined: [report.html](report.html).", "",
+             "## Stages", "", *markdown_table(stage_table(manifest)), ""]
     for name, record in manifest.stages.items():
         notes = record.details.get("notes", [])
         if record.error:
@@ -201,29 +88,34 @@ def write_report(run: RunRoot) -> str:
         if notes:
             lines += [f"**{name}**", "", *[f"- {note}" for note in notes], ""]
 
-    lines += ["## Preference pairs", "", *_pairs_table(manifest), "", "## Training", ""]
+    pairs = pairs_table(manifest)
+    lines += ["## Preference pairs", "",
+              *(markdown_table(pairs) + ["", PAIRS_FOOTNOTE] if pairs else ["No preference pairs were built."]),
+              "", "## Training", ""]
     dpo_logs = {}
-    for name in _training_runs(manifest):
-        if not run.exists(name, "train_log.json"):
-            stage = manifest.stages.get(name if name in ("sft", "rl") else "dpo")
-            why = stage.details.get("runs", {}).get(name, {}).get("reason") if stage else None
-            status = f"stage {stage.status}" if stage else "stage not run"
-            lines += [f"{name}: no training log ({why or status}).", ""]
+    for name in training_runs(manifest):
+        log = training_log(run, name)
+        if log is None:
+            lines += [f"{name}: no training log ({missing_log_reason(manifest, name)}).", ""]
             continue
-        log = json.loads(run.read_text(name, "train_log.json"))
-        if name not in ("sft", "rl"):
+        if training_stage(name) == "dpo":
             dpo_logs[name] = log
-        png = _plot_training(log, f"{name.upper()} training loss")
-        _write_png(run, png, f"{name}_loss.png")
+        _write_png(run, plots.training_loss(log, f"{name.upper()} training loss"), f"{name}_loss.png")
         losses = [entry["loss"] for entry in log if "loss" in entry]
         lines += [f"![{name} loss]({name}_loss.png)", "",
                   f"{name}: {len(losses)} logged steps, loss {losses[0]:.4f} → {losses[-1]:.4f}." if losses else "",
-                  _throughput(log), "", *_lengths(run, name)]
-    margins = _plot_margins(dpo_logs)
+                  throughput(log), "", *_lengths(run, name)]
+        reward = plots.rl_reward(log)
+        if reward:
+            _write_png(run, reward, f"{name}_reward.png")
+            lines += [f"![{name} reward]({name}_reward.png)", ""]
+    margins = plots.reward_margins(dpo_logs)
     if margins:
         _write_png(run, margins, "dpo_reward_margins.png")
         lines += ["![DPO reward margin](dpo_reward_margins.png)", ""]
 
-    lines += ["## Evaluation", "", *_evaluation_table(manifest), ""]
+    lines += ["## Evaluation", "", *_evaluation(manifest), ""]
     run.write_text(redact("\n".join(lines), secret_names(manifest.recipe)), "report.md")
+    write_html_report(run, manifest)
+    write_model_cards(run, manifest)
     return run.join("report.md")
