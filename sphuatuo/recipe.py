@@ -591,6 +591,16 @@ class O1StagesConfig(Strict):
         return list(self.evaluate.models)
 
 
+class StorageConfig(Strict):
+    """How the nodes reach an object-store run root (`s3://…`)."""
+
+    credentials: Literal["node", "driver"] = Field(
+        default="node", description="node: each node's own provider chain (instance role, Kubernetes service "
+                                    "account, AWS_* in its environment), which the SDK refreshes as they expire; "
+                                    "driver: the driver's AWS_* keys travel with the filesystem object inside Ray, "
+                                    "for nodes that have none (fixed at launch: a session token may expire)")
+
+
 class RayConfig(Strict):
     address: str | None = Field(default=None, description="None: connect to RAY_ADDRESS or start a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local cluster started by sphuatuo")
@@ -624,6 +634,7 @@ class Recipe(Strict):
     models: ModelsConfig
     stages: StagesConfig = StagesConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
 
     @field_validator("run_root")
     @classmethod

@@ -383,3 +383,20 @@ def test_cli_errors_mask_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["plan", str(path)]) == 1
     err = capsys.readouterr().err
     assert API_KEY not in err and "RuntimeError: server refused key ***" in err and "Traceback" in err
+
+
+def test_object_store_credentials_come_from_each_node_unless_the_recipe_asks_for_the_drivers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.fs as pafs
+
+    from sphuatuo.train.launcher import shared_filesystem
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret")
+    run = RunRoot.__new__(RunRoot)  # an s3:// run root without a server: only its filesystem object matters
+    run.fs = pafs.S3FileSystem(region="us-east-1", endpoint_override="http://127.0.0.1:9")
+    node = shared_filesystem(run)
+    assert node is run.fs and "example-secret" not in repr(node.__reduce__())  # each node signs with its own chain
+    driver = shared_filesystem(run, "driver")
+    assert driver.__reduce__()[1][0]["secret_key"] == "example-secret"
+    assert Recipe.model_validate(_demo_raw(run_root="s3://bucket/run")).storage.credentials == "node"

@@ -177,7 +177,8 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
     recipe = tiny_recipe(f"s3://{s3_server}/run", **{
         "data.train": [{"path": "builtin:sample_bank", "limit": 4}], "data.test_fraction": 0.0,
         "stages.sft.checkpoint_every_steps": 1, "stages.sft.keep_checkpoints": 1,
-        "stages.dpo.checkpoint_every_steps": 1, "stages.dpo.scaling": {"num_workers": 2, "zero_stage": 3}})
+        "stages.dpo.checkpoint_every_steps": 1, "stages.dpo.scaling": {"num_workers": 2, "zero_stage": 3},
+        "storage.credentials": "driver"})  # the session's Ray nodes were started without the bucket's keys
     ctx = _sft_inputs(recipe)
     sft.run(ctx)  # ZeRO-2
     run = ctx.run

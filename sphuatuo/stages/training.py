@@ -44,7 +44,7 @@ def train_stage(
     # Every start model is the student or trained from it: it runs the student's code if any.
     fit(ctx.run, name, stage, worker_fn, {"model": start_model, "data": f"{name}/data",
                                           "trust_remote_code": ctx.recipe.models.student.trust_remote_code},
-        checkpoint_name=checkpoint_name(name, ctx.record.fingerprint))
+        checkpoint_name=checkpoint_name(name, ctx.record.fingerprint), credentials=ctx.recipe.storage.credentials)
     if not ctx.run.exists(name, "model", "config.json"):
         raise RuntimeError(f"{name}: training finished but no model was exported to {ctx.run.join(name, 'model')}")
     if ctx.run.exists(name, "lengths.json"):

@@ -33,6 +33,7 @@ def fit(
     worker_fn: Callable[[dict[str, Any]], None],
     worker_config: dict[str, Any],
     checkpoint_name: str | None = None,
+    credentials: str = "node",
 ) -> None:
     """Run `worker_fn` on `stage.scaling.num_workers` Ray Train workers; raise if training fails.
 
@@ -46,7 +47,7 @@ def fit(
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     env = process_environment(on_gpu=scaling.use_gpu)
-    filesystem = shared_filesystem(run)
+    filesystem = shared_filesystem(run, credentials)
     trainer = TorchTrainer(
         train_loop_per_worker=worker_fn,
         train_loop_config={**worker_config, "stage": stage.model_dump(mode="json"), "run_root": run.uri,
@@ -65,14 +66,15 @@ def fit(
     trainer.fit()
 
 
-def shared_filesystem(run: RunRoot) -> pafs.FileSystem:
+def shared_filesystem(run: RunRoot, credentials: str = "node") -> pafs.FileSystem:
     """The run's filesystem as Ray's controller and the workers get it (pickled, with its options).
 
-    An object store's endpoint travels with it, but credentials that pyarrow read from this driver's
-    environment would not, and nodes started without them would write unsigned requests: they are made
-    explicit, so they travel inside Ray with the filesystem object (never into the run root or a log).
+    An object store's endpoint travels with it; credentials that pyarrow read from this driver's environment
+    do not, so each node signs with its own provider chain (`credentials: node`, the default). With
+    `credentials: driver` the driver's keys are made explicit and travel inside Ray with the filesystem object
+    (never into the run root or a log), for nodes that have none.
     """
-    if not isinstance(run.fs, pafs.S3FileSystem) or not os.environ.get("AWS_ACCESS_KEY_ID"):
+    if credentials != "driver" or not isinstance(run.fs, pafs.S3FileSystem) or not os.environ.get("AWS_ACCESS_KEY_ID"):
         return run.fs
     _, (options,) = run.fs.__reduce__()
     return pafs.S3FileSystem(**{**options, "access_key": os.environ["AWS_ACCESS_KEY_ID"],
