@@ -17,7 +17,7 @@ from types import ModuleType
 
 from sphuatuo.local_models import model_identity
 from sphuatuo.prompts import get_prompt
-from sphuatuo.recipe import Recipe
+from sphuatuo.recipe import Recipe, is_prompt_field
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.store.fingerprint import Fingerprint, changes, flatten
 from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_manifest, package_versions, save_manifest
@@ -63,7 +63,7 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
         leaf = key.rsplit(".", 1)[-1]
         if leaf == "model" and isinstance(value, str):
             components[f"{key}@identity"] = model_identity(value)
-        elif isinstance(value, str) and (leaf == "prompt" or leaf.endswith("_prompt")):
+        elif isinstance(value, str) and is_prompt_field(leaf):
             template = get_prompt(value)
             components[f"{key}@version"] = Fingerprint.of(template.model_dump(mode="json")).short
     components.update({f"input.{name}": upstream[name] for name in stage.READS if name in upstream})
