@@ -1,7 +1,8 @@
 """The run report: `report.md` in the run root, with loss curves as PNG beside it.
 
-Base, SFT and every DPO model (one per pair strategy) side by side on the evaluation sets, with 95%
-intervals, per source and per category; the pair statistics per strategy; the DPO reward margins.
+Base, SFT and every DPO model (one per pair strategy) side by side on the evaluation sets, under each
+chosen evaluation protocol (labelled with its settings), with 95% intervals, per source and per category;
+the pair statistics per strategy; the DPO reward margins.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sphuatuo.stages.evaluate import protocol_label  # noqa: E402
 from sphuatuo.store.manifest import Manifest, read_manifest  # noqa: E402
 from sphuatuo.store.run_root import RunRoot  # noqa: E402
 
@@ -125,12 +127,33 @@ def _stage_table(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _protocols_table(manifest: Manifest) -> list[str]:
+    """Every model under every chosen protocol in one table, each row labelled with the protocol's settings;
+    below it, what each protocol is and how it scores."""
+    evaluation = manifest.stages.get("evaluate")
+    protocols = evaluation.details.get("protocols", {}) if evaluation else {}
+    if not any(entry["models"] for entry in protocols.values()):
+        return []
+    lines = ["| protocol | model | questions | accuracy | 95% CI | first-match accuracy |",
+             "|---|---|---:|---:|---|---:|"]
+    for name, entry in protocols.items():
+        for model, m in entry["models"].items():
+            low, high = m["ci95"]
+            lines.append(f"| {protocol_label(name, entry['settings'])} | {model} | {m['n']} | {m['accuracy']:.1%} | "
+                         f"{low:.1%} – {high:.1%} | {m['first_match_accuracy']:.1%} |")
+    lines.append("")
+    for name, entry in protocols.items():
+        lines.append(f"- **{name}**: {entry['settings']['description']}; a reply is {entry['settings']['scoring']}.")
+    first = next(iter(protocols))
+    return lines + ["", f"In detail, under `{first}`:", ""]
+
+
 def _evaluation_table(manifest: Manifest) -> list[str]:
     evaluation = manifest.stages.get("evaluate")
     models = evaluation.details.get("models", {}) if evaluation else {}
     if not models:
         return ["No model was evaluated."]
-    lines = [
+    lines = [*_protocols_table(manifest),
         "| model | questions | accuracy | 95% CI | first-match accuracy | unparsable | truncated |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]

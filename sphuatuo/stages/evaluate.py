@@ -81,6 +81,14 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
+def protocol_label(name: str, settings: dict[str, Any]) -> str:
+    """`sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt)`: a protocol and the settings it ran with (as
+    `Protocol.settings` records them)."""
+    template = "chat template" if settings["chat_template"] else "raw prompt"
+    return (f"{name} (T {settings['temperature']:g}, top_p {settings['top_p']:g}, {settings['max_tokens']} tokens, "
+            f"{template})")
+
+
 def protocol_folder(model: str, protocol: str) -> str:
     """Where a model's answers under a protocol go; `project` keeps the folder it always had."""
     return f"{NAME}/{model}" if protocol == "project" else f"{NAME}/{model}@{protocol}"
