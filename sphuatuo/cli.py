@@ -8,9 +8,10 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import get_args
 
 from sphuatuo.data.mapping import ColumnMapping
-from sphuatuo.recipe import Recipe, RecipeError, load_recipe
+from sphuatuo.recipe import ProtocolName, Recipe, RecipeError, load_recipe
 from sphuatuo.store.lease import LeaseError
 from sphuatuo.store.secrets import RedactingFilter, declare, redact, secret_names
 
@@ -85,6 +86,11 @@ def _build_parser() -> argparse.ArgumentParser:
                                "or huatuo_o1/eval_strict (the reply must end with 'The answer is X.')")
     evaluate.add_argument("--judge-model", default=None, help="judge for open-ended items (multiple-choice "
                                                                 "items are scored by their option letters)")
+    evaluate.add_argument("--protocol", action="append", dest="protocols", default=None,
+                          choices=list(get_args(ProtocolName)),
+                          help="evaluation protocol, repeatable (default: project): project, strict (greedy; a "
+                               "reply cut at the budget is wrong), sp_paper (T 0.7, top_p 0.9, 450 tokens, no chat "
+                               "template), o1_paper (T 0.5, right when the first or the last match is)")
 
     validate = commands.add_parser("validate", help="check recipe files; print every error with its field")
     validate.set_defaults(func=validate_command)
@@ -224,7 +230,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
     recipe = evaluation_recipe(args.model, args.data, data_format=args.format, run_root=args.run_root,
                                backend=args.backend, max_tokens=args.max_tokens, judge_model=args.judge_model,
-                               prompt=args.prompt)
+                               prompt=args.prompt, protocols=args.protocols)
     run = run_evaluation(recipe)
     print(summary(run))
     print(f"report: {write_report(run)}")

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 from sphuatuo.data.loaders import resolve_source_path
 from sphuatuo.local_models import model_identity
 from sphuatuo.prompts import get_prompt
-from sphuatuo.recipe import Recipe
+from sphuatuo.recipe import Recipe, is_prompt_field
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.store.fingerprint import Fingerprint, changes, flatten
 from sphuatuo.store.lease import Lease
@@ -90,7 +90,7 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
             components[f"{key}@identity"] = model_identity(value)
         elif leaf == "path" and key.startswith("data.") and isinstance(value, str):
             components[f"{key}@identity"] = file_identity(resolve_source_path(value))
-        elif isinstance(value, str) and (leaf == "prompt" or leaf.endswith("_prompt")):
+        elif isinstance(value, str) and is_prompt_field(leaf):
             template = get_prompt(value)
             components[f"{key}@version"] = Fingerprint.of(template.model_dump(mode="json")).short
     components.update({f"input.{name}": upstream[name] for name in stage.READS if name in upstream})

@@ -276,6 +276,8 @@ class TeacherCotStage(Strict):
     reveal_reference: bool = Field(
         default=False, description="show the gold answer in the prompt (the original script did, leaking it)"
     )
+    hint_prompt: str = Field(default="self_play/reference_hint", description="the block that shows the gold answer "
+                                                                             "(reveal_reference, retry_with_reference)")
     retry_with_reference: bool = Field(
         default=False, description="re-ask rejected questions with the reference shown; such rows are hinted=true"
     )
@@ -417,11 +419,28 @@ class PreferencePairsStage(Strict):
         return self
 
 
+# Named evaluation protocols (sphuatuo.stages.evaluate.PROTOCOLS says what each one samples and scores).
+ProtocolName = Literal["project", "strict", "sp_paper", "o1_paper"]
+
+
 class EvaluateStage(Strict):
     prompt: str = "self_play/student_answer"
     models: list[Literal["base", "sft", "dpo"]] = Field(
         default=["base", "sft", "dpo"], description="`dpo`: every DPO model of the run (one per pair strategy)")
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_tokens=2048)
+    protocols: list[ProtocolName] = Field(
+        default_factory=lambda: ["project"], min_length=1,
+        description="each a generation pass per model, scored by its own rule, reported side by side: project (this "
+                    "stage's sampling, chat template, last match), strict (greedy; a reply cut at the budget is "
+                    "wrong), sp_paper (the SP paper's test: T 0.7, top_p 0.9, 450 tokens, raw prompt without the chat "
+                    "template), o1_paper (HuatuoGPT-o1's scorer: T 0.5, right when the first or the last match is); "
+                    "the first is the one the report's breakdowns show")
+
+    @model_validator(mode="after")
+    def _distinct_protocols(self) -> EvaluateStage:
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"protocols lists one twice: {self.protocols}")
+        return self
 
 
 class StagesConfig(Strict):
@@ -606,6 +625,29 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local cluster started by sphuatuo")
 
 
+PROMPT_FAMILIES = {"en": "self_play", "zh": "self_play_zh"}
+
+
+def is_prompt_field(name: str) -> bool:
+    """Fields that name a prompt template: `prompt` and `*_prompt` (the fingerprint adds the template's version)."""
+    return name == "prompt" or name.endswith("_prompt")
+
+
+def _localise_prompts(node: BaseModel, family: str) -> None:
+    """Point every prompt field that names a Self-Play template at the same template of `family`."""
+    for name, value in node:
+        if isinstance(value, BaseModel):
+            _localise_prompts(value, family)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    _localise_prompts(item, family)
+        elif isinstance(value, str) and is_prompt_field(name):
+            prompt_family, _, key = value.partition("/")
+            if prompt_family in PROMPT_FAMILIES.values():
+                setattr(node, name, f"{family}/{key}")
+
+
 class Recipe(Strict):
     """The Self-Play recipe (METHOD A)."""
 
@@ -653,6 +695,15 @@ class Recipe(Strict):
             raise ValueError(f"entries that are not environment variable names: {len(bad)} (list the variables' "
                              "names, never their values)")
         return names
+    prompt_language: Literal["en", "zh"] = Field(
+        default="en", description="the Self-Play prompt family: en (self_play/…) or zh (self_play_zh/…, the project's "
+                                  "Chinese versions); every self_play prompt field is resolved to it, so the "
+                                  "manifest and the fingerprints name the templates used")
+
+    @model_validator(mode="after")
+    def _resolve_prompt_language(self) -> Recipe:
+        _localise_prompts(self, PROMPT_FAMILIES[self.prompt_language])
+        return self
 
 
 class O1Recipe(Recipe):

@@ -16,12 +16,14 @@ from sphuatuo.recipe import (
     EvaluateStage,
     JudgeConfig,
     ModelsConfig,
+    ProtocolName,
     QuestionSource,
     Recipe,
     SamplingConfig,
     StagesConfig,
 )
 from sphuatuo.stages import evaluate, questions
+from sphuatuo.stages.evaluate import protocol_label
 from sphuatuo.store.manifest import read_manifest
 from sphuatuo.store.run_root import RunRoot
 
@@ -36,9 +38,11 @@ def default_run_root(model: str, data: str, prompt: str) -> str:
 
 
 def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_root: str | None, backend: str,
-                      max_tokens: int, judge_model: str | None, prompt: str = "self_play/student_answer") -> Recipe:
-    """A recipe with the test set and the `base` student only; the judge is the option-letter rule, or
-    `judge_model` for open-ended items (refused without one, rather than scoring them all wrong)."""
+                      max_tokens: int, judge_model: str | None, prompt: str = "self_play/student_answer",
+                      protocols: list[ProtocolName] | None = None) -> Recipe:
+    """A recipe with the test set and the `base` student only, evaluated under `protocols` (default: project);
+    the judge is the option-letter rule, or `judge_model` for open-ended items (refused without one, rather
+    than scoring them all wrong)."""
     loaded = load_questions(resolve_source_path(data), format=data_format)
     open_ended = sum(1 for q in loaded.questions if not q.is_multiple_choice)
     if open_ended and judge_model is None:
@@ -52,7 +56,8 @@ def evaluation_recipe(model: str, data: str, *, data_format: str | None, run_roo
         data=DataConfig(train=[], test=[QuestionSource(path=data, format=data_format)], max_error_share=1.0),
         models=ModelsConfig(teacher=student, student=student, judge=judge),
         stages=StagesConfig(evaluate=EvaluateStage(models=["base"], prompt=prompt,
-                                                   sampling=SamplingConfig(temperature=0.0, max_tokens=max_tokens))),
+                                                   sampling=SamplingConfig(temperature=0.0, max_tokens=max_tokens),
+                                                   protocols=protocols or ["project"])),
     )
 
 
@@ -73,4 +78,10 @@ def summary(run: RunRoot) -> str:
              f"unparsable {result['unparsable']}, truncated {result['truncated']}"]
     for source, cell in result["by"].get("source", {}).items():
         lines.append(f"  {source}: {cell['accuracy']:.1%} on {cell['n']}")
+    protocols = manifest.stages["evaluate"].details.get("protocols", {})
+    for name, entry in protocols.items():
+        if "base" in entry["models"]:
+            low, high = entry["models"]["base"]["ci95"]
+            lines.append(f"  under {protocol_label(name, entry['settings'])}: accuracy "
+                         f"{entry['models']['base']['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%})")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The run report: `report.md` in the run root, with its plots as PNG beside it; `report.html` (the same run,
 plots inlined) and a model card in every exported model folder are written with it.
 
-Base, SFT and every DPO model (one per pair strategy) side by side on the evaluation sets, with 95%
-intervals, per source and per category; the pair statistics per strategy; the DPO reward margins.
+Base, SFT and every DPO model (one per pair strategy) side by side on the evaluation sets, under each
+chosen evaluation protocol (labelled with its settings), with 95% intervals, per source and per category;
+the pair statistics per strategy; the DPO reward margins.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sphuatuo.commands.report_tables import (
     training_stage,
 )
 from sphuatuo.recipe import remote_code_summary
+from sphuatuo.stages.evaluate import protocol_label
 from sphuatuo.store.manifest import Manifest, read_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.secrets import redact, secret_names
@@ -52,11 +54,32 @@ def _lengths(run: RunRoot, name: str) -> list[str]:
             "| " + " | ".join(map(str, bins.values())) + " |", ""]
 
 
+def _protocols_table(manifest: Manifest) -> list[str]:
+    """Every model under every chosen protocol in one table, each row labelled with the protocol's settings;
+    below it, what each protocol is and how it scores."""
+    evaluation = manifest.stages.get("evaluate")
+    protocols = evaluation.details.get("protocols", {}) if evaluation else {}
+    if not any(entry["models"] for entry in protocols.values()):
+        return []
+    lines = ["| protocol | model | questions | accuracy | 95% CI | first-match accuracy |",
+             "|---|---|---:|---:|---|---:|"]
+    for name, entry in protocols.items():
+        for model, m in entry["models"].items():
+            low, high = m["ci95"]
+            lines.append(f"| {protocol_label(name, entry['settings'])} | {model} | {m['n']} | {m['accuracy']:.1%} | "
+                         f"{low:.1%} – {high:.1%} | {m['first_match_accuracy']:.1%} |")
+    lines.append("")
+    for name, entry in protocols.items():
+        lines.append(f"- **{name}**: {entry['settings']['description']}; a reply is {entry['settings']['scoring']}.")
+    first = next(iter(protocols))
+    return lines + ["", f"In detail, under `{first}`:", ""]
+
+
 def _evaluation(manifest: Manifest) -> list[str]:
     models = evaluated_models(manifest)
     if not models:
         return ["No model was evaluated."]
-    lines = markdown_table(evaluation_table(models))
+    lines = [*_protocols_table(manifest), *markdown_table(evaluation_table(models))]
     lines += ["", "A reply is committed when it gives option(s) as its answer; restating the options, copying the "
               "question back or holding several candidates open is no answer, and is wrong."]
     for group, table in breakdown_tables(models).items():

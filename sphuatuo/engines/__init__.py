@@ -1,7 +1,8 @@
 """Inference back-ends behind one interface.
 
 `generate(ds, engine, sampling)` takes a Ray Dataset whose rows carry a `messages` column (OpenAI chat
-format) and returns it with four columns added:
+format), or a `prompt` column of raw text to send without the chat template, and returns it with four
+columns added:
 
     generated_text, num_input_tokens, num_generated_tokens, finish_reason ("stop" | "length" | "error")
 
@@ -9,7 +10,9 @@ A row the vLLM engine fails on (say, a prompt longer than max_model_len) does no
 comes back with finish_reason "error" and the engine's message in `engine_error`.
 
 The chat template is the model's own (applied by the engine), so a model is prompted the same way
-when it is trained, sampled and evaluated.
+when it is trained, sampled and evaluated. Raw prompts exist for the one protocol that asks for them
+(the SP paper's test, `sphuatuo.stages.evaluate`): vLLM and transformers tokenise the text as it is;
+an OpenAI-compatible server gets it on its completions endpoint.
 """
 
 from __future__ import annotations
@@ -77,16 +80,18 @@ def generate(
     *,
     model: str | None = None,
 ) -> ray.data.Dataset:
-    """Run every row's `messages` through `model` (default: the engine's own) and add the outputs."""
+    """Run every row's `messages` (or raw `prompt`) through `model` (default: the engine's own) and add the
+    outputs."""
     model_path = resolve_model(model or engine.model)
+    raw = "prompt" in ds.columns()
     if engine.backend == "vllm":
         from sphuatuo.engines.vllm import generate_vllm
 
-        return generate_vllm(ds, engine, request, model_path)
+        return generate_vllm(ds, engine, request, model_path, raw=raw)
     if engine.backend == "openai":
         from sphuatuo.engines.openai import generate_openai
 
-        return generate_openai(ds, engine, request, model_path)
+        return generate_openai(ds, engine, request, model_path, raw=raw)
     from sphuatuo.engines.hf import generate_hf
 
     return generate_hf(ds, engine, request, model_path)

@@ -1,4 +1,5 @@
-"""transformers `generate` in a Ray Data actor pool: batched, left-padded, the model's chat template.
+"""transformers `generate` in a Ray Data actor pool: batched, left-padded, the model's chat template (or a
+raw `prompt`, tokenised as it is).
 
 For tiny CPU runs and for models vLLM cannot serve. Per-row seeds are not honoured (one torch seed
 per batch); use the vllm back-end where exact per-request seeding matters.
@@ -45,19 +46,23 @@ class HFChatGenerator:
         self.request = request
         self.eos_ids = {self.tokenizer.eos_token_id, *np.atleast_1d(self.model.generation_config.eos_token_id or [])}
 
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        """The chat as text in the model's template; a chat ending in an assistant turn is a prefilled reply
+        to continue (as ray.data.llm does)."""
+        prefilled = messages[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            tokenize=False,
+            add_generation_prompt=not prefilled,
+            continue_final_message=prefilled,
+        )
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         request = self.request
-        prompts = []
-        for messages in batch["messages"]:
-            # A chat ending in an assistant turn is a prefilled reply to continue (as ray.data.llm does).
-            prefilled = messages[-1]["role"] == "assistant"
-            prompts.append(self.tokenizer.apply_chat_template(
-                [{"role": m["role"], "content": m["content"]} for m in messages],
-                tokenize=False,
-                add_generation_prompt=not prefilled,
-                continue_final_message=prefilled,
-            ))
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        raw = "prompt" in batch
+        prompts = [str(text) for text in batch["prompt"]] if raw else [self._chat(m) for m in batch["messages"]]
+        # A chat template writes its own special tokens; raw text gets the tokenizer's (a BOS), as vLLM gives it.
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=raw)
         sampling = request.temperature > 0
         if request.seed is not None:
             torch.manual_seed(request.seed)

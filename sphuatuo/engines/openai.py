@@ -1,5 +1,6 @@
-"""Any OpenAI-compatible chat endpoint, through Ray's own `ray.data.llm` HTTP processor: `replicas`
-actors each send their batch's requests, with exponential backoff on 429/408/5xx and timeouts.
+"""Any OpenAI-compatible chat endpoint (its completions endpoint for raw prompts), through Ray's own
+`ray.data.llm` HTTP processor: `replicas` actors each send their batch's requests, with exponential backoff
+on 429/408/5xx and timeouts.
 
 The API key never enters a recipe, a row, the manifest, a log line, a Ray runtime environment (which the
 GCS stores and the dashboard shows) or a task argument. The HTTP session that sends it is built inside
@@ -58,12 +59,16 @@ class ChatSession:
 
 
 def _payload(row: dict[str, Any], model: str, request: Request, server: str) -> dict[str, Any]:
-    """The chat request; server extensions (vLLM's, SGLang's) only go to servers declared to have them."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": request.temperature,
-                               "top_p": request.top_p, "max_tokens": request.max_tokens}
+    """The chat request (a completions request for a raw `prompt`); server extensions (vLLM's, SGLang's) only
+    go to servers declared to have them."""
+    payload: dict[str, Any] = {"model": model, "temperature": request.temperature, "top_p": request.top_p,
+                               "max_tokens": request.max_tokens}
     if request.seed is not None:
         payload["seed"] = row_seed(request, row)
+    if "prompt" in row:
+        return {**payload, "prompt": row["prompt"]}
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    payload["messages"] = messages
     extended = server in ("vllm", "sglang")
     if messages[-1]["role"] == "assistant" and extended:
         # Continue a prefilled reply: vLLM and SGLang servers take these chat-template switches.
@@ -94,8 +99,13 @@ def likelier_word(choice: dict[str, Any], words: tuple[str, ...]) -> str | None:
     return None
 
 
-def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model: str) -> ray.data.Dataset:
-    url = f"{engine.base_url.rstrip('/')}/chat/completions"
+def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model: str, *,
+                    raw: bool = False) -> ray.data.Dataset:
+    """`raw`: rows carry a `prompt` for the completions endpoint (no chat template), else `messages` for the chat
+    endpoint."""
+    if raw and request.verdict_words:
+        raise ValueError("a one-token verdict is read from the chat endpoint; raw prompts go to completions")
+    url = f"{engine.base_url.rstrip('/')}/{'completions' if raw else 'chat/completions'}"
     input_columns = set(ds.columns())
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +120,7 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
                     "engine_error": f"{url} answered without choices: {response.get('error') or response}"[:1000]}
         choice, usage = response["choices"][0], response.get("usage") or {}
         out["engine_error"] = None
-        out["generated_text"] = choice["message"]["content"] or ""
+        out["generated_text"] = (choice.get("text") if raw else choice["message"]["content"]) or ""
         if request.verdict_words and request.verdict_via == "logprobs":
             out["generated_text"] = likelier_word(choice, request.verdict_words) or out["generated_text"]
         out["num_input_tokens"] = int(usage.get("prompt_tokens") or 0)

@@ -26,7 +26,9 @@ def _sampling_params(request: Request, seed: int | None) -> dict[str, Any]:
     return params
 
 
-def processor_config(engine: EngineConfig, model_path: str, seed: int | None) -> vLLMEngineProcessorConfig:
+def processor_config(engine: EngineConfig, model_path: str, seed: int | None,
+                     raw: bool = False) -> vLLMEngineProcessorConfig:
+    """The processor for `engine`; `raw`: rows carry a `prompt` sent as it is (the chat-template stage off)."""
     on_gpu = engine.gpus_per_replica > 0
     engine_kwargs = {
         "max_model_len": engine.max_model_len,
@@ -63,8 +65,9 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None) ->
         # actors competing for the same cores.
         tokenize_stage=False,
         detokenize_stage=False,
-        # Templating is light: a sliver of a CPU, so it never waits behind the engine for a core.
-        chat_template_stage={"enabled": True, "concurrency": 1, "batch_size": engine.batch_size,
+        # Templating is light: a sliver of a CPU, so it never waits behind the engine for a core. Raw
+        # prompts skip it and reach the engine as its `prompt`.
+        chat_template_stage={"enabled": not raw, "concurrency": 1, "batch_size": engine.batch_size,
                              "num_cpus": LIGHT_CPUS},
         # Needs Ray's Prometheus metrics stack, which only the `ray[default]` dashboard brings up.
         log_engine_metrics=False,
@@ -74,7 +77,8 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None) ->
     )
 
 
-def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str) -> ray.data.Dataset:
+def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str, *,
+                  raw: bool = False) -> ray.data.Dataset:
     on_gpu = engine.gpus_per_replica > 0
     max_tokens = request.max_tokens
 
@@ -101,7 +105,7 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
                 "finish_reason": "error", "engine_error": error}
 
     _input_columns = set(ds.columns())
-    processor = build_processor(processor_config(engine, model_path, request.seed),
+    processor = build_processor(processor_config(engine, model_path, request.seed, raw),
                                 preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
                                 postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})

@@ -21,7 +21,7 @@ from sphuatuo import engines
 from sphuatuo.engines import LIGHT_CPUS, Request
 from sphuatuo.parsing.replies import split_think_answer
 from sphuatuo.passes import PassTarget, Row
-from sphuatuo.prompts import Messages
+from sphuatuo.prompts import PromptInput
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.progress import RowProgress
 
@@ -53,13 +53,14 @@ def generate_pass(
     *,
     engine: EngineConfig,
     request: Request,
-    messages: Callable[[Row], Messages],
+    messages: Callable[[Row], PromptInput],
     model: str | None = None,
 ) -> int:
     """Generate a reply for each row not yet in `folder`; return how many rows were written now.
 
-    Each row needs a unique `key`. Output rows are the input rows plus the engine's columns
-    (see `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
+    Each row needs a unique `key`. `messages` gives each row's chat, or a raw prompt string that the engine
+    sends without the chat template (all rows of a pass the one or the other). Output rows are the input rows
+    plus the engine's columns (see `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
     """
     todo = missing_rows(ctx, rows, folder)
     if not todo:
@@ -88,11 +89,18 @@ def generate_pass(
     return len(todo)
 
 
+def _engine_input(row: Row, prompt: PromptInput) -> Row:
+    return {**row, "prompt": prompt} if isinstance(prompt, str) else {**row, "messages": prompt}
+
+
 def _generate_once(ctx: PassTarget, rows: list[Row], folder: str, engine: EngineConfig, request: Request,
-                   messages: Callable[[Row], Messages], model_name: str, progress: RowProgress) -> pa.Table:
+                   messages: Callable[[Row], PromptInput], model_name: str, progress: RowProgress) -> pa.Table:
     """One trip of `rows` through the engine: successful rows are appended to `folder` batch by batch as they
     stream out (a crash loses only the batches in flight); the rows the engine failed on are returned."""
-    ds = ray.data.from_items([{**row, "messages": messages(row)} for row in rows])
+    items = [_engine_input(row, messages(row)) for row in rows]
+    if len({"prompt" in item for item in items}) > 1:
+        raise ValueError(f"{folder}: a pass sends chats or raw prompts, not both")
+    ds = ray.data.from_items(items)
     ds = engines.generate(ds, engine, request, model=model_name)
     ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
     failed = []
@@ -120,11 +128,11 @@ def _check_error_share(folder: str, failed: pa.Table, total: int, engine: Engine
 
 
 def _whole_reply(row: Row, model_name: str) -> Row:
-    """Drop the chat; when it ended with a prefilled assistant turn, keep that start in the reply, so
-    `generated_text` is the whole assistant message."""
-    last = row["messages"][-1]
+    """Drop the chat (or raw prompt); when the chat ended with a prefilled assistant turn, keep that start in
+    the reply, so `generated_text` is the whole assistant message."""
+    last = row["messages"][-1] if "messages" in row else {"role": "user"}
     prefix = last["content"] if last["role"] == "assistant" else ""
-    out = {key: value for key, value in row.items() if key != "messages"}
+    out = {key: value for key, value in row.items() if key not in ("messages", "prompt")}
     return {**out, "generated_text": prefix + row["generated_text"], "model": model_name}
 
 

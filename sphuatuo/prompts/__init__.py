@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict
 from sphuatuo.data.questions import Question
 
 Messages = list[dict[str, str]]
+# What a generation pass sends per row: a chat (the engine applies the model's chat template) or a raw prompt,
+# sent as it is (the SP paper's test prompted its models without their chat template).
+PromptInput = Messages | str
 
 
 class Example(BaseModel):
@@ -61,6 +64,16 @@ class PromptTemplate(BaseModel):
         if self.assistant_prefix:
             messages.append({"role": "assistant", "content": self.assistant_prefix})
         return messages
+
+    def raw_prompt(self, **values: str) -> str:
+        """The same text without a chat template: system text, examples and user message, one blank line apart.
+        The assistant prefix is left out: with no template there is no assistant turn to open, and the
+        model writes its reply whole."""
+        parts = [self.system] if self.system else []
+        for example in self.examples:
+            parts += [example.user, example.assistant]
+        parts.append(self.render_user(**values))
+        return "\n\n".join(parts) + "\n"
 
     def training_prompt(self, **values: str) -> Messages:
         """The chat a training example is prompted with: the same, less the assistant prefix (which

@@ -1,26 +1,34 @@
 """Evaluation of the base, SFT and DPO students (every DPO model of an ablation) on the held-out
-questions (METHOD A.6, B.5).
+questions (METHOD A.6, B.5), under one or more named protocols (`PROTOCOLS`).
 
-Greedy decoding by default, a token budget that fits the chain of thought (the original 450 cut it
-short). Multiple-choice items are scored by option-letter set equality whatever the judge kind, open-ended
-ones by the judge.
-First-match and last-match accuracy are reported separately, and an empty or unparsable reply counts
-as wrong and is counted. Every reply is also counted by what it did with the options
-(`sphuatuo.parsing.replies.answer_commitment`): committed to an answer, restated the options, copied
-the question back, held candidates open, or gave no answer; an open-ended reply counts as committed
-when the judge could decide it.
+A protocol says how the model is asked (sampling, chat template or raw prompt) and how its reply is
+scored. The project's own (`project`, `strict`) decode greedily by default with a token budget that fits
+the chain of thought (the SP paper's 450 cut it short); the papers' (`sp_paper`, `o1_paper`) are there
+so that a number here can be set beside the papers' tables. Each protocol is its own generation pass per
+model: `evaluate/<model>` for `project`, `evaluate/<model>@<protocol>` for the others. The manifest keeps,
+per protocol, its settings and each model's score (`details.protocols`); `details.models` holds the
+first protocol's scores, which the report breaks down by source and category.
+
+Multiple-choice items are scored by option-letter set equality whatever the judge kind, open-ended
+ones by the judge. First-match and last-match accuracy are reported separately, and an empty or
+unparsable reply counts as wrong and is counted. Every reply is also counted by what it did with the
+options (`sphuatuo.parsing.replies.answer_commitment`): committed to an answer, restated the options,
+copied the question back, held candidates open, or gave no answer; an open-ended reply counts as
+committed when the judge could decide it.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from sphuatuo.data.questions import Question
 from sphuatuo.parsing.replies import CATEGORIES, COMMITTED, NO_ANSWER, answer_commitment
 from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens
-from sphuatuo.recipe import JudgeConfig
+from sphuatuo.recipe import JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped, log
 from sphuatuo.stages.self_play.student_answers import answer_questions
 from sphuatuo.stages.training import model_of
@@ -28,6 +36,65 @@ from sphuatuo.stages.training import model_of
 NAME = "evaluate"
 CONFIG = ("models.student", "models.judge", "stages.evaluate", "stages.preference_pairs.strategies")
 READS = ("questions", "sft", "dpo", "rl")
+
+
+Scoring = Literal["last", "strict", "either"]
+
+# How each scoring rule reads a judged reply, as the report labels it.
+SCORING = {
+    "last": "right when its last answer statement is",
+    "strict": "right when its last answer statement is and it was not cut at the token budget",
+    "either": "right when its first or its last answer statement is",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named way to evaluate: the sampling that replaces the stage's own (the fields given), the chat
+    template or a raw prompt, and the scoring rule (`SCORING`)."""
+
+    description: str
+    sampling: dict[str, float | int] = field(default_factory=dict)
+    chat_template: bool = True
+    scoring: Scoring = "last"
+
+    def sampling_for(self, stage: SamplingConfig) -> SamplingConfig:
+        return stage.model_copy(update=self.sampling)
+
+    def settings(self, stage: SamplingConfig) -> dict[str, Any]:
+        """What the manifest and the report say about a run of this protocol."""
+        sampling = self.sampling_for(stage)
+        return {"description": self.description, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens, "chat_template": self.chat_template,
+                "scoring": SCORING[self.scoring]}
+
+
+# The names are the recipe's `ProtocolName`; a test checks that both list the same.
+PROTOCOLS: dict[str, Protocol] = {
+    "project": Protocol("the project's: the stage's sampling, the prompt in the model's chat template; first and "
+                        "last match reported apart; an empty or unparsable reply is wrong"),
+    "strict": Protocol("the project's, greedy: as project, and a reply that commits to no answer is wrong, "
+                       "including one cut at the token budget before its conclusion",
+                       sampling={"temperature": 0.0, "top_p": 1.0}, scoring="strict"),
+    "sp_paper": Protocol("the SP paper's test: temperature 0.7, top_p 0.9, 450 tokens, the prompt as raw text "
+                         "without the chat template",
+                         sampling={"temperature": 0.7, "top_p": 0.9, "max_tokens": 450}, chat_template=False),
+    "o1_paper": Protocol("HuatuoGPT-o1's released scorer: temperature 0.5; a reply is right when its first or "
+                         "its last match is (max of the two)", sampling={"temperature": 0.5}, scoring="either"),
+}
+
+
+def protocol_label(name: str, settings: dict[str, Any]) -> str:
+    """`sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt)`: a protocol and the settings it ran with (as
+    `Protocol.settings` records them)."""
+    template = "chat template" if settings["chat_template"] else "raw prompt"
+    return (f"{name} (T {settings['temperature']:g}, top_p {settings['top_p']:g}, {settings['max_tokens']} tokens, "
+            f"{template})")
+
+
+def protocol_folder(model: str, protocol: str) -> str:
+    """Where a model's answers under a protocol go; `project` keeps the folder it always had."""
+    return f"{NAME}/{model}" if protocol == "project" else f"{NAME}/{model}@{protocol}"
 
 
 def scoring_judge(judge: JudgeConfig) -> JudgeConfig:
@@ -46,32 +113,44 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def score(rows: list[Row]) -> dict:
-    """Accuracy (the judge's verdict on the final answer), first-match accuracy, unparsable and
-    truncated counts, how many replies committed to an answer and why the others did not (one key
-    per `sphuatuo.parsing.replies.CATEGORIES`), and accuracy per source and per metadata field
-    (CMExam: disease group, department, difficulty, …)."""
-    first_correct = 0
-    unparsable = 0
+def is_correct(row: Row, scoring: Scoring = "last", first: frozenset[str] | None = None) -> bool:
+    """Whether a judged reply counts as right under a scoring rule; `first`: the letters of a
+    multiple-choice reply's first answer statement (`either` counts it too)."""
+    if scoring == "strict" and row["truncated"]:
+        return False
+    if scoring == "either" and first is not None and first == frozenset(Question.from_row(row).answer):
+        return True
+    return bool(row["verdict"])
+
+
+def score(rows: list[Row], scoring: Scoring = "last") -> dict:
+    """Accuracy under the scoring rule (`SCORING`; the judge's verdict on the final answer for `last`),
+    first-match accuracy, unparsable and truncated counts, how many replies committed to an answer and
+    why the others did not (one key per `sphuatuo.parsing.replies.CATEGORIES`), and accuracy per source
+    and per metadata field (CMExam: disease group, department, difficulty, …)."""
+    correct = first_correct = unparsable = 0
     commitments = dict.fromkeys(CATEGORIES, 0)
     # group ("source" or a metadata key) -> value -> [correct, total]
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for row in rows:
         question = Question.from_row(row)
+        first: frozenset[str] | None = None
         if question.is_multiple_choice:
             commitment = answer_commitment(row["generated_text"], question.options, question.question)
-            first_correct += commitment.first == frozenset(question.answer)
+            first = commitment.first
+            first_correct += first == frozenset(question.answer) and not (scoring == "strict" and row["truncated"])
             unparsable += not commitment.letters
             commitments[commitment.category] += 1
         else:
-            first_correct += bool(row["verdict"])
+            first_correct += is_correct(row, scoring)
             undecided = row["verdict"] is None or not row["generated_text"].strip()
             unparsable += undecided
             commitments[NO_ANSWER if undecided else COMMITTED] += 1
+        right = is_correct(row, scoring, first)
+        correct += right
         for group, value in {"source": question.source or "unknown", **question.metadata}.items():
-            groups[group][value][0] += bool(row["verdict"])
+            groups[group][value][0] += right
             groups[group][value][1] += 1
-    correct = sum(1 for row in rows if row["verdict"])
     total = len(rows)
     return {
         "n": total,
@@ -99,6 +178,10 @@ def run(ctx: StageContext) -> None:
     if not questions:
         raise StageSkipped("no test questions (set data.test or data.test_fraction)")
     results = ctx.record.details.setdefault("models", {})
+    by_protocol = ctx.record.details.setdefault("protocols", {})
+    for name in stage.protocols:
+        by_protocol.setdefault(name, {"settings": PROTOCOLS[name].settings(stage.sampling), "models": {}})
+    judge = scoring_judge(ctx.recipe.models.judge)
     all_rows: list[Row] = []
     for name in ctx.recipe.stages.evaluated_models():
         try:
@@ -106,11 +189,17 @@ def run(ctx: StageContext) -> None:
         except StageSkipped as missing:
             ctx.note(f"not evaluating {name}: {missing}")
             continue
-        log.info("evaluating %s (%s) on %d questions", name, model, len(questions))
-        rows = answer_questions(ctx, questions, f"{NAME}/{name}", model, stage.prompt, stage.sampling,
-                                judge=scoring_judge(ctx.recipe.models.judge))
-        results[name] = score(rows)
-        all_rows.extend(rows)
-        ctx.note(f"{name}: accuracy {results[name]['accuracy']:.1%} on {len(rows)} questions")
+        for protocol_name in stage.protocols:
+            protocol = PROTOCOLS[protocol_name]
+            log.info("evaluating %s (%s) on %d questions under protocol %s", name, model, len(questions),
+                     protocol_name)
+            rows = answer_questions(ctx, questions, protocol_folder(name, protocol_name), model, stage.prompt,
+                                    protocol.sampling_for(stage.sampling), judge=judge,
+                                    chat_template=protocol.chat_template)
+            result = by_protocol[protocol_name]["models"][name] = score(rows, protocol.scoring)
+            if protocol_name == stage.protocols[0]:
+                results[name] = result
+            all_rows.extend(rows)
+            ctx.note(f"{name} ({protocol_name}): accuracy {result['accuracy']:.1%} on {len(rows)} questions")
     ctx.record.rows_out = len(all_rows)
     ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(all_rows)

@@ -13,7 +13,7 @@ from sphuatuo.engines import Request
 from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens, sample_key
 from sphuatuo.passes.verdict import generate_and_judge
-from sphuatuo.prompts import Messages, get_prompt, options_block
+from sphuatuo.prompts import PromptInput, get_prompt, options_block
 from sphuatuo.recipe import JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.training import model_of
@@ -23,23 +23,28 @@ CONFIG = ("models.student", "models.judge", "stages.student_answers")
 READS = ("questions", "sft")
 
 
-def student_messages(prompt_name: str, row: Row) -> Messages:
+def student_prompt(prompt_name: str, row: Row, chat_template: bool = True) -> PromptInput:
+    """The question as a chat, or as raw text for a model prompted without its chat template."""
     question = Question.from_row(row)
-    return get_prompt(prompt_name).messages(question=question.question, options_block=options_block(question))
+    template = get_prompt(prompt_name)
+    fields = {"question": question.question, "options_block": options_block(question)}
+    return template.messages(**fields) if chat_template else template.raw_prompt(**fields)
 
 
 def answer_questions(ctx: StageContext, questions: list[Row], folder: str, model: str, prompt_name: str,
-                     sampling: SamplingConfig, samples: int = 1, judge: JudgeConfig | None = None) -> list[Row]:
+                     sampling: SamplingConfig, samples: int = 1, judge: JudgeConfig | None = None,
+                     chat_template: bool = True) -> list[Row]:
     """`samples` judged answers per question from `model` (the student engine), in `folder`; the k-th
-    sample of a question is seeded seed + k (see `engines.row_seed`). `judge`: default the recipe's."""
+    sample of a question is seeded seed + k (see `engines.row_seed`). `judge`: default the recipe's.
+    `chat_template` False: the prompt is sent as raw text (an evaluation protocol's choice)."""
     meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump()),
-            "hinted": False}
+            "hinted": False, "chat_template": chat_template}
     rows = [{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
             for q in questions for k in range(samples)]
     return generate_and_judge(ctx, rows, folder, judge=judge or ctx.recipe.models.judge,
                               engine=ctx.recipe.models.student,
                               request=Request.from_config(sampling), model=model,
-                              messages=lambda row: student_messages(prompt_name, row))
+                              messages=lambda row: student_prompt(prompt_name, row, chat_template))
 
 
 def run(ctx: StageContext) -> None:

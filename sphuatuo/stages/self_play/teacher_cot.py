@@ -28,7 +28,7 @@ READS = ("questions",)
 def teacher_messages(ctx: StageContext, row: Row) -> list[dict[str, str]]:
     stage = ctx.recipe.stages.teacher_cot
     question = Question.from_row(row)
-    hint = get_prompt("self_play/reference_hint").render_user(reference=question.answer_text) if row["hinted"] else ""
+    hint = get_prompt(stage.hint_prompt).render_user(reference=question.answer_text) if row["hinted"] else ""
     return get_prompt(stage.prompt).messages(
         question=question.question, options_block=options_block(question), reference_hint=hint
     )
