@@ -420,7 +420,7 @@ class PreferencePairsStage(Strict):
 
 
 # Named evaluation protocols (sphuatuo.stages.evaluate.PROTOCOLS says what each one samples and scores).
-ProtocolName = Literal["project", "strict", "sp_paper", "o1_paper"]
+ProtocolName = Literal["project", "strict", "sp_paper", "o1_paper", "shuffled"]
 
 
 class EvaluateStage(Strict):
@@ -433,8 +433,9 @@ class EvaluateStage(Strict):
         description="each a generation pass per model, scored by its own rule, reported side by side: project (this "
                     "stage's sampling, chat template, last match), strict (greedy; a reply cut at the budget is "
                     "wrong), sp_paper (the SP paper's test: T 0.7, top_p 0.9, 450 tokens, raw prompt without the chat "
-                    "template), o1_paper (HuatuoGPT-o1's scorer: T 0.5, right when the first or the last match is); "
-                    "the first is the one the report's breakdowns show")
+                    "template), o1_paper (HuatuoGPT-o1's scorer: T 0.5, right when the first or the last match is), "
+                    "shuffled (as project, each item's options in another order: the permutation check); the first "
+                    "is the one the report's breakdowns show")
 
     @model_validator(mode="after")
     def _distinct_protocols(self) -> EvaluateStage:

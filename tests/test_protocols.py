@@ -228,13 +228,13 @@ def test_the_report_sets_the_protocols_side_by_side_with_their_settings_and_inte
 
 
 @pytest.mark.slow
-def test_two_protocols_on_the_tiny_model_each_in_the_manifest_and_the_report(tmp_path: Path, ray_cluster) -> None:
+def test_three_protocols_on_the_tiny_model_each_in_the_manifest_and_the_report(tmp_path: Path, ray_cluster) -> None:
     recipe = tiny_recipe(tmp_path / "run", **{
         "models.student": {"backend": "vllm", "model": "builtin:tiny", "max_model_len": 1024, "batch_size": 8},
-        "stages.evaluate.models": ["base"], "stages.evaluate.protocols": ["project", "sp_paper"]})
+        "stages.evaluate.models": ["base"], "stages.evaluate.protocols": ["project", "sp_paper", "shuffled"]})
     run = run_pipeline(recipe, stages=(questions, evaluate))
     details = json.loads(run.read_text("manifest.json"))["stages"]["evaluate"]["details"]
-    assert list(details["protocols"]) == ["project", "sp_paper"]
+    assert list(details["protocols"]) == ["project", "sp_paper", "shuffled"]
     n = len(run.read_rows("questions", "test"))
     for name, entry in details["protocols"].items():
         result = entry["models"]["base"]
@@ -252,3 +252,37 @@ def test_two_protocols_on_the_tiny_model_each_in_the_manifest_and_the_report(tmp
     report = Path(write_report(run)).read_text()
     assert "| project (T 0, top_p 1, 32 tokens, chat template) | base |" in report
     assert "| sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt) | base |" in report
+    # The permutation check: the same items, their options in another order, the gold letters moved along.
+    shuffled = {row["id"]: row for row in run.read_rows("evaluate", "base@shuffled")}
+    assert sorted(shuffled) == sorted(by_id) and any(shuffled[i]["options"] != by_id[i]["options"] for i in by_id)
+    assert "Permutation check (the same items, options shuffled):" in report and "- base: " in report
+
+
+def test_shuffled_options_keep_each_text_and_move_the_gold_letters_with_it() -> None:
+    from sphuatuo.stages.evaluate import shuffle_options
+
+    question = Question(id="q7", question="Which?", options={"A": "alpha", "B": "beta", "C": "gamma", "D": "delta"},
+                        answer=["B", "D"])
+    row = {**question.to_row(), "key": "q7"}
+    shuffled = Question.from_row(shuffle_options(row, seed=0))
+    assert sorted(shuffled.options.values()) == sorted(question.options.values())
+    assert shuffled.options != question.options  # another order (this seed and id)
+    assert {shuffled.options[letter] for letter in shuffled.answer} == {"beta", "delta"}
+    assert shuffle_options(row, seed=0) == shuffle_options(row, seed=0)  # fixed by seed and id
+    open_ended = Question(id="o", question="What?", reference="x").to_row()
+    assert shuffle_options(open_ended, seed=0) == open_ended
+
+
+def test_the_permutation_check_flags_an_accuracy_that_moves_with_option_order() -> None:
+    from sphuatuo.stages.evaluate import permutation_check
+
+    def result(accuracy: float, low: float, high: float) -> dict:
+        return {"accuracy": accuracy, "ci95": [low, high]}
+
+    protocols = {"project": {"models": {"base": result(0.30, 0.20, 0.42), "sft": result(0.50, 0.40, 0.60)}},
+                 "shuffled": {"models": {"base": result(0.12, 0.06, 0.21), "sft": result(0.47, 0.37, 0.57)}}}
+    lines = permutation_check(protocols)
+    assert lines[0].startswith("base: 30.0% as asked")
+    assert lines[0].endswith("FAILS: the accuracy depends on option order")
+    assert lines[1].endswith("holds")
+    assert permutation_check({"project": protocols["project"]}) == []

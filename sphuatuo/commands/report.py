@@ -28,7 +28,7 @@ from sphuatuo.commands.report_tables import (
     training_stage,
 )
 from sphuatuo.recipe import remote_code_summary
-from sphuatuo.stages.evaluate import protocol_label
+from sphuatuo.stages.evaluate import permutation_check, protocol_label
 from sphuatuo.store.manifest import Manifest, read_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.secrets import redact, secret_names
@@ -71,6 +71,9 @@ def _protocols_table(manifest: Manifest) -> list[str]:
     lines.append("")
     for name, entry in protocols.items():
         lines.append(f"- **{name}**: {entry['settings']['description']}; a reply is {entry['settings']['scoring']}.")
+    check = permutation_check(protocols)
+    if check:
+        lines += ["", "Permutation check (the same items, options shuffled):", "", *[f"- {line}" for line in check]]
     first = next(iter(protocols))
     return lines + ["", f"In detail, under `{first}`:", ""]
 

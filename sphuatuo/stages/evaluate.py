@@ -20,6 +20,7 @@ committed when the judge could decide it.
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,6 +58,7 @@ class Protocol:
     sampling: dict[str, float | int] = field(default_factory=dict)
     chat_template: bool = True
     scoring: Scoring = "last"
+    shuffle_options: bool = False
 
     def sampling_for(self, stage: SamplingConfig) -> SamplingConfig:
         return stage.model_copy(update=self.sampling)
@@ -66,7 +68,7 @@ class Protocol:
         sampling = self.sampling_for(stage)
         return {"description": self.description, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "max_tokens": sampling.max_tokens, "chat_template": self.chat_template,
-                "scoring": SCORING[self.scoring]}
+                "scoring": SCORING[self.scoring], "shuffled_options": self.shuffle_options}
 
 
 # The names are the recipe's `ProtocolName`; a test checks that both list the same.
@@ -81,15 +83,53 @@ PROTOCOLS: dict[str, Protocol] = {
                          sampling={"temperature": 0.7, "top_p": 0.9, "max_tokens": 450}, chat_template=False),
     "o1_paper": Protocol("HuatuoGPT-o1's released scorer: temperature 0.5; a reply is right when its first or "
                          "its last match is (max of the two)", sampling={"temperature": 0.5}, scoring="either"),
+    "shuffled": Protocol("the permutation check: as project, with each multiple-choice item's options in another "
+                         "order (the gold letters follow their texts); an accuracy that is a property of the model "
+                         "stays within project's interval", shuffle_options=True),
 }
+
+
+def shuffle_options(row: Row, seed: int) -> Row:
+    """The item with its options' texts in another order under the same letters, the gold letters following
+    their texts; the order is fixed by the seed and the item's id, so a re-run asks the same question."""
+    question = Question.from_row(row)
+    if not question.is_multiple_choice:
+        return row
+    letters = list(question.options)
+    texts = [question.options[letter] for letter in letters]
+    order = list(range(len(letters)))
+    random.Random(f"{seed}:{question.id}").shuffle(order)
+    options = {letter: texts[source] for letter, source in zip(letters, order)}
+    moved = {letters[source]: letter for letter, source in zip(letters, order)}
+    shuffled = question.model_copy(update={"options": options,
+                                           "answer": tuple(sorted(moved[letter] for letter in question.answer))})
+    return {**row, **shuffled.to_row()}
 
 
 def protocol_label(name: str, settings: dict[str, Any]) -> str:
     """`sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt)`: a protocol and the settings it ran with (as
     `Protocol.settings` records them)."""
     template = "chat template" if settings["chat_template"] else "raw prompt"
+    shuffled = ", options shuffled" if settings.get("shuffled_options") else ""
     return (f"{name} (T {settings['temperature']:g}, top_p {settings['top_p']:g}, {settings['max_tokens']} tokens, "
-            f"{template})")
+            f"{template}{shuffled})")
+
+
+def permutation_check(protocols: dict[str, Any]) -> list[str]:
+    """Per model: does its accuracy with the options shuffled stay within the 95% interval of its accuracy as
+    asked (`project`)? A weak model whose number moves with option order was scored on an artefact."""
+    if "project" not in protocols or "shuffled" not in protocols:
+        return []
+    lines = []
+    for model, asked in protocols["project"]["models"].items():
+        shuffled = protocols["shuffled"]["models"].get(model)
+        if shuffled is None:
+            continue
+        low, high = asked["ci95"]
+        verdict = "holds" if low <= shuffled["accuracy"] <= high else "FAILS: the accuracy depends on option order"
+        lines.append(f"{model}: {asked['accuracy']:.1%} as asked ({low:.1%}–{high:.1%}), {shuffled['accuracy']:.1%} "
+                     f"with the options shuffled: {verdict}")
+    return lines
 
 
 def protocol_folder(model: str, protocol: str) -> str:
@@ -193,7 +233,8 @@ def run(ctx: StageContext) -> None:
             protocol = PROTOCOLS[protocol_name]
             log.info("evaluating %s (%s) on %d questions under protocol %s", name, model, len(questions),
                      protocol_name)
-            rows = answer_questions(ctx, questions, protocol_folder(name, protocol_name), model, stage.prompt,
+            asked = [shuffle_options(q, ctx.recipe.seed) for q in questions] if protocol.shuffle_options else questions
+            rows = answer_questions(ctx, asked, protocol_folder(name, protocol_name), model, stage.prompt,
                                     protocol.sampling_for(stage.sampling), judge=judge,
                                     chat_template=protocol.chat_template)
             result = by_protocol[protocol_name]["models"][name] = score(rows, protocol.scoring)
