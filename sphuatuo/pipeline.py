@@ -88,7 +88,7 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
         leaf = key.rsplit(".", 1)[-1]
         if leaf == "model" and isinstance(value, str):
             components[f"{key}@identity"] = model_identity(value)
-        elif leaf == "path" and key.startswith("data.") and isinstance(value, str):
+        elif isinstance(value, str) and ((leaf == "path" and key.startswith("data.")) or leaf == "data"):
             components[f"{key}@identity"] = file_identity(resolve_source_path(value))
         elif isinstance(value, str) and is_prompt_field(leaf):
             template = get_prompt(value)

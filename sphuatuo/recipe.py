@@ -521,6 +521,10 @@ class ReasoningSearchStage(Strict):
     natural_prompt: str = "huatuo_o1/natural_reasoning"
     response_prompt: str = "huatuo_o1/final_response"
     max_problems: int | None = Field(default=None, ge=1, description="search only the first N problems")
+    data: str | None = Field(default=None, description="a file of the released verifiable problems "
+                                                       "(medical-o1-verifiable-problem: Open-ended Verifiable "
+                                                       "Question, Ground-True Answer) to search instead of this "
+                                                       "run's own")
 
     @model_validator(mode="after")
     def _first_retry_has_a_strategy(self) -> ReasoningSearchStage:
@@ -540,6 +544,9 @@ class O1SftStage(SftStage):
     warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
     max_length: int = Field(default=8192, ge=16)
     include_label_revealed: bool = Field(default=True, description="train on paths found with the label revealed")
+    data: str | None = Field(default=None, description="a file of the released SFT paths (medical-o1-reasoning-SFT: "
+                                                       "Question, Complex_CoT, Response) to train on instead of this "
+                                                       "run's search; the run then starts at sft")
 
 
 class RewardVerifierConfig(Strict):
@@ -587,6 +594,8 @@ class RlStage(TrainStage):
                                                               "only); default: on with GPUs, off on CPU")
     verifier: RewardVerifierConfig = RewardVerifierConfig()
     max_prompts: int | None = Field(default=None, ge=1, description="train on the first N RL problems")
+    data: str | None = Field(default=None, description="a file of the released verifiable problems to train on "
+                                                       "instead of this run's RL share")
 
     @property
     def generates_with_vllm(self) -> bool:

@@ -274,3 +274,30 @@ def test_o1_plan_lists_every_stage() -> None:
         ("reasoning_search", "teacher"), ("reasoning_search", "judge"), ("sft", "trainer"), ("rl", "trainer"),
         ("evaluate", "student")]
     assert result.fits and "at most 10 steps per problem" in " ".join(result.stages[-5].notes)
+
+
+RELEASED = Path(__file__).parent / "fixtures" / "released"
+
+
+def test_the_released_sft_paths_load_with_bad_records_rejected() -> None:
+    from sphuatuo.data.released import sft_paths
+
+    released = sft_paths(str(RELEASED / "medical_o1_sft_sample.json"))
+    assert len(released.rows) == 4 and released.rows[1]["problem"].startswith("Which vitamin")
+    assert released.rows[1]["complex_cot"].endswith("vitamin C.") and released.rows[1]["response"].startswith("Vit")
+    assert {row["label_revealed"] for row in released.rows} == {False}
+    (reject,) = released.rejects
+    assert reject.row == 5 and reject.reason == "missing or empty: Question"
+
+
+def test_the_released_verifiable_problems_load_as_open_ended_problems() -> None:
+    from sphuatuo.data.questions import Question
+    from sphuatuo.data.released import verifiable_problems
+
+    released = verifiable_problems(str(RELEASED / "medical_o1_verifiable_problem_sample.jsonl"))
+    assert [row["ground_truth"] for row in released.rows] == ["Duodenal atresia", "Radial nerve", "N-acetylcysteine"]
+    question = Question.from_row(released.rows[0])
+    assert not question.is_multiple_choice and question.reference == "Duodenal atresia"
+    assert released.rows[0]["problem"] == question.question
+    (reject,) = released.rejects
+    assert reject.row == 4 and reject.reason == "missing or empty: Ground-True Answer"

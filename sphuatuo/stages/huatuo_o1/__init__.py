@@ -1,5 +1,27 @@
 """The HuatuoGPT-o1 recipe (METHOD B): verifiable problems -> verifier-guided reasoning search -> SFT -> RL.
 
 Roles: teacher = the search generator (GPT-4o in the paper), judge = the verifier, student = the policy.
-`search` is the search's control (strategy choice and bookkeeping), free of Ray and engines.
+`search` is the search's control (strategy choice and bookkeeping), free of Ray and engines. A run can start
+at the search, at SFT or at RL from the datasets the authors released (`data:` of those stages); what
+shares the released rows is `released_rows`.
 """
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+
+from sphuatuo.data.released import Released
+from sphuatuo.passes import Row
+from sphuatuo.stages import StageContext
+
+
+def released_rows(ctx: StageContext, folder: str, location: str, load: Callable[[str], Released]) -> list[Row]:
+    """The rows of a released file; its bad records go to `<folder>/released_rejects.jsonl`, counted and noted."""
+    released = load(location)
+    ctx.record.rows_rejected += len(released.rejects)
+    ctx.run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in released.rejects),
+                       folder, "released_rejects.jsonl")
+    ctx.note(f"{len(released.rows)} rows from the released file {location}, {len(released.rejects)} rejected")
+    return released.rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from sphuatuo.data.released import verifiable_problems
 from sphuatuo.engines import Request
 from sphuatuo.parsing.o1 import (
     Parsed,
@@ -31,10 +32,11 @@ from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.prompts import Messages, get_prompt
 from sphuatuo.recipe import ReasoningSearchStage
 from sphuatuo.stages import StageContext, StageSkipped, log
+from sphuatuo.stages.huatuo_o1 import released_rows
 from sphuatuo.stages.huatuo_o1.search import INIT, LABEL, SearchPlan, SearchState, advance, solved_counts
 
 NAME = "reasoning_search"
-CONFIG = ("models.teacher", "models.judge", "stages.reasoning_search", "seed")
+CONFIG = ("models.teacher", "models.judge", "stages.reasoning_search", "seed", "stages.sft.data")
 READS = ("verifiable_problems",)
 
 
@@ -133,7 +135,10 @@ def write_up(ctx: StageContext, solved: list[tuple[Row, SearchState]]) -> tuple[
 
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.reasoning_search
-    problems = ctx.run.read_rows("verifiable_problems", "search")[: stage.max_problems]
+    if ctx.recipe.stages.sft.data:
+        raise StageSkipped(f"SFT starts from the released paths in {ctx.recipe.stages.sft.data} (stages.sft.data)")
+    problems = (released_rows(ctx, NAME, stage.data, verifiable_problems) if stage.data
+                else ctx.run.read_rows("verifiable_problems", "search"))[: stage.max_problems]
     ctx.record.rows_in = len(problems)
     if not problems:
         raise StageSkipped("no verifiable problems for the search (verifiable_problems/search is empty)")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 
 from sphuatuo.data.questions import Question
+from sphuatuo.data.released import verifiable_problems
 from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt
 from sphuatuo.stages import StageContext, StageSkipped
+from sphuatuo.stages.huatuo_o1 import released_rows
 from sphuatuo.stages.training import model_of, train_stage, training_log
 from sphuatuo.train.grpo import grpo_worker
 
@@ -48,7 +50,8 @@ def start_model(ctx: StageContext) -> str:
 
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.rl
-    problems = ctx.run.read_rows("verifiable_problems", "rl")[: stage.max_prompts]
+    problems = (released_rows(ctx, NAME, stage.data, verifiable_problems) if stage.data
+                else ctx.run.read_rows("verifiable_problems", "rl"))[: stage.max_prompts]
     ctx.record.rows_in = len(problems)
     train_stage(ctx, NAME, stage, rl_examples(stage.prompt, problems), grpo_worker, start_model(ctx))
     rewards = [entry["reward"] for entry in training_log(ctx, NAME) if "reward" in entry]

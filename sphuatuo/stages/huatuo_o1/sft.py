@@ -7,11 +7,13 @@ tokens from the loss. Paths found with the label revealed are used unless the re
 
 from __future__ import annotations
 
+from sphuatuo.data.released import sft_paths
 from sphuatuo.parsing.o1 import format_o1
 from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import O1SftStage, SftStage
 from sphuatuo.stages import StageContext
+from sphuatuo.stages.huatuo_o1 import released_rows
 from sphuatuo.stages.training import model_of, train_stage
 from sphuatuo.train.sft import sft_worker
 
@@ -37,7 +39,8 @@ def sft_examples(stage: O1SftStage, paths: list[Row]) -> list[Row]:
 
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.sft
-    paths = ctx.run.read_rows("reasoning_search", "paths")
+    paths = (released_rows(ctx, NAME, stage.data, sft_paths) if stage.data
+             else ctx.run.read_rows("reasoning_search", "paths"))
     ctx.record.rows_in = len(paths)
     examples = sft_examples(stage, paths)
     # The trainer sees the training fields only (the prompt choice is this stage's business).

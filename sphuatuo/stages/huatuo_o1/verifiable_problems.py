@@ -27,7 +27,8 @@ from sphuatuo.recipe import EngineConfig, VerifiableProblemsStage
 from sphuatuo.stages import StageContext, StageSkipped
 
 NAME = "verifiable_problems"
-CONFIG = ("models.teacher", "stages.verifiable_problems", "seed")
+CONFIG = ("models.teacher", "stages.verifiable_problems", "seed", "stages.reasoning_search.data", "stages.sft.data",
+          "stages.rl.data")
 READS = ("questions",)
 
 
@@ -90,7 +91,11 @@ def small_answers(ctx: StageContext, stage: VerifiableProblemsStage, rows: list[
 
 
 def run(ctx: StageContext) -> None:
-    stage = ctx.recipe.stages.verifiable_problems
+    stages = ctx.recipe.stages
+    if (stages.reasoning_search.data or stages.sft.data) and stages.rl.data:
+        raise StageSkipped("the search (or SFT) and RL start from released files (stages.*.data): no problems to "
+                           "build")
+    stage = stages.verifiable_problems
     questions = ctx.run.read_rows("questions", "train")
     ctx.record.rows_in = len(questions)
     if not questions:
