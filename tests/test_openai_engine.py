@@ -6,6 +6,7 @@ name and only the standard API is sent to it."""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from sphuatuo.store.run_root import RunRoot
 pytestmark = pytest.mark.slow
 
 KEY_VARIABLE = "SPHUATUO_TEST_TEACHER_KEY"
-KEY = "sk-test-7f3a9c"
+KEY = "sk-test-" + secrets.token_hex(8)  # made at run time: no file holds it unless it leaked there
 
 
 @pytest.fixture(scope="module")
