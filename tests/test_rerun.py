@@ -59,12 +59,13 @@ def test_an_edited_recipe_reruns_only_the_stages_it_touches(tmp_path: Path, ray_
     assert "stage teacher_cot: stale, runs again: stages.teacher_cot.sampling.temperature: 0.0 -> 0.7" in caplog.text
     assert _mtimes(run, "questions", "train") == questions_files
 
+    train = len(run.read_rows("questions", "train"))
     rows = run.read_rows("teacher_cot", "first")
-    assert len(rows) == 6 and all(json.loads(row["sampling"])["temperature"] == 0.7 for row in rows)
+    assert len(rows) == train > 0 and all(json.loads(row["sampling"])["temperature"] == 0.7 for row in rows)
     kept = f"teacher_cot@{first['teacher_cot'].fingerprint[:12]}"
-    assert len(run.read_rows(".superseded", kept, "first")) == 6  # the old rows, kept until gc
+    assert len(run.read_rows(".superseded", kept, "first")) == train  # the old rows, kept until gc
     second = read_manifest(run).stages
     assert second["questions"].fingerprint == first["questions"].fingerprint
     assert second["teacher_cot"].fingerprint != first["teacher_cot"].fingerprint
-    assert second["teacher_cot"].status == "done" and second["teacher_cot"].rows_in == 6
+    assert second["teacher_cot"].status == "done" and second["teacher_cot"].rows_in == train
     assert [s.state for s in stage_statuses(run)] == ["done", "done"]
