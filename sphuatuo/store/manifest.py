@@ -10,6 +10,7 @@ import json
 import platform
 import time
 from datetime import datetime, timezone
+from functools import cache
 from importlib import metadata
 from typing import Any, Literal
 
@@ -57,13 +58,20 @@ def utc_now() -> str:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    """The versions of the packages that produce a run's rows (a copy: callers may keep or change it)."""
+    return dict(_installed_versions())
+
+
+@cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """Read once per process: every stage's fingerprint includes them, and installs do not change mid-run."""
+    versions = [("python", platform.python_version())]
     for name in _VERSIONED_PACKAGES:
         try:
-            versions[name] = metadata.version(name)
+            versions.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions)
 
 
 def read_manifest(run: RunRoot) -> Manifest:
