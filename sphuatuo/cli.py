@@ -150,6 +150,13 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cpu-threads", type=int, default=None,
                           help="CPU engines: compute threads of every engine, bare and Ray (default: all cores)")
     generate.add_argument("--no-hf", action="store_true", help="skip the transformers back-end")
+    generate.add_argument("--no-multi-pass", action="store_true",
+                          help="skip the three-pass lines (engines per pass vs one engine kept up)")
+    generate.add_argument("--workloads", nargs="+", choices=["fixed", "long-tail"], default=["fixed", "long-tail"],
+                          help="fixed: greedy, replies up to --max-tokens; long-tail: sampled, natural stops, 4x the "
+                               "budget (default: both)")
+    generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                          help="gpu: one GPU per engine replica, CUDA graphs on (bare and Ray alike)")
     train = bench_commands.add_parser("train", help="Ray Train + DeepSpeed SFT tokens/s per worker vs bare TRL")
     train.set_defaults(func=bench_train_command)
     train.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -316,10 +323,12 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def bench_generate_command(args: argparse.Namespace) -> int:
-    from sphuatuo.commands.bench_generate import bench_generate, format_bench
+    from sphuatuo.commands.bench_generate import bench_engine, bench_generate, bench_header, format_bench
 
-    print(format_bench(bench_generate(args.model, args.prompts, args.max_tokens, args.dtype, args.batch_size,
-                                      args.cpus, with_hf=not args.no_hf, cpu_threads=args.cpu_threads)))
+    engine = bench_engine(args.model, args.dtype, args.batch_size, args.cpus, args.cpu_threads, args.device)
+    lines = bench_generate(engine, args.prompts, args.max_tokens, with_hf=not args.no_hf,
+                           multi_pass=not args.no_multi_pass, workloads=tuple(args.workloads))
+    print(format_bench(lines, bench_header(engine)))
     return 0
 
 

@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
@@ -31,6 +32,9 @@ from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_mani
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
 from sphuatuo.store.secrets import declare, redact, secret_names
+
+if TYPE_CHECKING:
+    from sphuatuo.engines.serving import EngineServices
 
 log = logging.getLogger("sphuatuo")
 
@@ -192,6 +196,19 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
     manifest = load_manifest(run, recipe)
     planned = plan_stages(recipe, stages, manifest)
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
+    from sphuatuo.engines.serving import EngineServices  # imports Ray's LLM batch API: only once Ray is needed
+
+    services = EngineServices() if recipe.ray.keep_engines_up else None
+    try:
+        _run_planned(recipe, planned, run, run_log, lease, manifest, services)
+    finally:
+        if services is not None:
+            services.release_all()
+    return run
+
+
+def _run_planned(recipe: Recipe, planned: list[tuple[ModuleType, Fingerprint, str]], run: RunRoot, run_log: RunLog,
+                 lease: Lease, manifest: Manifest, services: EngineServices | None) -> None:
     started = time.perf_counter()
     for stage, fingerprint, action in planned:
         lease.check()  # a driver whose lease was taken over writes no further stage
@@ -209,11 +226,13 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
         record.fingerprint, record.fingerprint_components = fingerprint.digest, fingerprint.components
         record.error = None
         log.info("stage %s: starting", stage.NAME)
+        if services is not None and stage.NAME in type(recipe).TRAINING_STAGES:
+            services.release_all()  # the trainer needs the devices the engines hold
         failure: BaseException | None = None
         with StageTimer(record):
             save_manifest(run, manifest)  # a crash from here on leaves the stage `running` for this fingerprint
             try:
-                stage.run(StageContext(recipe=recipe, run=run, record=record))
+                stage.run(StageContext(recipe=recipe, run=run, record=record, engines=services))
                 record.status = "done"
             except StageSkipped as reason:
                 record.status = "skipped"
@@ -223,10 +242,13 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
                 record.status = "failed"
                 record.error = f"{type(err).__name__}: {err}"
                 failure = err
+        if services is not None:
+            engine_log = services.take_log()
+            if engine_log["starts"] or engine_log["reuses"]:
+                record.details["engines"] = engine_log
         save_manifest(run, manifest)
         log.info(stage_summary(stage.NAME, record))
         run_log.save()
         if failure is not None:
             raise failure
     log.info("run %s finished in %.1fs", recipe.name, time.perf_counter() - started)
-    return run

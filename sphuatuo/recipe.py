@@ -633,6 +633,10 @@ class StorageConfig(Strict):
 class RayConfig(Strict):
     address: str | None = Field(default=None, description="None: connect to RAY_ADDRESS or start a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local cluster started by sphuatuo")
+    keep_engines_up: bool = Field(
+        default=True, description="vLLM engines stay up as Ray Serve LLM apps, shared by every pass and stage that "
+                                  "uses the same model and engine arguments until a training stage needs the devices; "
+                                  "false: each pass starts and stops its own engines")
 
 
 PROMPT_FAMILIES = {"en": "self_play", "zh": "self_play_zh"}

@@ -84,7 +84,10 @@ def self_play_run(tmp_path: Path) -> RunRoot:
     stages = {
         "questions": _record(64, 64, 0, 1.2, details={"train": 48, "test": 16}),
         "teacher_cot": _record(48, 41, 5, 310.5, output_tokens=18_300, input_tokens=22_000,
-                               details={"samples": 55, "accepted_unhinted": 36, "accepted_hinted": 5}),
+                               details={"samples": 55, "accepted_unhinted": 36, "accepted_hinted": 5,
+                                        "engines": {"starts": [{"model": "builtin:smollm2-135m-instruct",
+                                                                "folder": "teacher_cot/replies", "seconds": 21.4}],
+                                                    "reuses": 3}}),
         "sft": _record(55, 41, 316, 181.0, details={"global_batch": 8, "workers": 2, "zero_stage": 2, "steps": 15,
                                                     "first_loss": 1.89, "last_loss": 0.43}),
         "student_answers": _record(48, 96, 495, 75.3, details={"correct": 58, "wrong": 38}),
@@ -147,6 +150,14 @@ def o1_report(tmp_path_factory: pytest.TempPathFactory) -> RunRoot:
     run = o1_run(tmp_path_factory.mktemp("o1"))
     write_report(run)
     return run
+
+
+def test_report_counts_the_engines_each_stage_started(sp_report) -> None:
+    run, _ = sp_report
+    report = run.read_text("report.md")
+    assert "| teacher_cot | builtin:smollm2-135m-instruct | 1 | 21.4 |" in report
+    assert "| teacher_cot | (passes on an engine already up) | 3 | 0.0 |" in report
+    assert "<h2>Engines</h2>" in run.read_text("report.html")
 
 
 def test_model_cards_parse_as_hugging_face_cards_and_leave_the_weights_alone(sp_report) -> None:

@@ -1,11 +1,17 @@
 """`sphuatuo bench generate`: what the Ray Data generation stage costs against the bare engine.
 
-Same prompts (the student prompt over the sample bank), same model, greedy decoding, in one run:
+Same prompts (the student prompt over the sample bank), same model and the same engine arguments on every
+side (dtype, scheduler limits, compute threads, eager or not: printed above the table), in one run:
 1. bare vLLM, `LLM.chat` in this process (the ceiling);
 2. the `vllm` back-end as the stages run it: Ray Data + `ray.data.llm`, engine replicas as actors;
-3. the `hf` back-end: transformers `generate` in a Ray Data actor pool.
-Each line reports wall time with and without the engine's start-up, so a short run does not hide
-the steady-state cost, and the ratio of output tokens/s against bare vLLM.
+3. the `hf` back-end: transformers `generate` in a Ray Data actor pool;
+4. three passes with one model (generate, a one-token judge, generate again) as a stage runs them: with
+   engines of each pass's own, and with one engine that stays up (`sphuatuo.engines.serving`).
+
+Each of 1-3 gives a whole-pass line (engine start included) and a steady-state line (less the start-up), and
+each line's ratio is against the bare line of the same kind; the three-pass lines are against engines per
+pass. Two workloads: `fixed` (greedy, every reply up to `--max-tokens`) and `long-tail` (sampled, natural
+stops, budget 4x: replies of mixed lengths, so the last rows of a pass run nearly alone).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
 from sphuatuo.engines import Request
@@ -23,10 +30,17 @@ from sphuatuo.local_models import resolve_model
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, SamplingConfig
 
+if TYPE_CHECKING:
+    from sphuatuo.engines.serving import EngineServices
+
+WORKLOADS = ("fixed", "long-tail")
+
 
 @dataclass(frozen=True)
 class BenchLine:
     engine: str
+    kind: str  # "whole" | "steady" | "passes": the bare (or per-pass) line of the same kind is its baseline
+    workload: str
     rows: int
     seconds: float
     output_tokens: int
@@ -43,34 +57,44 @@ def bench_prompts(count: int) -> list[Messages]:
             for q in itertools.islice(itertools.cycle(bank), count)]
 
 
-def _bare_vllm(model: str, prompts: list[Messages], max_tokens: int, dtype: str,
-               max_model_len: int) -> tuple[BenchLine, BenchLine]:
+def workload_sampling(workload: str, max_tokens: int) -> SamplingConfig:
+    if workload == "fixed":
+        return SamplingConfig(temperature=0.0, max_tokens=max_tokens)
+    return SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=4 * max_tokens, seed=0)
+
+
+def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+               workload: str) -> list[BenchLine]:
     from vllm import LLM, SamplingParams
 
+    from sphuatuo.engines.vllm import engine_arguments
+
     started = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0)
+    llm = LLM(model=engine.model, **engine_arguments(engine, sampling.seed))
     ready = time.perf_counter()
-    outputs = llm.chat(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False,
-                       add_generation_prompt=False, continue_final_message=True)
+    params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
+    outputs = llm.chat(prompts, params, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
     finished = time.perf_counter()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     del llm
     gc.collect()
-    return (BenchLine("bare vLLM (in process, engine ready)", len(prompts), finished - ready, tokens),
-            BenchLine("bare vLLM (in process, incl. engine start)", len(prompts), finished - started, tokens))
+    return [BenchLine("bare vLLM (in process, incl. engine start)", "whole", workload, len(prompts),
+                      finished - started, tokens),
+            BenchLine("bare vLLM (in process, engine ready)", "steady", workload, len(prompts), finished - ready,
+                      tokens)]
 
 
-def _ray_pass(engine: EngineConfig, prompts: list[Messages], max_tokens: int) -> tuple[int, float, int]:
+def _ray_pass(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+              services: EngineServices | None = None) -> tuple[int, float, int]:
     """One Ray Data pass, streamed as the stages run it: rows, seconds, output tokens."""
     import pyarrow.compute as pc
     import ray.data
 
     from sphuatuo import engines
 
-    request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=max_tokens))
-    ds = engines.generate(ray.data.from_items([{"key": i, "messages": m} for i, m in enumerate(prompts)]),
-                          engine, request)
     started = time.perf_counter()
+    ds = engines.generate(ray.data.from_items([{"key": i, "messages": m} for i, m in enumerate(prompts)]),
+                          engine, Request.from_config(sampling), services=services, folder="bench")
     rows, tokens = 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows += batch.num_rows
@@ -78,46 +102,91 @@ def _ray_pass(engine: EngineConfig, prompts: list[Messages], max_tokens: int) ->
     return rows, time.perf_counter() - started, tokens
 
 
-def _ray_stage(backend: str, model: str, prompts: list[Messages], max_tokens: int, dtype: str,
-               max_model_len: int, batch_size: int, cpus: float, cpu_threads: int) -> list[BenchLine]:
-    """The whole pass, and the pass less its start-up (actor, engine load, first token), which a
-    one-row pass measures: the steady state a long pass converges to."""
-    engine = EngineConfig(backend=backend, model=model, dtype=dtype, max_model_len=max_model_len,
-                          batch_size=batch_size, cpus_per_replica=cpus, cpu_threads=cpu_threads)
-    _, startup, _ = _ray_pass(engine, prompts[:1], 1)
-    rows, seconds, tokens = _ray_pass(engine, prompts, max_tokens)
-    return [BenchLine(f"{backend} via Ray Data (incl. actor + engine start)", rows, seconds, tokens),
-            BenchLine(f"{backend} via Ray Data (less {startup:.0f} s start-up)", rows, max(seconds - startup, 1e-3),
-                      tokens)]
+def _ray_stage(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+               workload: str) -> list[BenchLine]:
+    """The whole pass, and the pass less its start-up (actor, engine load, first token), which a one-row pass
+    measures: the steady state a long pass converges to."""
+    _, startup, _ = _ray_pass(engine, prompts[:1], SamplingConfig(temperature=0.0, max_tokens=1))
+    rows, seconds, tokens = _ray_pass(engine, prompts, sampling)
+    return [BenchLine(f"{engine.backend} via Ray Data (incl. actor + engine start)", "whole", workload, rows,
+                      seconds, tokens),
+            BenchLine(f"{engine.backend} via Ray Data (less {startup:.0f} s start-up)", "steady", workload, rows,
+                      max(seconds - startup, 1e-3), tokens)]
 
 
-def bench_generate(model: str, prompts: int, max_tokens: int, dtype: str, batch_size: int, cpus: float,
-                   with_hf: bool, cpu_threads: int | None = None) -> list[BenchLine]:
-    """Bare vLLM first (the baseline), then the Ray Data back-ends. On CPU, each engine gets the same
-    compute threads (`cpu_threads`, default: every core), so the ratios measure the pipeline, not
-    a thread count."""
-    from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
+def _three_passes(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+                  workload: str) -> list[BenchLine]:
+    """A stage's shape: generate, judge (one token each), generate again, with one model; first with engines
+    of each pass's own, then with one engine that stays up for all three."""
+    from sphuatuo.engines.serving import EngineServices
 
-    apply_cpu_environment()
-    path = resolve_model(model)
-    messages = bench_prompts(prompts)
-    max_model_len = 2048
-    threads = cpu_threads or os.cpu_count() or 1
-    # Both sides run the same dtype: the one `auto` picks for this CPU, unless one is given.
-    dtype = cpu_dtype().dtype if dtype == "auto" else dtype
-    lines = list(_bare_vllm(path, messages, max_tokens, dtype, max_model_len))
-
-    connect_ray()
-    lines += _ray_stage("vllm", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads)
-    if with_hf:
-        lines += _ray_stage("hf", path, messages, max_tokens, dtype, max_model_len, batch_size, cpus, threads)
+    judge = SamplingConfig(temperature=0.0, max_tokens=1)
+    lines = []
+    for label, services in (("engines per pass", None), ("one engine kept up", EngineServices())):
+        passes = [_ray_pass(engine, prompts, step, services) for step in (sampling, judge, sampling)]
+        if services is not None:
+            services.release_all()
+        lines.append(BenchLine(f"3 passes (generate, judge, generate), {label}", "passes", workload,
+                               sum(p[0] for p in passes), sum(p[1] for p in passes), sum(p[2] for p in passes)))
     return lines
 
 
-def format_bench(lines: list[BenchLine]) -> str:
-    base = lines[0].tokens_per_s
-    out = [f"{'engine':<58} {'rows':>5} {'seconds':>8} {'rows/s':>7} {'out tok/s':>9} {'vs bare':>8}"]
+def bench_engine(model: str, dtype: str, batch_size: int, cpus: float, cpu_threads: int | None,
+                 device: str) -> EngineConfig:
+    """The one engine configuration every line runs: on CPU, `auto` resolved to this CPU's dtype and every
+    engine given the same compute threads (default: every core); on a GPU, one GPU per replica."""
+    on_gpu = device == "gpu"
+    if not on_gpu and dtype == "auto":
+        dtype = cpu_dtype().dtype
+    return EngineConfig(model=resolve_model(model), dtype=dtype, max_model_len=2048, batch_size=batch_size,
+                        cpus_per_replica=cpus, gpus_per_replica=1 if on_gpu else 0,
+                        cpu_threads=None if on_gpu else cpu_threads or os.cpu_count() or 1)
+
+
+def bench_header(engine: EngineConfig) -> str:
+    from sphuatuo.engines.vllm import engine_arguments
+
+    args = engine_arguments(engine, None)
+    threads = f", compute threads {engine.cpu_threads}" if engine.cpu_threads else ""
+    return (f"every engine: dtype {args['dtype']}, max_num_seqs {args['max_num_seqs']}, max_num_batched_tokens "
+            f"{args['max_num_batched_tokens']}, enforce_eager {args['enforce_eager']}, prefix caching "
+            f"{args['enable_prefix_caching']}{threads}")
+
+
+def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_hf: bool = True,
+                   multi_pass: bool = True, workloads: tuple[str, ...] = WORKLOADS) -> list[BenchLine]:
+    """Per workload: bare vLLM first (the baseline), then the Ray Data back-ends and the three-pass lines."""
+    from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
+
+    apply_cpu_environment()
+    if engine.cpu_threads:
+        # The bare engine's process inherits this; the Ray engines get the same through their runtime env.
+        os.environ["OMP_NUM_THREADS"] = str(engine.cpu_threads)
+    messages = bench_prompts(prompts)
+    lines: list[BenchLine] = []
+    for workload in workloads:
+        sampling = workload_sampling(workload, max_tokens)
+        lines += _bare_vllm(engine, messages, sampling, workload)
+        connect_ray()
+        lines += _ray_stage(engine, messages, sampling, workload)
+        if with_hf:
+            lines += _ray_stage(engine.model_copy(update={"backend": "hf"}), messages, sampling, workload)
+        if multi_pass:
+            lines += _three_passes(engine, messages, sampling, workload)
+    return lines
+
+
+def format_bench(lines: list[BenchLine], header: str = "") -> str:
+    baselines = {}
     for line in lines:
-        out.append(f"{line.engine:<58} {line.rows:>5} {line.seconds:>8.1f} {line.rows / line.seconds:>7.2f} "
-                   f"{line.tokens_per_s:>9.1f} {line.tokens_per_s / base:>8.2f}")
+        baselines.setdefault((line.workload, line.kind), line.tokens_per_s)
+    out = [header] if header else []
+    out.append(f"{'engine':<58} {'workload':>9} {'rows':>5} {'seconds':>8} {'rows/s':>7} {'out tok/s':>9} "
+               f"{'vs base':>8}")
+    for line in lines:
+        ratio = line.tokens_per_s / baselines[(line.workload, line.kind)]
+        out.append(f"{line.engine:<58} {line.workload:>9} {line.rows:>5} {line.seconds:>8.1f} "
+                   f"{line.rows / line.seconds:>7.2f} {line.tokens_per_s:>9.1f} {ratio:>8.2f}")
+    out.append("vs base: against the first line of the same kind and workload (whole pass: bare vLLM incl. engine "
+               "start; steady state: bare vLLM with its engine ready; three passes: engines per pass)")
     return "\n".join(out)

@@ -17,6 +17,7 @@ from sphuatuo.commands.report_tables import (
     PAIRS_FOOTNOTE,
     Table,
     breakdown_tables,
+    engine_table,
     evaluated_models,
     evaluation_table,
     missing_log_reason,
@@ -107,6 +108,10 @@ def write_report(run: RunRoot) -> str:
              f"Remote code: {remote_code_summary(manifest.recipe)}", "",
              "An HTML version with every plot inlined: [report.html](report.html).", "",
              "## Stages", "", *markdown_table(stage_table(manifest)), ""]
+    engines = engine_table(manifest)
+    if engines:
+        lines += ["Engines (they stay up across the passes and stages that share a model):", "",
+                  *markdown_table(engines), ""]
     for name, record in manifest.stages.items():
         notes = record.details.get("notes", [])
         if record.error:

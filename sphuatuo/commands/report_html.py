@@ -94,6 +94,9 @@ def render_html(run: RunRoot, manifest: Manifest) -> str:
     if timeline:
         parts.append(figure(timeline, "each stage from its start to its end, with rows per second out"))
     parts.append(html_table(tables.stage_table(manifest)))
+    engines = tables.engine_table(manifest)
+    if engines:
+        parts += ["<h2>Engines</h2>", html_table(engines)]
     notes = [(stage, note) for stage, record in manifest.stages.items()
              for note in [*record.details.get("notes", []), *([f"{record.status}: {record.error}"] if record.error
                                                                 else [])]]

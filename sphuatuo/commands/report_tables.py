@@ -75,6 +75,24 @@ def stage_table(manifest: Manifest) -> Table:
                   "input tokens", "output tokens", "started", "finished"], rows, "llrrrrrrrrll")
 
 
+def engine_table(manifest: Manifest) -> Table | None:
+    """Per stage and model: engines started (and the seconds they took to come up), and passes that found one
+    already up."""
+    rows = []
+    for name, record in manifest.stages.items():
+        engines = record.details.get("engines")
+        if not engines:
+            continue
+        starts: dict[str, list[float]] = {}
+        for start in engines["starts"]:
+            starts.setdefault(start["model"], []).append(start["seconds"])
+        rows += [[name, model, str(len(seconds)), f"{sum(seconds):.1f}"] for model, seconds in starts.items()]
+        rows.append([name, "(passes on an engine already up)", str(engines["reuses"]), "0.0"])
+    if not rows:
+        return None
+    return Table(["stage", "model", "engines started", "start time (s)"], rows, "llrr")
+
+
 def pairs_table(manifest: Manifest) -> Table | None:
     """Per pair strategy: wrong answers, corrections, verified, pairs and the DPO model trained on them."""
     pairs = manifest.stages.get("preference_pairs")

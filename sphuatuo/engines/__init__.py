@@ -20,12 +20,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray.data
 
 from sphuatuo.local_models import resolve_model
 from sphuatuo.recipe import EngineConfig, SamplingConfig
 from sphuatuo.store.runtime import process_environment
+
+if TYPE_CHECKING:
+    from sphuatuo.engines.serving import EngineServices
 
 GENERATION_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "finish_reason")
 
@@ -79,15 +83,19 @@ def generate(
     request: Request,
     *,
     model: str | None = None,
+    services: EngineServices | None = None,
+    folder: str = "",
 ) -> ray.data.Dataset:
     """Run every row's `messages` (or raw `prompt`) through `model` (default: the engine's own) and add the
-    outputs."""
+    outputs. vLLM engines come from the run's `services` (started once, kept for later passes) when given;
+    `folder` names the pass in their log."""
     model_path = resolve_model(model or engine.model)
     raw = "prompt" in ds.columns()
     if engine.backend == "vllm":
         from sphuatuo.engines.vllm import generate_vllm
 
-        return generate_vllm(ds, engine, request, model_path, raw=raw)
+        return generate_vllm(ds, engine, request, model_path, raw=raw, services=services, folder=folder,
+                             model_name=model or engine.model)
     if engine.backend == "openai":
         from sphuatuo.engines.openai import generate_openai
 

@@ -10,6 +10,7 @@ from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
 from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env, row_seed
 from sphuatuo.engines.precision import engine_dtype
+from sphuatuo.engines.serving import EngineServices, generate_served
 from sphuatuo.recipe import EngineConfig
 
 
@@ -26,11 +27,10 @@ def _sampling_params(request: Request, seed: int | None) -> dict[str, Any]:
     return params
 
 
-def processor_config(engine: EngineConfig, model_path: str, seed: int | None,
-                     raw: bool = False) -> vLLMEngineProcessorConfig:
-    """The processor for `engine`; `raw`: rows carry a `prompt` sent as it is (the chat-template stage off)."""
+def engine_arguments(engine: EngineConfig, seed: int | None) -> dict[str, Any]:
+    """The vLLM engine arguments of `engine`, whether it runs inside a Ray Data processor or a Serve app."""
     on_gpu = engine.gpus_per_replica > 0
-    engine_kwargs = {
+    return {
         "max_model_len": engine.max_model_len,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "dtype": engine_dtype(engine),
@@ -49,6 +49,13 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None,
         # chat-template stage reads it here too.
         "trust_remote_code": engine.trust_remote_code,
     }
+
+
+def processor_config(engine: EngineConfig, model_path: str, seed: int | None,
+                     raw: bool = False) -> vLLMEngineProcessorConfig:
+    """The processor for `engine`; `raw`: rows carry a `prompt` sent as it is (the chat-template stage off)."""
+    on_gpu = engine.gpus_per_replica > 0
+    engine_kwargs = engine_arguments(engine, seed)
     bundle = {"CPU": engine.cpus_per_replica}
     if on_gpu:
         bundle["GPU"] = engine.gpus_per_replica
@@ -78,7 +85,13 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None,
 
 
 def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str, *,
-                  raw: bool = False) -> ray.data.Dataset:
+                  raw: bool = False, services: EngineServices | None = None, folder: str = "",
+                  model_name: str = "") -> ray.data.Dataset:
+    """Through the run's engine that stays up when `services` is given, else through engines of this pass alone."""
+    if services is not None:
+        app = services.deployment(engine, model_name or model_path, model_path,
+                                  engine_arguments(engine, request.seed), folder)
+        return generate_served(ds, app, engine, request, raw=raw)
     on_gpu = engine.gpus_per_replica > 0
     max_tokens = request.max_tokens
 

@@ -101,7 +101,7 @@ def _generate_once(ctx: PassTarget, rows: list[Row], folder: str, engine: Engine
     if len({"prompt" in item for item in items}) > 1:
         raise ValueError(f"{folder}: a pass sends chats or raw prompts, not both")
     ds = ray.data.from_items(items)
-    ds = engines.generate(ds, engine, request, model=model_name)
+    ds = engines.generate(ds, engine, request, model=model_name, services=ctx.engines, folder=folder)
     ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
     failed = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

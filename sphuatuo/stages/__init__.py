@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sphuatuo.recipe import Recipe
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.store.run_root import RunRoot
+
+if TYPE_CHECKING:
+    from sphuatuo.engines.serving import EngineServices
 
 log = logging.getLogger("sphuatuo")
 
@@ -39,6 +43,7 @@ class StageContext:
     recipe: Recipe
     run: RunRoot
     record: StageRecord
+    engines: EngineServices | None = None  # the run's engines that stay up (None: each pass starts its own)
 
     def note(self, message: str) -> None:
         """Log a line and keep it in the manifest for the report."""

