@@ -162,10 +162,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="builtin:smollm2-135m-instruct")
     train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled)")
     train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--workers", type=int, default=2)
+    train.add_argument("--workers", type=int, default=2,
+                       help="W: lines for bare TRL, Ray Train with 1 worker and with W, all at the same global batch")
     train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2)
     train.add_argument("--max-length", type=int, default=512)
     train.add_argument("--cpus-per-worker", type=float, default=1)
+    train.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state rate")
 
     status = commands.add_parser("status", help="each stage of a run: done, stale (and why), pending, with counts")
     status.set_defaults(func=status_command)
@@ -336,7 +338,8 @@ def bench_train_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.bench_train import bench_train, format_train_bench
 
     print(format_train_bench(bench_train(args.model, args.examples, args.epochs, args.workers,
-                                         args.zero_stage, args.max_length, args.cpus_per_worker)))
+                                         args.zero_stage, args.max_length, args.cpus_per_worker,
+                                         args.warmup_steps)))
     return 0
 
 

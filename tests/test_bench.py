@@ -34,22 +34,37 @@ def _bench(ray_head: dict[str, str], *flags: str) -> list[list[str]]:
     return rows
 
 
-def test_bench_generate_fixed_workload_every_engine_and_three_passes(ray_head) -> None:
-    rows = _bench(ray_head, "--workloads", "fixed")
-    assert [row[0].split(" (")[0] for row in rows] == ["bare vLLM"] * 2 + ["vllm via Ray Data"] * 2 + [
-        "hf via Ray Data"] * 2 + ["3 passes"] * 2
-    assert "engines per pass" in rows[6][0] and "one engine kept up" in rows[7][0]
-    workload, count, seconds, _, tokens_per_s, ratio = zip(*[row[1:] for row in rows], strict=True)
-    assert set(workload) == {"fixed"}
-    assert count == ("8",) * 6 + ("24",) * 2  # three passes of 8 rows
-    assert all(float(speed) > 0 for speed in tokens_per_s)
-    # Each kind against its own baseline: bare whole pass, bare steady state, engines per pass.
-    assert ratio[0] == ratio[1] == ratio[6] == "1.00"
-    assert float(seconds[3]) < float(seconds[2])  # the steady state leaves the start-up out
+def test_bench_generate_both_workloads_ray_and_three_passes_against_their_own_baselines(ray_head) -> None:
+    # The hf back-end's lines are the same code path with another engine (its stages are tested elsewhere).
+    rows = _bench(ray_head, "--no-hf")
+    per_workload = ["bare vLLM"] * 2 + ["vllm via Ray Data"] * 2 + ["3 passes"] * 2
+    assert [row[0].split(" (")[0] for row in rows] == per_workload * 2
+    assert [row[1] for row in rows] == ["fixed"] * 6 + ["long-tail"] * 6
+    for block in (rows[:6], rows[6:]):
+        assert "engines per pass" in block[4][0] and "one engine kept up" in block[5][0]
+        _, _, count, seconds, _, tokens_per_s, ratio = zip(*block, strict=True)
+        assert count == ("8",) * 4 + ("24",) * 2  # three passes of 8 rows
+        assert all(float(speed) > 0 for speed in tokens_per_s)
+        # Each kind against its own baseline: bare whole pass, bare steady state, engines per pass.
+        assert ratio[0] == ratio[1] == ratio[4] == "1.00"
+        assert float(seconds[3]) < float(seconds[2])  # the steady state leaves the start-up out
 
 
-def test_bench_generate_long_tail_workload(ray_head) -> None:
-    rows = _bench(ray_head, "--workloads", "long-tail", "--no-hf", "--no-multi-pass")
-    assert [row[0].split(" (")[0] for row in rows] == ["bare vLLM"] * 2 + ["vllm via Ray Data"] * 2
-    assert {row[1] for row in rows} == {"long-tail"}
-    assert all(row[2] == "8" and float(row[5]) > 0 for row in rows)
+def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_head) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sphuatuo.cli", "bench", "train", "--model", "builtin:tiny", "--examples", "12",
+         "--workers", "2", "--max-length", "1024", "--warmup-steps", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("trainer "))
+    rows = [(line[:46].strip(), line[46:].split()) for line in lines[header + 1: header + 4]]
+    assert [label for label, _ in rows] == ["bare TRL SFTTrainer (1 process, no DeepSpeed)",
+                                            "Ray Train + DeepSpeed ZeRO-2, 1 worker",
+                                            "Ray Train + DeepSpeed ZeRO-2, 2 workers"]
+    workers, batch, steps, tokens = (column for column in zip(*[fields[:4] for _, fields in rows], strict=True))
+    assert workers == ("1", "1", "2") and set(batch) == {"2"} and set(steps) == {"6"} and len(set(tokens)) == 1
+    assert rows[0][1][-2:] == ["1.00", "1.00"]  # the bare line is every ratio's baseline
+    assert all(float(fields[-3]) > 0 for _, fields in rows)  # steady tokens/s per worker
+    assert lines[header + 4].startswith("Ray cost alone (1 worker vs bare, steady): ")

@@ -1,11 +1,15 @@
 """`sphuatuo bench train`: what the Ray Train + DeepSpeed SFT stage costs against bare TRL.
 
 Same model, same examples (the student prompt over the sample bank, its explanation as the chain of
-thought), same Trainer arguments, in one run:
-1. bare TRL: one `SFTTrainer` in this process, no DeepSpeed, as many compute threads as one worker;
-2. the SFT stage's own launch: `fit` with `sft_worker` on N Ray Train workers under ZeRO.
-Both count the same tokens (the tokenized training set times the epochs) over the Trainer's own
-train_runtime, so the ratio is per-worker throughput; start-up (workers, DeepSpeed) is shown apart.
+thought), same Trainer arguments and the same global batch and steps on every line, in one run:
+1. bare TRL: one `SFTTrainer` in this process, no DeepSpeed, as many compute threads as one worker, the W
+   workers' micro batches accumulated;
+2. the SFT stage's own launch with 1 Ray Train worker (accumulating as 1): what Ray and DeepSpeed cost alone;
+3. the same with W workers: what distribution costs (on one machine, W workers also share its cores).
+Every line counts the same tokens (the tokenized training set times the epochs) over the Trainer's own
+train_runtime, and gives the steady state apart: the median of the per-step rates after the warm-up steps,
+recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed) is in wall s.
+A bare DeepSpeed line under `torchrun` is not here yet.
 """
 
 from __future__ import annotations
@@ -29,13 +33,25 @@ class TrainBenchLine:
     trainer: str
     workers: int
     steps: int
+    global_batch: int
     tokens: int
     train_seconds: float
     wall_seconds: float
+    steady_tokens_per_s_per_worker: float
 
     @property
     def tokens_per_s_per_worker(self) -> float:
         return self.tokens / self.workers / self.train_seconds
+
+
+def steady_rate(log: list[dict[str, Any]], warmup_steps: int) -> float:
+    """Median tokens/s per worker over the logged steps after the first `warmup_steps` (compilation, first
+    allocations and DeepSpeed's first step are not the steady state)."""
+    rates = sorted(entry["tokens_per_second_per_worker"] for entry in log
+                   if "tokens_per_second_per_worker" in entry and entry.get("step", 0) > warmup_steps)
+    if not rates:
+        raise ValueError(f"no logged step after the {warmup_steps} warm-up steps: train on more examples")
+    return rates[len(rates) // 2]
 
 
 def bench_examples(count: int) -> list[dict[str, Any]]:
@@ -48,29 +64,37 @@ def bench_examples(count: int) -> list[dict[str, Any]]:
             for i, q in enumerate(itertools.islice(itertools.cycle(bank), count))]
 
 
-def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int) -> TrainBenchLine:
+def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
+              warmup_steps: int) -> TrainBenchLine:
+    """One process, no Ray, no DeepSpeed: TRL's SFTTrainer with the stage's own recording of throughput."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sphuatuo.train.launcher import training_arguments
+    from sphuatuo.train.launcher import parameter_counts, training_arguments
+    from sphuatuo.train.recording import RecordedTrainerMixin
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
     arguments = {**training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-bench-"), on_gpu=False),
                  "deepspeed": None, "save_strategy": "no", "report_to": "none"}
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"),
-                         args=SFTConfig(**arguments, completion_only_loss=True),
-                         train_dataset=Dataset.from_list(examples),
-                         processing_class=AutoTokenizer.from_pretrained(model))
+    trainer_class = type("RecordedSFTTrainer", (RecordedTrainerMixin, SFTTrainer), {})
+    model_object = AutoModelForCausalLM.from_pretrained(model, dtype="float32")
+    trainer = trainer_class(model=model_object, args=SFTConfig(**arguments, completion_only_loss=True),
+                            train_dataset=Dataset.from_list(examples),
+                            processing_class=AutoTokenizer.from_pretrained(model),
+                            model_parameters=parameter_counts(model_object)[1], peak_flops=None)
     output = trainer.train()
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * int(stage.epochs)
-    return TrainBenchLine("bare TRL SFTTrainer (1 process)", 1, output.global_step, tokens,
-                          output.metrics["train_runtime"], time.perf_counter() - started)
+    return TrainBenchLine("bare TRL SFTTrainer (1 process, no DeepSpeed)", 1, output.global_step,
+                          stage.micro_batch_size * stage.grad_accumulation, tokens, output.metrics["train_runtime"],
+                          time.perf_counter() - started, steady_rate(trainer.state.log_history, warmup_steps))
 
 
-def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int) -> TrainBenchLine:
+def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int,
+               warmup_steps: int) -> TrainBenchLine:
+    """The SFT stage's own launch: `fit` with `sft_worker` on the stage's Ray Train workers under ZeRO."""
     from sphuatuo.store.run_root import RunRoot
     from sphuatuo.train.launcher import fit
     from sphuatuo.train.sft import sft_worker
@@ -83,31 +107,51 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
     log = json.loads(run.read_text("bench", "train_log.json"))
     steps = max(entry["step"] for entry in log)
     runtime = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
-    return TrainBenchLine(f"Ray Train + DeepSpeed ZeRO-{stage.scaling.zero_stage} (SFT stage)",
-                          stage.scaling.num_workers, steps, tokens, runtime, wall)
+    workers = stage.scaling.num_workers
+    return TrainBenchLine(f"Ray Train + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker"
+                          + ("s" if workers > 1 else ""), workers, steps,
+                          stage.micro_batch_size * stage.grad_accumulation * workers, tokens, runtime, wall,
+                          steady_rate(log, warmup_steps))
 
 
 def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage: int, max_length: int,
-                cpus_per_worker: float) -> list[TrainBenchLine]:
+                cpus_per_worker: float, warmup_steps: int = 2) -> list[TrainBenchLine]:
+    """Bare TRL, Ray Train with 1 worker and Ray Train with `workers`, all at the same global batch (the
+    fewer processes accumulate more micro batches) and so the same steps over the same examples."""
     from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
     path = resolve_model(model)
     rows = bench_examples(examples)
-    stage = SftStage(finetuning="full", epochs=epochs, micro_batch_size=1, grad_accumulation=1,
-                     max_length=max_length, precision="fp32", learning_rate=1e-4,
-                     scaling={"num_workers": workers, "zero_stage": zero_stage, "cpus_per_worker": cpus_per_worker})
-    bare = _bare_trl(path, stage, rows, threads=max(1, int(cpus_per_worker)))
+
+    def stage(num_workers: int) -> SftStage:
+        return SftStage(finetuning="full", epochs=epochs, micro_batch_size=1, grad_accumulation=workers // num_workers,
+                        max_length=max_length, precision="fp32", learning_rate=1e-4,
+                        scaling={"num_workers": num_workers, "zero_stage": zero_stage,
+                                 "cpus_per_worker": cpus_per_worker})
+
+    bare = _bare_trl(path, stage(1), rows, threads=max(1, int(cpus_per_worker)), warmup_steps=warmup_steps)
     connect_ray()
-    return [bare, _ray_train(path, stage, rows, bare.tokens)]
+    lines = [bare, _ray_train(path, stage(1), rows, bare.tokens, warmup_steps)]
+    if workers > 1:
+        lines.append(_ray_train(path, stage(workers), rows, bare.tokens, warmup_steps))
+    return lines
 
 
 def format_train_bench(lines: list[TrainBenchLine]) -> str:
-    base = lines[0].tokens_per_s_per_worker
-    out = [f"{'trainer':<44} {'workers':>7} {'steps':>5} {'tokens':>7} {'train s':>7} {'wall s':>7} "
-           f"{'tok/s/worker':>12} {'vs bare':>7}"]
+    """Whole-run and steady-state tokens/s per worker, each against the bare line; the Ray cost alone is the
+    1-worker line's steady ratio, the cost of distribution the W-worker line's against the 1-worker line's."""
+    bare = lines[0]
+    out = [f"{'trainer':<46} {'workers':>7} {'batch':>5} {'steps':>5} {'tokens':>7} {'train s':>7} {'wall s':>7} "
+           f"{'tok/s/worker':>12} {'steady':>7} {'vs bare':>7} {'steady vs bare':>14}"]
     for line in lines:
-        out.append(f"{line.trainer:<44} {line.workers:>7} {line.steps:>5} {line.tokens:>7} {line.train_seconds:>7.1f} "
-                   f"{line.wall_seconds:>7.1f} {line.tokens_per_s_per_worker:>12.1f} "
-                   f"{line.tokens_per_s_per_worker / base:>7.2f}")
+        out.append(f"{line.trainer:<46} {line.workers:>7} {line.global_batch:>5} {line.steps:>5} {line.tokens:>7} "
+                   f"{line.train_seconds:>7.1f} {line.wall_seconds:>7.1f} {line.tokens_per_s_per_worker:>12.1f} "
+                   f"{line.steady_tokens_per_s_per_worker:>7.1f} "
+                   f"{line.tokens_per_s_per_worker / bare.tokens_per_s_per_worker:>7.2f} "
+                   f"{line.steady_tokens_per_s_per_worker / bare.steady_tokens_per_s_per_worker:>14.2f}")
+    if len(lines) == 3:
+        one, many = lines[1].steady_tokens_per_s_per_worker, lines[2].steady_tokens_per_s_per_worker
+        out.append(f"Ray cost alone (1 worker vs bare, steady): {one / bare.steady_tokens_per_s_per_worker:.2f}; "
+                   f"distribution ({lines[2].workers} workers vs 1, per worker, steady): {many / one:.2f}")
     return "\n".join(out)
