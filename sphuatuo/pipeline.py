@@ -198,7 +198,7 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     from sphuatuo.engines.serving import EngineServices  # imports Ray's LLM batch API: only once Ray is needed
 
-    services = EngineServices() if recipe.ray.keep_engines_up else None
+    services = None if recipe.ray.keep_engines_up is False else EngineServices(cpu=bool(recipe.ray.keep_engines_up))
     try:
         _run_planned(recipe, planned, run, run_log, lease, manifest, services)
     finally:

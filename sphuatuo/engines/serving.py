@@ -49,8 +49,10 @@ class _App:
 
 @dataclass
 class EngineServices:
-    """The run's engines, by key; a log of starts and reuses that the pipeline moves into each stage's record."""
+    """The run's engines, by key; a log of starts and reuses that the pipeline moves into each stage's record.
+    `cpu`: CPU engines stay up too (GPU engines always do)."""
 
+    cpu: bool = True
     apps: OrderedDict[str, _App] = field(default_factory=OrderedDict)
     starts: list[EngineStart] = field(default_factory=list)
     reuses: list[str] = field(default_factory=list)
@@ -73,6 +75,9 @@ class EngineServices:
         log.info("%s: engine for %s up in %.1fs (kept for later passes)", folder, model, self.starts[-1].seconds)
         self.apps[key] = app
         return app
+
+    def serves(self, engine: EngineConfig) -> bool:
+        return self.cpu or engine.gpus_per_replica > 0
 
     def release_all(self) -> None:
         """Shut every engine down (before a trainer needs the devices, and at the end of a run)."""

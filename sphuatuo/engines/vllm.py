@@ -88,7 +88,7 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
                   raw: bool = False, services: EngineServices | None = None, folder: str = "",
                   model_name: str = "") -> ray.data.Dataset:
     """Through the run's engine that stays up when `services` is given, else through engines of this pass alone."""
-    if services is not None:
+    if services is not None and services.serves(engine):
         app = services.deployment(engine, model_name or model_path, model_path,
                                   engine_arguments(engine, request.seed), folder)
         return generate_served(ds, app, engine, request, raw=raw)
