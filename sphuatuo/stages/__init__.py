@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from sphuatuo.recipe import Recipe
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.tracking import Tracking
 
 log = logging.getLogger("sphuatuo")
 
@@ -39,6 +40,7 @@ class StageContext:
     recipe: Recipe
     run: RunRoot
     record: StageRecord
+    tracking: Tracking | None = None  # the pipeline run's trackers; None: a stage run on its own reports nowhere
 
     def note(self, message: str) -> None:
         """Log a line and keep it in the manifest for the report."""
