@@ -32,6 +32,7 @@ from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_mani
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
 from sphuatuo.store.secrets import declare, redact, secret_names
+from sphuatuo.store.tracking import TRACKER_CREDENTIALS, Tracking
 
 if TYPE_CHECKING:
     from sphuatuo.engines.serving import EngineServices
@@ -136,7 +137,7 @@ def stage_summary(name: str, record: StageRecord) -> str:
 def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -> RunRoot:
     """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
     the first failing stage, and LeaseError at once when another driver holds the run root."""
-    declare(secret_names(recipe.model_dump()))
+    declare(secret_names(recipe.model_dump()) | set(TRACKER_CREDENTIALS))
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)
@@ -210,45 +211,59 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
 def _run_planned(recipe: Recipe, planned: list[tuple[ModuleType, Fingerprint, str]], run: RunRoot, run_log: RunLog,
                  lease: Lease, manifest: Manifest, services: EngineServices | None) -> None:
     started = time.perf_counter()
-    for stage, fingerprint, action in planned:
-        lease.check()  # a driver whose lease was taken over writes no further stage
-        if action == "reuse":
-            log.info("stage %s: reused (%s for fingerprint %s)", stage.NAME, manifest.stages[stage.NAME].status,
-                     fingerprint.short)
-            continue
-        if action == "stale":
-            record = manifest.stages[stage.NAME]
-            log.warning("stage %s: stale, runs again: %s", stage.NAME, "; ".join(stale_reasons(record, fingerprint)))
-            for moved in supersede(run, stage_outputs(stage, recipe), record.fingerprint):
-                log.info("stage %s: earlier output kept at %s until `sphuatuo gc`", stage.NAME, moved)
-            manifest.stages[stage.NAME] = StageRecord()
-        record = manifest.stages.setdefault(stage.NAME, StageRecord())
-        record.fingerprint, record.fingerprint_components = fingerprint.digest, fingerprint.components
-        record.error = None
-        log.info("stage %s: starting", stage.NAME)
-        if services is not None and stage.NAME in type(recipe).TRAINING_STAGES:
-            services.release_all()  # the trainer needs the devices the engines hold
-        failure: BaseException | None = None
-        with StageTimer(record):
-            save_manifest(run, manifest)  # a crash from here on leaves the stage `running` for this fingerprint
-            try:
-                stage.run(StageContext(recipe=recipe, run=run, record=record, engines=services))
-                record.status = "done"
-            except StageSkipped as reason:
-                record.status = "skipped"
-                record.error = str(reason)
-                log.warning("stage %s: skipped: %s", stage.NAME, reason)
-            except BaseException as err:  # noqa: BLE001 - recorded, then re-raised below
-                record.status = "failed"
-                record.error = f"{type(err).__name__}: {err}"
-                failure = err
-        if services is not None:
-            engine_log = services.take_log()
-            if engine_log["starts"] or engine_log["reuses"]:
-                record.details["engines"] = engine_log
-        save_manifest(run, manifest)
-        log.info(stage_summary(stage.NAME, record))
-        run_log.save()
-        if failure is not None:
-            raise failure
+    # The trackers' runs open with the first stage that runs: a run that reuses every stage logs nothing.
+    tracking = Tracking(recipe, run, {stage.NAME: fingerprint.digest for stage, fingerprint, _ in planned})
+    failed = True
+    try:
+        for stage, fingerprint, action in planned:
+            lease.check()  # a driver whose lease was taken over writes no further stage
+            if action == "reuse":
+                log.info("stage %s: reused (%s for fingerprint %s)", stage.NAME,
+                         manifest.stages[stage.NAME].status, fingerprint.short)
+                continue
+            _run_stage(recipe, stage, fingerprint, action, run, manifest, run_log, tracking, services)
+        failed = False
+    finally:
+        tracking.close(failed)
     log.info("run %s finished in %.1fs", recipe.name, time.perf_counter() - started)
+
+
+def _run_stage(recipe: Recipe, stage: ModuleType, fingerprint: Fingerprint, action: str, run: RunRoot,
+               manifest: Manifest, run_log: RunLog, tracking: Tracking, services: EngineServices | None) -> None:
+    """Run one stage that is not reused, record it in the manifest, and raise what it raised."""
+    if action == "stale":
+        record = manifest.stages[stage.NAME]
+        log.warning("stage %s: stale, runs again: %s", stage.NAME, "; ".join(stale_reasons(record, fingerprint)))
+        for moved in supersede(run, stage_outputs(stage, recipe), record.fingerprint):
+            log.info("stage %s: earlier output kept at %s until `sphuatuo gc`", stage.NAME, moved)
+        manifest.stages[stage.NAME] = StageRecord()
+    record = manifest.stages.setdefault(stage.NAME, StageRecord())
+    record.fingerprint, record.fingerprint_components = fingerprint.digest, fingerprint.components
+    record.error = None
+    log.info("stage %s: starting", stage.NAME)
+    if services is not None and stage.NAME in type(recipe).TRAINING_STAGES:
+        services.release_all()  # the trainer needs the devices the engines hold
+    failure: BaseException | None = None
+    with StageTimer(record):
+        save_manifest(run, manifest)  # a crash from here on leaves the stage `running` for this fingerprint
+        try:
+            tracking.begin()
+            stage.run(StageContext(recipe=recipe, run=run, record=record, engines=services, tracking=tracking))
+            record.status = "done"
+        except StageSkipped as reason:
+            record.status = "skipped"
+            record.error = str(reason)
+            log.warning("stage %s: skipped: %s", stage.NAME, reason)
+        except BaseException as err:  # noqa: BLE001 - recorded, then re-raised below
+            record.status = "failed"
+            record.error = f"{type(err).__name__}: {err}"
+            failure = err
+    if services is not None:
+        engine_log = services.take_log()
+        if engine_log["starts"] or engine_log["reuses"]:
+            record.details["engines"] = engine_log
+    save_manifest(run, manifest)
+    log.info(stage_summary(stage.NAME, record))
+    run_log.save()
+    if failure is not None:
+        raise failure

@@ -39,6 +39,11 @@ CREDENTIALS_ADVICE = (
     "logs. Leave them out; each node finds its own through its provider chain: an instance role, a Kubernetes "
     "service account, or the AWS_* (GOOGLE_APPLICATION_CREDENTIALS for gs://) environment variables")
 
+TRACKER_CREDENTIALS_ADVICE = (
+    "credentials in the URI ({problem}) are refused: they would be written to the manifest, the report and the "
+    "logs. Set MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) where the driver "
+    "and the workers run")
+
 _CREDENTIAL_QUERY = re.compile(r"key|secret|token|password|credential|signature", re.IGNORECASE)
 
 
@@ -316,6 +321,9 @@ class TrainScaling(Strict):
         return self
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 class TrainStage(Strict):
     """Shared by SFT and DPO. Global batch = micro_batch_size x grad_accumulation x num_workers."""
 
@@ -348,7 +356,8 @@ class TrainStage(Strict):
     keep_checkpoints: int = Field(default=1, ge=1)
     max_failures: int = Field(default=0, ge=-1,
                               description="worker-group restarts from the last checkpoint; -1: forever")
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    report_to: list[Tracker] = Field(default_factory=list, description="trackers for this stage besides "
+                                                                    "tracking.report_to")
     scaling: TrainScaling = TrainScaling()
 
     @model_validator(mode="after")
@@ -436,6 +445,9 @@ class EvaluateStage(Strict):
                     "template), o1_paper (HuatuoGPT-o1's scorer: T 0.5, right when the first or the last match is), "
                     "shuffled (as project, each item's options in another order: the permutation check); the first "
                     "is the one the report's breakdowns show")
+
+    report_to: list[Tracker] = Field(default_factory=list, description="trackers for the results besides "
+                                                                    "tracking.report_to")
 
     @model_validator(mode="after")
     def _distinct_protocols(self) -> EvaluateStage:
@@ -630,6 +642,32 @@ class StorageConfig(Strict):
                                     "for nodes that have none (fixed at launch: a session token may expire)")
 
 
+class TrackingConfig(Strict):
+    """Experiment trackers (sphuatuo.store.tracking): every training stage's trainer metrics, as the trainer logs
+    them, and the evaluation's accuracies with their intervals, beside the recipe and each stage's fingerprint."""
+
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="for every training stage and the evaluation (a stage's own report_to "
+                                          "adds to these): tensorboard, mlflow, wandb")
+    mlflow_uri: str | None = Field(
+        default=None, description="an MLflow tracking server (http://host:5000) or database (postgresql://…); "
+                                  "default: the SQLite database RUN_ROOT/tracking/mlflow.db (a local or NFS run root)")
+    project: str | None = Field(default=None, description="the MLflow experiment and the W&B project (default: the "
+                                                          "recipe's name)")
+    wandb_mode: Literal["offline", "online"] = Field(
+        default="offline", description="offline: W&B writes its run files into the run root (`wandb sync` uploads "
+                                       "them later); online: needs WANDB_API_KEY on the driver and every node")
+    wandb_entity: str | None = Field(default=None, description="the W&B team or user (default: the API key's)")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        problem = uri_credentials(uri) if uri else None
+        if problem:
+            raise PydanticCustomError(CREDENTIALS_IN_URI, TRACKER_CREDENTIALS_ADVICE, {"problem": problem})
+        return uri
+
+
 class RayConfig(Strict):
     address: str | None = Field(default=None, description="None: connect to RAY_ADDRESS or start a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local cluster started by sphuatuo")
@@ -693,6 +731,7 @@ class Recipe(Strict):
     stages: StagesConfig = StagesConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("run_root")
     @classmethod
@@ -720,6 +759,19 @@ class Recipe(Strict):
     def _resolve_prompt_language(self) -> Recipe:
         _localise_prompts(self, PROMPT_FAMILIES[self.prompt_language])
         return self
+
+    @model_validator(mode="after")
+    def _mlflow_has_a_store(self) -> Recipe:
+        remote = "://" in self.run_root and not self.run_root.startswith("file://")
+        used = {tracker for _, stage in self.stages for tracker in getattr(stage, "report_to", ())}
+        if remote and self.tracking.mlflow_uri is None and "mlflow" in used | set(self.tracking.report_to):
+            raise ValueError("mlflow with an object-store run root needs tracking.mlflow_uri (a tracking server or "
+                             "database): the default SQLite database lives in a local or NFS run root")
+        return self
+
+    def trackers(self, stage: TrainStage | EvaluateStage) -> list[Tracker]:
+        """What a training stage or the evaluation reports to: `tracking.report_to`, then its own `report_to`."""
+        return list(dict.fromkeys([*self.tracking.report_to, *stage.report_to]))
 
 
 class O1Recipe(Recipe):

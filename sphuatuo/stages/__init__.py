@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from sphuatuo.recipe import Recipe
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.tracking import Tracking
 
 if TYPE_CHECKING:
     from sphuatuo.engines.serving import EngineServices
@@ -44,6 +45,7 @@ class StageContext:
     run: RunRoot
     record: StageRecord
     engines: EngineServices | None = None  # the run's engines that stay up (None: each pass starts its own)
+    tracking: Tracking | None = None  # the pipeline run's trackers; None: a stage run on its own reports nowhere
 
     def note(self, message: str) -> None:
         """Log a line and keep it in the manifest for the report."""

@@ -244,3 +244,5 @@ def run(ctx: StageContext) -> None:
             ctx.note(f"{name} ({protocol_name}): accuracy {result['accuracy']:.1%} on {len(rows)} questions")
     ctx.record.rows_out = len(all_rows)
     ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(all_rows)
+    if ctx.tracking is not None:
+        ctx.tracking.evaluation(ctx.recipe.trackers(stage), by_protocol)

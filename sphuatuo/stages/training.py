@@ -41,10 +41,19 @@ def train_stage(
         ctx.note(f"global batch {global_batch} is larger than the {len(examples)} examples: "
                  "each epoch is a single optimizer step")
     ctx.run.write_rows(examples, name, "data")
-    # Every start model is the student or trained from it: it runs the student's code if any.
-    fit(ctx.run, name, stage, worker_fn, {"model": start_model, "data": f"{name}/data",
-                                          "trust_remote_code": ctx.recipe.models.student.trust_remote_code},
-        checkpoint_name=checkpoint_name(name, ctx.record.fingerprint), credentials=ctx.recipe.storage.credentials)
+    # The trainer reports to the recipe's trackers and the stage's own; under a pipeline run, as part of it.
+    trackers = ctx.recipe.trackers(stage)
+    stage = stage.model_copy(update={"report_to": trackers})
+    worker_config: dict[str, Any] = {"model": start_model, "data": f"{name}/data",
+                                     # Every start model is the student or trained from it: its code if any.
+                                     "trust_remote_code": ctx.recipe.models.student.trust_remote_code}
+    env = None
+    if ctx.tracking is not None:
+        fingerprint = ctx.record.fingerprint or ""
+        env = ctx.tracking.worker_environment(name, fingerprint, trackers)
+        worker_config["tracking_params"] = ctx.tracking.training_params(name, fingerprint)
+    fit(ctx.run, name, stage, worker_fn, worker_config, checkpoint_name=checkpoint_name(name, ctx.record.fingerprint),
+        credentials=ctx.recipe.storage.credentials, env=env)
     if not ctx.run.exists(name, "model", "config.json"):
         raise RuntimeError(f"{name}: training finished but no model was exported to {ctx.run.join(name, 'model')}")
     if ctx.run.exists(name, "lengths.json"):
@@ -54,7 +63,10 @@ def train_stage(
             ctx.note(f"{name}: {lengths['overlong']} of {lengths['examples']} examples are longer than max_length "
                      f"{lengths['max_length']} (longest {lengths['longest']} tokens): {lengths['dropped']} dropped, "
                      f"{lengths['truncated']} cut from the left")
-    losses = [entry["loss"] for entry in training_log(ctx, name) if "loss" in entry]
+    log_history = training_log(ctx, name)
+    if ctx.tracking is not None:
+        ctx.tracking.training_finished(name, trackers, log_history)
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
     ctx.record.details.update(steps=len(losses), first_loss=losses[0] if losses else None,
                               last_loss=losses[-1] if losses else None)
 

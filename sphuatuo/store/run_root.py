@@ -97,6 +97,14 @@ class RunRoot:
         pafs.copy_files(source_path, target_path, source_filesystem=self.fs, destination_filesystem=self.fs)
         self.fs.delete_dir(source_path)
 
+    def replace_dir(self, local: str, *parts: str) -> None:
+        """Copy the local folder `local` to `<parts>`, replacing whatever was there."""
+        destination = self.fs_path(*parts)
+        if self.exists(*parts):
+            self.fs.delete_dir(destination)
+        self.fs.create_dir(destination, recursive=True)
+        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
     def _read(self, path: str, read: Callable[[], T]) -> T:
         """`read()`, retried with exponential backoff; then a RunRootReadError naming `path`. A file that
         is not there is not retried: FileNotFoundError at once."""

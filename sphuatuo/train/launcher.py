@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from sphuatuo.recipe import TrainStage
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import process_environment
+from sphuatuo.store.tracking import finish_worker_wandb
 from sphuatuo.train.deepspeed import deepspeed_config
 from sphuatuo.train.lengths import fit_to_length
 
@@ -34,11 +35,13 @@ def fit(
     worker_config: dict[str, Any],
     checkpoint_name: str | None = None,
     credentials: str = "node",
+    env: dict[str, str] | None = None,
 ) -> None:
     """Run `worker_fn` on `stage.scaling.num_workers` Ray Train workers; raise if training fails.
 
     Checkpoints go to `<run root>/checkpoints/<checkpoint_name>` (default: the stage name); a stage names
-    them by its fingerprint too, so a changed recipe never resumes another recipe's checkpoints."""
+    them by its fingerprint too, so a changed recipe never resumes another recipe's checkpoints. `env`: more
+    variables for the workers (the trackers'), over the runtime environment's."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -46,7 +49,7 @@ def fit(
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    env = process_environment(on_gpu=scaling.use_gpu)
+    env = {**process_environment(on_gpu=scaling.use_gpu), **(env or {})}
     filesystem = shared_filesystem(run, credentials)
     trainer = TorchTrainer(
         train_loop_per_worker=worker_fn,
@@ -82,12 +85,14 @@ def shared_filesystem(run: RunRoot, credentials: str = "node") -> pafs.FileSyste
                                 "session_token": os.environ.get("AWS_SESSION_TOKEN", "")})
 
 
-def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool,
-                       trust_remote_code: bool = False) -> dict[str, Any]:
+def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool, trust_remote_code: bool = False,
+                       run_name: str | None = None) -> dict[str, Any]:
     """Arguments shared by SFTConfig and DPOConfig (and the RL configs), straight from the recipe.
-    `trust_remote_code` reaches what TRL loads itself: reference models, a colocated vLLM engine."""
+    `trust_remote_code` reaches what TRL loads itself: reference models, a colocated vLLM engine. `run_name`
+    names the stage's tracker runs."""
     return {
         "output_dir": output_dir,
+        "run_name": run_name,
         "learning_rate": stage.learning_rate,
         "num_train_epochs": stage.epochs,
         "max_steps": stage.max_steps,
@@ -188,6 +193,10 @@ class WorkerSetup:
     def train_and_export(self, trainer: Any) -> None:
         from ray.train.huggingface.transformers import prepare_trainer
 
+        from sphuatuo.train.recording import TrackerParams
+
+        if self.config.get("tracking_params"):
+            trainer.add_callback(TrackerParams(self.config["tracking_params"]))
         trainer = prepare_trainer(trainer)
         checkpoint = resume_checkpoint()
         if hasattr(trainer, "load_sample_order"):  # built by `trainer()`; RL trainers sample their own data
@@ -214,13 +223,16 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
         lora = stage.lora
         peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    output_dir = tempfile.mkdtemp(prefix="sphuatuo-trainer-")
+    if "wandb" in stage.report_to:
+        os.environ["WANDB_DIR"] = output_dir  # copied into the run root after training (export_model)
     return WorkerSetup(
         config=config,
         stage=stage,
         tokenizer=AutoTokenizer.from_pretrained(config["model"], trust_remote_code=trust_remote_code),
         peft_config=peft_config,
-        arguments=training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-trainer-"), on_gpu=on_gpu,
-                                     trust_remote_code=trust_remote_code),
+        arguments=training_arguments(stage, output_dir, on_gpu=on_gpu, trust_remote_code=trust_remote_code,
+                                     run_name=config["stage_name"]),
     )
 
 
@@ -260,7 +272,7 @@ def resume_checkpoint() -> str | None:
 def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, finetuning: str, *,
                  trust_remote_code: bool) -> None:
     """Save one consolidated HF model directory (LoRA merged), the step log, the sample order and any
-    TensorBoard events, from rank 0.
+    TensorBoard events and W&B run files, from rank 0.
 
     Every rank calls `save_model` (ZeRO-3 gathers the shards collectively); rank 0 writes the rest.
     """
@@ -276,19 +288,13 @@ def export_model(trainer: Any, base_model: str, run: RunRoot, stage_name: str, f
                            "sample_order.jsonl")
         # A pickle of the Trainer's arguments: no one should have to unpickle it to load the model.
         Path(local, "training_args.bin").unlink(missing_ok=True)
-        _replace_dir(run, local, stage_name, "model")
+        run.replace_dir(local, stage_name, "model")
         events = Path(trainer.args.output_dir, "runs")
         if events.is_dir():
-            _replace_dir(run, str(events), stage_name, "tensorboard")
+            run.replace_dir(str(events), stage_name, "tensorboard")
+        if "wandb" in trainer.args.report_to:
+            finish_worker_wandb(trainer.args.output_dir, run, stage_name)
     shutil.rmtree(local, ignore_errors=True)
-
-
-def _replace_dir(run: RunRoot, local: str, *parts: str) -> None:
-    destination = run.fs_path(*parts)
-    if run.exists(*parts):
-        run.fs.delete_dir(destination)
-    run.fs.create_dir(destination, recursive=True)
-    pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
 
 
 def _merge_lora(adapter_dir: str, base_model: str, trust_remote_code: bool) -> None:

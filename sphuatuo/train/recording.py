@@ -135,3 +135,19 @@ class _SampleOrderCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir, f"checkpoint-{state.global_step}")
             (folder / SAMPLE_ORDER_FILE).write_text(json.dumps(self.trainer.sample_order))
+
+
+class TrackerParams(TrainerCallback):
+    """Adds the pipeline run's identity (recipe, kind, stage, fingerprint, group) to the stage's W&B run config on
+    rank 0, once transformers' WandbCallback (registered before this one) has started that run. The stage's
+    MLflow run gets the same as tags from its environment (MLFLOW_TAGS)."""
+
+    def __init__(self, params: dict[str, str]):
+        self.params = params
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.config.update({"sphuatuo": self.params}, allow_val_change=True)

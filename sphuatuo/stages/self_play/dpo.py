@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> None:
         examples = [{key: pair[key] for key in ("id", "prompt", "chosen", "rejected", "strategy")}
                     for pair in pairs if pair["strategy"] == strategy]
         sub = StageContext(recipe=ctx.recipe, run=ctx.run, record=StageRecord(fingerprint=ctx.record.fingerprint),
-                           engines=ctx.engines)
+                           engines=ctx.engines, tracking=ctx.tracking)
         try:
             train_stage(sub, name, ctx.recipe.stages.dpo, examples, dpo_worker, start)
         except StageSkipped as reason:
