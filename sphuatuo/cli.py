@@ -13,7 +13,7 @@ from typing import get_args
 from sphuatuo.data.mapping import ColumnMapping
 from sphuatuo.recipe import ProtocolName, Recipe, RecipeError, load_recipe
 from sphuatuo.store.lease import LeaseError
-from sphuatuo.store.secrets import RedactingFilter, declare, redact, secret_names
+from sphuatuo.store.secrets import RedactingFilter, declare_recipe, redact, worker_runtime_env
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
 
@@ -204,14 +204,14 @@ def _load(path: str, overrides: list[str]) -> Recipe:
     """`load_recipe`, then declare the recipe's secrets, so that whatever this process prints or logs after
     masks their values (`main` declares them from the file when validation fails)."""
     recipe = load_recipe(path, overrides)
-    declare(secret_names(recipe.model_dump()))
+    declare_recipe(recipe.model_dump())
     return recipe
 
 
 def _error(err: RecipeError | str) -> None:
     """Print an error to stderr with the values of declared secrets masked."""
     if isinstance(err, RecipeError):
-        declare(secret_names(err.raw or {}))
+        declare_recipe(err.raw or {})
     print(redact(str(err)), file=sys.stderr)
 
 
@@ -309,7 +309,8 @@ def doctor_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.doctor import doctor, format_checks
 
     recipe = _load(args.recipe, args.overrides)
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
+             runtime_env=worker_runtime_env())
     checks = doctor(recipe)
     print(format_checks(checks))
     return 0 if all(check.ok for check in checks) else 1

@@ -31,7 +31,7 @@ from sphuatuo.store.lease import Lease
 from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_manifest, package_versions, save_manifest
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import connect_ray
-from sphuatuo.store.secrets import declare, redact, secret_names
+from sphuatuo.store.secrets import declare, declare_recipe, redact
 from sphuatuo.store.tracking import TRACKER_CREDENTIALS, Tracking
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ def stage_summary(name: str, record: StageRecord) -> str:
 def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -> RunRoot:
     """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
     the first failing stage, and LeaseError at once when another driver holds the run root."""
-    declare(secret_names(recipe.model_dump()) | set(TRACKER_CREDENTIALS))
+    declare_recipe(recipe.model_dump())
+    declare(TRACKER_CREDENTIALS)
     run = RunRoot(recipe.run_root)
     run_log = RunLog(run)
     log.addHandler(run_log)

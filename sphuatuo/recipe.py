@@ -638,8 +638,9 @@ class StorageConfig(Strict):
     credentials: Literal["node", "driver"] = Field(
         default="node", description="node: each node's own provider chain (instance role, Kubernetes service "
                                     "account, AWS_* in its environment), which the SDK refreshes as they expire; "
-                                    "driver: the driver's AWS_* keys travel with the filesystem object inside Ray, "
-                                    "for nodes that have none (fixed at launch: a session token may expire)")
+                                    "driver: for nodes that have none, the driver's credentials (botocore's chain) "
+                                    "relayed to Ray Train's processes through a Ray actor and renewed there as the "
+                                    "driver's chain renews them; never inside the pickled filesystem")
 
 
 class TrackingConfig(Strict):

@@ -6,10 +6,15 @@ and the tests that drive stages in-process share it (never two Ray clusters on o
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,9 @@ from sphuatuo.store.runtime import apply_cpu_environment
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
+NODE_SECRET_VARIABLE = "SPHUATUO_TEST_NODE_SECRET"
+NODE_SECRET = "node-" + secrets.token_hex(8)
+"""Set in the session head's environment only (as a Kubernetes Secret sets it on every node), made at run time."""
 
 apply_cpu_environment()
 
@@ -30,13 +38,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def moto_s3(bucket: str, access_keys: int = 0) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """moto's S3-compatible server on loopback with `bucket`: yields its endpoint and `access_keys` IAM access
+    keys ({"AccessKeyId", "SecretAccessKey"}) of a user allowed everything. With keys, the server then checks
+    every request's signature and refuses unknown or deleted keys, as S3 does."""
+    import boto3
+    import requests
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                requests.get(endpoint, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        setup = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                 "aws_secret_access_key": "setup"}
+        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+        keys = []
+        if access_keys:
+            iam = boto3.client("iam", **setup)
+            iam.create_user(UserName="sphuatuo")
+            iam.put_user_policy(UserName="sphuatuo", PolicyName="all", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+            for _ in range(access_keys):
+                key = iam.create_access_key(UserName="sphuatuo")["AccessKey"]
+                keys.append({"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]})
+            requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+        yield endpoint, keys
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A local Ray head on 127.0.0.1 with the job server; stopped at the end of the session."""
     port, dashboard_port = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
-    # Job drivers inherit the head's environment: put this venv's `sphuatuo` first on their PATH.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Job drivers inherit the head's environment: put this venv's `sphuatuo` first on their PATH, and this
+    # checkout's package first on every process's import path (a worker's setup hook imports it before Ray adds
+    # the driver's directory).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           NODE_SECRET_VARIABLE: NODE_SECRET}
     subprocess.run(
         [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
@@ -91,3 +141,62 @@ def raw_test_recipe(name: str, run_root: Path, changes: dict[str, object]) -> di
 def tiny_recipe(run_root: Path, **changes: object) -> Recipe:
     """A recipe on the tiny random model: fast, real engines and trainers, meaningless answers."""
     return Recipe.model_validate(raw_test_recipe("tiny", run_root, changes))
+
+
+CREDENTIAL_PROCESS = """
+import datetime, json, sys
+key = json.load(open(sys.argv[1]))
+expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+print(json.dumps({"Version": 1, **key, "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+"""
+
+
+def driver_credential_process(folder: Path, endpoint: str, key: dict[str, str],
+                              monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This driver's AWS provider chain becomes a profile whose `credential_process` (as aws-vault and SSO helpers
+    are) prints the key held in the returned file, expiring in five minutes: inside botocore's renewal window, so
+    the chain asks again each time it is read, and a new key written to the file is the chain renewing. The
+    session's Ray nodes have no key at all."""
+    current = folder / "current-key.json"
+    current.write_text(json.dumps(key))
+    (folder / "credential_process.py").write_text(CREDENTIAL_PROCESS)
+    (folder / "aws-config").write_text(f"[default]\nregion = us-east-1\ncredential_process = {sys.executable} "
+                                       f"{folder / 'credential_process.py'} {current}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(folder / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return current
+
+
+def revoke(endpoint: str, key: dict[str, str], signed_by: dict[str, str]) -> None:
+    """Delete IAM access `key` on the moto server; the server refuses it from then on."""
+    import boto3
+
+    boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=signed_by["AccessKeyId"],
+                 aws_secret_access_key=signed_by["SecretAccessKey"]).delete_access_key(
+        UserName="sphuatuo", AccessKeyId=key["AccessKeyId"])
+
+
+def files_holding(secret: str, *roots: str | Path, skip: tuple[Path, ...] = ()) -> list[str]:
+    """Every regular file under `roots` whose bytes contain `secret`."""
+    found = []
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink() and path not in skip:
+                try:
+                    if secret.encode() in path.read_bytes():
+                        found.append(str(path))
+                except OSError:
+                    continue
+    return found
+
+
+def cluster_state() -> str:
+    """What Ray's state API shows of actors, tasks and jobs (runtime environments included), as text."""
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    return json.dumps([list_actors(detail=True, limit=10_000), list_tasks(detail=True, limit=10_000),
+                       list_jobs(detail=True)], default=str)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_recipe
+from conftest import cluster_state, files_holding, tiny_recipe
 from sphuatuo.stages import StageContext, questions
 from sphuatuo.stages.self_play import teacher_cot
 from sphuatuo.store.manifest import StageRecord
@@ -61,32 +61,8 @@ def _context(recipe) -> StageContext:
     return StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
 
 
-def _files_holding(secret: str, *roots: str | Path, skip: tuple[Path, ...] = ()) -> list[str]:
-    """Every regular file under `roots` whose bytes contain `secret`."""
-    found = []
-    for root in roots:
-        for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink() and path not in skip:
-                try:
-                    if secret.encode() in path.read_bytes():
-                        found.append(str(path))
-                except OSError:
-                    continue
-    return found
-
-
-def _cluster_state() -> str:
-    """What Ray's state API shows of actors, tasks and jobs (runtime environments included), as text."""
-    import json
-
-    from ray.util.state import list_actors, list_jobs, list_tasks
-
-    return json.dumps([list_actors(detail=True, limit=10_000), list_tasks(detail=True, limit=10_000),
-                       list_jobs(detail=True)], default=str)
-
-
 def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, openai_server: str, tiny_model: str,
-                                                               ray_cluster, monkeypatch) -> None:
+                                                               ray_cluster, monkeypatch, capfd) -> None:
     monkeypatch.setenv(KEY_VARIABLE, KEY)
     engine = {"backend": "openai", "model": tiny_model, "base_url": openai_server, "api_key_env": KEY_VARIABLE,
               "batch_size": 4, "replicas": 1, "server": "vllm"}
@@ -106,8 +82,10 @@ def test_teacher_and_judge_through_an_openai_compatible_server(tmp_path: Path, o
         assert row["verdict_raw"] in ("1", "2") and row["decided_by"] == f"llm:{tiny_model}"
     # Only the driver had the key: it reached the request actors through the object store, and no runtime
     # environment, log, GCS-backed state or file of the run holds it.
-    assert _files_holding(KEY, recipe.run_root, ray_cluster["temp_dir"]) == []
-    assert KEY not in _cluster_state()
+    assert files_holding(KEY, recipe.run_root, ray_cluster["temp_dir"]) == []
+    assert KEY not in cluster_state()
+    captured = capfd.readouterr()
+    assert KEY not in captured.out + captured.err
 
 
 def test_a_hosted_model_judges_and_verifies_through_the_standard_api(tmp_path: Path, openai_server: str,
@@ -174,8 +152,8 @@ def test_submit_with_the_key_in_a_secret_file_carries_it_and_leaves_it_nowhere(
     job = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(job_id)
     assert KEY not in json.dumps(job.dict() if hasattr(job, "dict") else vars(job), default=str)
     assert KEY not in result.stdout + result.stderr
-    assert _files_holding(KEY, recipe.run_root, ray_cluster["temp_dir"], skip=(key_file,)) == []
-    assert KEY not in _cluster_state()
+    assert files_holding(KEY, recipe.run_root, ray_cluster["temp_dir"], skip=(key_file,)) == []
+    assert KEY not in cluster_state()
 
 
 def test_a_wrong_key_fails_the_stage_with_the_servers_error(tmp_path: Path, openai_server: str, tiny_model: str,

@@ -44,6 +44,8 @@ API_KEY = 'sk-live-"quoted"\\5be1'  # a quote and a backslash: JSON escapes both
 def fresh_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """No names declared by an earlier test; the fake values set in this process's environment."""
     monkeypatch.setattr(secrets, "_declared", set())
+    monkeypatch.setattr(secrets, "_files", set())
+    monkeypatch.setattr(secrets, "_held", set())
     monkeypatch.setenv(TOKEN_VARIABLE, TOKEN)
     monkeypatch.setenv(API_KEY_VARIABLE, API_KEY)
 
@@ -385,18 +387,48 @@ def test_cli_errors_mask_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert API_KEY not in err and "RuntimeError: server refused key ***" in err and "Traceback" in err
 
 
-def test_object_store_credentials_come_from_each_node_unless_the_recipe_asks_for_the_drivers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_object_store_credentials_come_from_each_node_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow.fs as pafs
 
-    from sphuatuo.train.launcher import shared_filesystem
+    from sphuatuo.store.credentials import shared_filesystem
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example-secret")
     run = RunRoot.__new__(RunRoot)  # an s3:// run root without a server: only its filesystem object matters
     run.fs = pafs.S3FileSystem(region="us-east-1", endpoint_override="http://127.0.0.1:9")
-    node = shared_filesystem(run)
-    assert node is run.fs and "example-secret" not in repr(node.__reduce__())  # each node signs with its own chain
-    driver = shared_filesystem(run, "driver")
-    assert driver.__reduce__()[1][0]["secret_key"] == "example-secret"
+    with shared_filesystem(run) as node:
+        assert node is run.fs and "example-secret" not in repr(node.__reduce__())  # each node signs with its own chain
     assert Recipe.model_validate(_demo_raw(run_root="s3://bucket/run")).storage.credentials == "node"
+    # `driver` relays the driver's credentials through Ray and renews them: tests/test_secrets_cluster.py.
+
+
+def test_secret_files_are_masked_and_workers_get_names_and_paths_never_values(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    raw = _demo_raw(secrets=[TOKEN_VARIABLE])
+    raw["models"]["teacher"] = {**_openai_teacher(), "api_key_env": None, "api_key_file": str(key_file)}
+    recipe = Recipe.model_validate(raw).model_dump()
+    assert secrets.secret_files(recipe) == {str(key_file)}
+    assert secrets.worker_runtime_env() is None  # nothing declared: Ray is joined as it is
+
+    secrets.declare_recipe(recipe)
+    assert redact(f"{TOKEN} {API_KEY}") == "*** ***"
+    env = secrets.worker_runtime_env()
+    assert env == {"worker_process_setup_hook": "sphuatuo.store.secrets.setup_worker",
+                   "env_vars": {secrets.NAMES_VARIABLE: TOKEN_VARIABLE, secrets.FILES_VARIABLE: str(key_file)}}
+    assert TOKEN not in json.dumps(env) and API_KEY not in json.dumps(env)
+
+    # A worker process: nothing declared until the setup hook reads the names and paths from its environment.
+    monkeypatch.setattr(secrets, "_declared", set())
+    monkeypatch.setattr(secrets, "_files", set())
+    for name, value in env["env_vars"].items():
+        monkeypatch.setenv(name, value)
+    assert redact(TOKEN) == TOKEN
+    secrets.setup_worker()
+    secrets.hold("held-by-this-process-only")  # e.g. a key fetched from the object store
+    with caplog.at_level(logging.WARNING, logger="sphuatuo"):
+        logging.getLogger("sphuatuo").warning("%s %s %s", TOKEN, API_KEY, "held-by-this-process-only")
+    assert [record.getMessage() for record in caplog.records] == ["*** *** ***"]
+    key_file.unlink()  # a file this node cannot read masks nothing and breaks nothing
+    assert redact(API_KEY) == API_KEY

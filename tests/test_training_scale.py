@@ -8,20 +8,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ray.util.state import list_actors
 from test_stages import _accepted_teacher_rows, _pairs
 
-from conftest import tiny_recipe
+from conftest import cluster_state, driver_credential_process, files_holding, moto_s3, revoke, tiny_recipe
 from sphuatuo.stages import StageContext, questions
 from sphuatuo.stages.self_play import dpo, sft
+from sphuatuo.store import credentials
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.store.run_root import RunRoot
 
@@ -144,67 +143,80 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_or
 
 
 @pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
-    """moto's S3-compatible server on loopback with one bucket; the client settings only in the environment."""
-    import boto3
-    import requests
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(endpoint, timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "sphuatuo-test",
-                       "AWS_SECRET_ACCESS_KEY": "sphuatuo-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3").create_bucket(Bucket="sphuatuo")
-    yield "sphuatuo"
-    server.terminate()
-    server.wait(timeout=10)
+def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """moto's S3-compatible server on loopback with one bucket, checking signatures, and two keys; this driver's
+    provider chain hands out the first (`driver_credential_process`), the session's Ray nodes have none."""
+    with moto_s3("sphuatuo", access_keys=2) as (endpoint, keys):
+        current = driver_credential_process(tmp_path, endpoint, keys[0], monkeypatch)
+        yield {"bucket": "sphuatuo", "endpoint": endpoint, "keys": keys, "current": current}
 
 
-def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_from_it(s3_server: str,
-                                                                                      ray_cluster) -> None:
+def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_from_it(
+        s3_server: dict[str, Any], ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
 
-    recipe = tiny_recipe(f"s3://{s3_server}/run", **{
+    bucket, endpoint, (first, second) = s3_server["bucket"], s3_server["endpoint"], s3_server["keys"]
+    recipe = tiny_recipe(f"s3://{bucket}/run", **{
         "data.train": [{"path": "builtin:sample_bank", "limit": 4}], "data.test_fraction": 0.0,
         "stages.sft.checkpoint_every_steps": 1, "stages.sft.keep_checkpoints": 1,
         "stages.dpo.checkpoint_every_steps": 1, "stages.dpo.scaling": {"num_workers": 2, "zero_stage": 3},
-        "storage.credentials": "driver"})  # the session's Ray nodes were started without the bucket's keys
+        "storage.credentials": "driver"})  # the session's Ray nodes have no key the server accepts
     ctx = _sft_inputs(recipe)
     sft.run(ctx)  # ZeRO-2
     run = ctx.run
     run.write_rows(_pairs(run), "preference_pairs", "pairs")
+
+    # Mid-DPO, once its first checkpoint is in the bucket, the driver's chain renews the key, as a session token
+    # is renewed before it expires; a few seconds later the first key is revoked, as an expired token is refused.
+    monkeypatch.setattr(credentials, "PUBLISH_EVERY_S", 0.2)
+    monkeypatch.setattr(credentials, "CHECK_EVERY_S", 0.2)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=second["AccessKeyId"],
+                      aws_secret_access_key=second["SecretAccessKey"])
+    revoked: dict[str, float] = {}
+
+    def renew_then_revoke() -> None:
+        deadline = time.monotonic() + 600
+        while not any(o["Key"].startswith("run/checkpoints/dpo") and "/checkpoint_" in o["Key"] for o in
+                      s3.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/").get("Contents", [])):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        s3_server["current"].write_text(json.dumps(second))
+        time.sleep(3)  # the driver publishes within 0.2 s, each process takes it up within 0.2 s of its next use
+        revoke(endpoint, first, signed_by=second)
+        revoked["at"] = time.time()
+
+    renewer = threading.Thread(target=renew_then_revoke, daemon=True)
+    renewer.start()
     dpo_ctx = StageContext(recipe=recipe, run=run, record=StageRecord())
     dpo.run(dpo_ctx)  # ZeRO-3, from the SFT export in the bucket
-    assert dpo_ctx.record.details["runs"]["dpo"]["start_model"] == f"s3://{s3_server}/run/sft/model"
+    renewer.join(timeout=60)
+    assert revoked, "the first DPO checkpoint never reached the bucket"
+    assert dpo_ctx.record.details["runs"]["dpo"]["start_model"] == f"s3://{bucket}/run/sft/model"
+    # The export was written after the first key was revoked: Ray Train's workers signed with the renewed one.
+    exported = s3.head_object(Bucket=bucket, Key="run/dpo/model/model.safetensors")["LastModified"].timestamp()
+    assert exported > revoked["at"]
 
-    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_server)["Contents"]]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     for stage in ("sft", "dpo"):
         assert f"run/{stage}/model/model.safetensors" in keys and f"run/{stage}/model/tokenizer.json" in keys
         checkpoints = {k.split("/")[3] for k in keys if k.startswith(f"run/checkpoints/{stage}/checkpoint_")
                        and k.endswith("/trainer_state.json")}
         assert len(checkpoints) == 1  # every step, the last one kept
-    # The credentials travel inside Ray with the filesystem object, never into the bucket.
-    s3 = boto3.client("s3")
-    for key in keys:
-        assert b"sphuatuo-test-secret" not in s3.get_object(Bucket=s3_server, Key=key)["Body"].read(), key
+    # The keys reached the workers through the relay only: not the bucket, the Ray logs or Ray's state.
+    for key in (first, second):
+        secret = key["SecretAccessKey"]
+        for name in keys:
+            assert secret.encode() not in s3.get_object(Bucket=bucket, Key=name)["Body"].read(), name
+        assert files_holding(secret, ray_cluster["temp_dir"]) == [] and secret not in cluster_state()
     log = json.loads(run.read_text("dpo", "train_log.json"))
     steps = [entry for entry in log if "loss" in entry]
     assert len(steps) == 2 and all(0 <= entry["rewards/accuracies"] <= 1 and "rewards/margins" in entry
                                    for entry in steps)
-    first = [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()]
-    assert [step["step"] for step in first] == [1, 2]
+    first_order = [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()]
+    assert [step["step"] for step in first_order] == [1, 2]
 
     # A second launch finds the finished run's checkpoint in the bucket and trains no step again
     # (a retrained step would carry the new workers' pids).
     dpo.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
-    assert [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()] == first
+    assert [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()] == first_order

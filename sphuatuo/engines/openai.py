@@ -6,7 +6,8 @@ The API key never enters a recipe, a row, the manifest, a log line, a Ray runtim
 GCS stores and the dashboard shows) or a task argument. The HTTP session that sends it is built inside
 each request actor, which finds the key on its node: in the environment variable `api_key_env` (set on
 every node, e.g. from a Kubernetes Secret), in the file `api_key_file` (a mounted secret), or, when only
-the driver has the variable, behind an object-store reference the driver made with `ray.put`.
+the driver has the variable, behind an object-store reference the driver made with `ray.put`. Whichever way
+it came, the actor's `sphuatuo` logger masks it from then on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
 from sphuatuo.engines import LIGHT_CPUS, Request, row_seed
 from sphuatuo.recipe import EngineConfig
+from sphuatuo.store import secrets
 
 
 class ChatSession:
@@ -36,6 +38,13 @@ class ChatSession:
         self.timeout_s = timeout_s
 
     def api_key(self) -> str | None:
+        """The key as this process finds it; from then on this process's logs mask it, however it came."""
+        key = self._find_key()
+        if key:
+            secrets.hold(key)
+        return key
+
+    def _find_key(self) -> str | None:
         if self.api_key_env and os.environ.get(self.api_key_env):
             return os.environ[self.api_key_env]
         if self.api_key_file:

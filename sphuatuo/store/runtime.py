@@ -13,6 +13,8 @@ import os
 
 import ray
 
+from sphuatuo.store.secrets import worker_runtime_env
+
 # Every engine and trainer process, on any node: readable worker logs, no tokenizer thread pools
 # fighting the engine for cores.
 COMMON_ENVIRONMENT = {
@@ -54,13 +56,16 @@ def _local_gpus() -> int:
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` or RAY_ADDRESS (as under `ray job submit`), else start a local one
-    sized to this machine (with the CPU environment when it has no GPU)."""
+    sized to this machine (with the CPU environment when it has no GPU). Either way the job's workers mask
+    the secrets declared so far in their logs (`secrets.worker_runtime_env`); a program that started Ray
+    itself passes that runtime environment to its own `ray.init`."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env())
         return
     if not _local_gpus():
         apply_cpu_environment()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2,
+             runtime_env=worker_runtime_env())

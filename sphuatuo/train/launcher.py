@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from sphuatuo.recipe import TrainStage
+from sphuatuo.store.credentials import shared_filesystem
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import process_environment
 from sphuatuo.store.tracking import finish_worker_wandb
@@ -50,39 +51,23 @@ def fit(
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     env = {**process_environment(on_gpu=scaling.use_gpu), **(env or {})}
-    filesystem = shared_filesystem(run, credentials)
-    trainer = TorchTrainer(
-        train_loop_per_worker=worker_fn,
-        train_loop_config={**worker_config, "stage": stage.model_dump(mode="json"), "run_root": run.uri,
-                           "filesystem": filesystem, "stage_name": stage_name},
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=checkpoint_name or stage_name,
-            storage_path=run.fs_path("checkpoints"),
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=stage.max_failures),
-            worker_runtime_env={"env_vars": env},
-        ),
-    )
-    trainer.fit()
-
-
-def shared_filesystem(run: RunRoot, credentials: str = "node") -> pafs.FileSystem:
-    """The run's filesystem as Ray's controller and the workers get it (pickled, with its options).
-
-    An object store's endpoint travels with it; credentials that pyarrow read from this driver's environment
-    do not, so each node signs with its own provider chain (`credentials: node`, the default). With
-    `credentials: driver` the driver's keys are made explicit and travel inside Ray with the filesystem object
-    (never into the run root or a log), for nodes that have none.
-    """
-    if credentials != "driver" or not isinstance(run.fs, pafs.S3FileSystem) or not os.environ.get("AWS_ACCESS_KEY_ID"):
-        return run.fs
-    _, (options,) = run.fs.__reduce__()
-    return pafs.S3FileSystem(**{**options, "access_key": os.environ["AWS_ACCESS_KEY_ID"],
-                                "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-                                "session_token": os.environ.get("AWS_SESSION_TOKEN", "")})
+    with shared_filesystem(run, credentials) as filesystem:  # with `driver`, renewed until training ends
+        trainer = TorchTrainer(
+            train_loop_per_worker=worker_fn,
+            train_loop_config={**worker_config, "stage": stage.model_dump(mode="json"), "run_root": run.uri,
+                               "filesystem": filesystem, "stage_name": stage_name},
+            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=checkpoint_name or stage_name,
+                storage_path=run.fs_path("checkpoints"),
+                storage_filesystem=filesystem,
+                checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=stage.max_failures),
+                worker_runtime_env={"env_vars": env},
+            ),
+        )
+        trainer.fit()
 
 
 def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool, trust_remote_code: bool = False,
