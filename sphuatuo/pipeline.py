@@ -48,6 +48,8 @@ NOT_FINGERPRINTED = frozenset({
     "report_to", "cpus_per_worker", "peak_tflops_per_gpu",
 })
 SUPERSEDED = ".superseded"
+# Stage fields that name a data file: the file's content is part of the stage's fingerprint.
+DATA_FILE_FIELDS = ("data", "extra_data")
 
 
 def recipe_stages(kind: type[Recipe]) -> tuple[ModuleType, ...]:
@@ -93,7 +95,7 @@ def stage_fingerprint(recipe: Recipe, stage: ModuleType, upstream: dict[str, str
         leaf = key.rsplit(".", 1)[-1]
         if leaf == "model" and isinstance(value, str):
             components[f"{key}@identity"] = model_identity(value)
-        elif isinstance(value, str) and ((leaf == "path" and key.startswith("data.")) or leaf == "data"):
+        elif isinstance(value, str) and (leaf in DATA_FILE_FIELDS or (leaf == "path" and key.startswith("data."))):
             components[f"{key}@identity"] = file_identity(resolve_source_path(value))
         elif isinstance(value, str) and is_prompt_field(leaf):
             template = get_prompt(value)

@@ -559,6 +559,12 @@ class O1SftStage(SftStage):
     data: str | None = Field(default=None, description="a file of the released SFT paths (medical-o1-reasoning-SFT: "
                                                        "Question, Complex_CoT, Response) to train on instead of this "
                                                        "run's search; the run then starts at sft")
+    extra_data: str | None = Field(default=None, description="a file in the same format whose rows are added to the "
+                                                             "paths (the search's, or `data`'s), each keeping its "
+                                                             "origin (its `source` column, else released); "
+                                                             "builtin:o1_format_examples is the project's own 64 "
+                                                             "short examples in English and Chinese, for policies "
+                                                             "too small to learn the format from a few paths")
 
 
 class RewardVerifierConfig(Strict):

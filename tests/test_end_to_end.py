@@ -75,3 +75,37 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     run_pipeline(recipe)
     assert run.read_text("manifest.json") == manifest_before
     assert sorted(p.name for p in Path(run.path).rglob("*.parquet")) == files_before
+
+
+O1_SMALL = [
+    "data.train.0.limit=8",
+    "stages.verifiable_problems.sampling.max_tokens=96",
+    "stages.reasoning_search.max_problems=1",
+    "stages.reasoning_search.sampling.max_tokens=96",
+    "stages.sft.epochs=1",
+    "stages.rl.max_steps=2",
+    "stages.evaluate.models=[rl]",
+    "stages.evaluate.sampling.max_tokens=64",
+]
+
+
+def test_o1_demo_learns_the_format_so_rl_rewards_are_not_zero(tmp_path: Path, ray_cluster) -> None:
+    """The o1 demo at a reduced size: SFT on the project-written examples (and whatever the search verified)
+    teaches SmolLM2 the `## Thinking` / `## Final Response` format, so GRPO sees rewards above 0."""
+    recipe = load_recipe(REPO / "pipelines" / "huatuo_o1_demo.yaml", [f"run_root={tmp_path / 'run'}", *O1_SMALL])
+    run = run_pipeline(recipe)
+    report = Path(write_report(run)).read_text()
+    stages = json.loads(run.read_text("manifest.json"))["stages"]
+
+    sft = stages["sft"]
+    assert sft["status"] == "done", sft["error"]
+    origins = sft["details"]["origins"]
+    assert origins["project-written"] == 64 and sft["rows_out"] == sum(origins.values())
+    assert {row["origin"] for row in run.read_rows("sft", "data")} <= {"project-written", "search"}
+    rl = stages["rl"]
+    assert rl["status"] == "done", rl["error"]
+    rewards = [entry["reward"] for entry in json.loads(run.read_text("rl", "train_log.json")) if "reward" in entry]
+    assert len(rewards) == 2 and max(rewards) > 0, rewards  # a 0 everywhere means no completion kept the format
+    assert "![rl reward](rl_reward.png)" in report and run.exists("rl_reward.png")
+    assert "rl: The mean reward " in report and "Per step: " in report
+    assert "<h3>RL reward</h3>" in run.read_text("report.html")

@@ -301,3 +301,49 @@ def test_the_released_verifiable_problems_load_as_open_ended_problems() -> None:
     assert released.rows[0]["problem"] == question.question
     (reject,) = released.rejects
     assert reject.row == 4 and reject.reason == "missing or empty: Ground-True Answer"
+
+
+def test_the_project_written_o1_examples_are_labelled_well_formed_and_answer_their_options() -> None:
+    from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
+    from sphuatuo.data.released import sft_paths
+    from sphuatuo.parsing.replies import extract_answer, split_thinking_response
+
+    examples = sft_paths("builtin:o1_format_examples")
+    rows = examples.rows
+    assert not examples.rejects and len(rows) == 64 and len({row["id"] for row in rows}) == 64
+    assert {row["origin"] for row in rows} == {"project-written"}
+    assert {row["generator"] for row in rows} == {"project-written:builtin:o1_format_examples"}
+    assert {row["id"].split("-")[1] for row in rows} == {"en", "zh"}
+    bank = {question.question for question in load_questions(resolve_source_path(SAMPLE_BANK)).questions}
+    multiple_choice = 0
+    for row in rows:
+        assert row["problem"] not in bank and not any(row["problem"].endswith(q) for q in bank), row["id"]
+        parsed = split_thinking_response(format_o1(row["complex_cot"], row["response"]))
+        assert parsed.parse_error is None and parsed.think and parsed.answer, row["id"]
+        assert len(parsed.think) + len(parsed.answer) < 240, row["id"]  # short: it must fit the demo's RL budget
+        lines = row["problem"].split("\n")
+        if lines[0] == "Please answer the following multiple-choice question:":
+            options = dict(line.split(". ", 1) for line in lines[2:])
+            letter = row["response"].removeprefix("The answer is ").removeprefix("答案是")[0]
+            assert f"{letter}. {options[letter]}" in row["response"], row["id"]
+            assert extract_answer(parsed.answer, options) == {letter}, row["id"]
+            multiple_choice += 1
+    assert multiple_choice == 16
+
+
+def test_sft_examples_keep_each_row_origin() -> None:
+    from sphuatuo.data.released import sft_paths
+    from sphuatuo.pipeline import stage_fingerprint
+    from sphuatuo.stages.huatuo_o1 import sft
+
+    recipe = load_recipe(REPO / "pipelines" / "huatuo_o1_demo.yaml")
+    assert recipe.stages.sft.extra_data == "builtin:o1_format_examples"
+    searched = {"id": "sample-en-003", "problem": "Q?", "complex_cot": "Hmm.", "response": "A.", "generator": "g",
+                "label_revealed": True}
+    released = sft_paths(str(RELEASED / "medical_o1_sft_sample.json")).rows
+    examples = sft.sft_examples(recipe.stages.sft, [searched, *released, *sft_paths(recipe.stages.sft.extra_data).rows])
+    origins = {example["id"]: example["origin"] for example in examples}
+    assert origins["sample-en-003"] == "search" and origins["o1fmt-zh-024"] == "project-written"
+    assert [origins[row["id"]] for row in released] == ["released"] * 4
+    components = stage_fingerprint(recipe, sft, {}).components
+    assert len(components["stages.sft.extra_data@identity"]) == 16  # the file's content, not only its name

@@ -119,7 +119,8 @@ def o1_run(tmp_path: Path) -> RunRoot:
         "reasoning_search": _record(320, 201, 906, 3600.0, rows_failed=119,
                                     details={"searched": 320, "solved": 205, "written": 201, "label_revealed": 0}),
         "sft": _record(201, 201, 4507, 1200.0, details={"global_batch": 128, "workers": 8, "zero_stage": 3,
-                                                        "steps": 6, "first_loss": 1.31, "last_loss": 0.92}),
+                                                        "steps": 6, "first_loss": 1.31, "last_loss": 0.92,
+                                                        "origins": {"search": 137, "project-written": 64}}),
         "rl": _record(320, 320, 5708, 5400.0, details={"algorithm": "grpo", "start_model": run.join("sft", "model"),
                                                        "first_reward": 0.17, "last_reward": 0.8, "reward_steps": 10,
                                                        "steps": 10}),
@@ -193,9 +194,29 @@ def test_o1_cards_carry_the_rl_rewards_and_one_result_per_benchmark(o1_report: R
     assert card.data.eval_results[0].dataset_type == "huatuo_o1_eval"
     assert "RL (grpo) on 320 problems: mean reward 0.170 at the first step, 0.800 at the last" in card.text
     assert "205 of 320 problems have a verified reasoning path" in card.text
+    assert "SFT on 201 examples (137 search, 64 project-written)." in card.text
     assert "trained by RL from the run's SFT model, itself fine-tuned from `Qwen/Qwen2.5-7B-Instruct`" in card.text
     assert "PPO is no longer in TRL" in card.text
     assert Path(run.path, "rl_reward.png").is_file() and "![rl reward](rl_reward.png)" in run.read_text("report.md")
+    # Beside the curve, in both reports, whether the reward rose, and every step's value.
+    trend = "The mean reward rose: 0.310 over the first 5 steps, 0.660 over the last 5 steps. Per step: 0.170, 0.240"
+    assert f"rl: {trend}" in run.read_text("report.md") and trend in run.read_text("report.html")
+
+
+def test_the_reward_sentence_says_plainly_when_rl_rewards_did_not_rise() -> None:
+    from sphuatuo.commands.report_tables import reward_trend
+
+    def log(*rewards: float) -> list[dict]:
+        return [{"step": step, "reward": reward} for step, reward in enumerate(rewards, 1)] + [{"train_runtime": 1}]
+
+    assert reward_trend(log(0.0, 0.0, 0.0)).startswith("The mean reward was 0 at every step")
+    assert reward_trend(log(0.3, 0.1, 0.2, 0.1)) == ("The mean reward did not rise: 0.200 over the first 2 steps, "
+                                                     "0.150 over the last 2 steps (it fell). Per step: 0.300, 0.100, "
+                                                     "0.200, 0.100.")
+    assert reward_trend(log(0.1, 0.4, 0.1)).startswith("The mean reward did not rise: 0.100 over the first step, "
+                                                       "0.100 over the last step. Per step")
+    assert reward_trend(log(0.1)) == "One step: no trend to tell. Per step: 0.100."
+    assert reward_trend([{"step": 1, "loss": 1.0}]) == ""
 
 
 def test_sphuatuo_report_refreshes_the_cards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,7 +157,9 @@ def lineage(manifest: Manifest, name: str) -> list[str]:
                      f"({d.get('label_revealed', 0)} with the label revealed); {d.get('written', 0)} written up as "
                      f"natural thinking by `{recipe['models']['teacher']['model']}`.")
     if "sft" in stages:
-        lines.append(f"SFT on {stages['sft'].rows_out} examples.")
+        origins = _details(manifest, "sft").get("origins")  # HuatuoGPT-o1: search, released, project-written
+        by_origin = f" ({', '.join(f'{n} {origin}' for origin, n in origins.items())})" if origins else ""
+        lines.append(f"SFT on {stages['sft'].rows_out} examples{by_origin}.")
     if training_stage(name) == "dpo":
         d = _details(manifest, "student_answers")
         lines.append(f"The SFT student answered the training questions: {d.get('correct', 0)} correct, "

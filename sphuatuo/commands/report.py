@@ -22,6 +22,7 @@ from sphuatuo.commands.report_tables import (
     evaluation_table,
     missing_log_reason,
     pairs_table,
+    reward_trend,
     stage_table,
     throughput,
     training_log,
@@ -139,7 +140,7 @@ def write_report(run: RunRoot) -> str:
         reward = plots.rl_reward(log)
         if reward:
             _write_png(run, reward, f"{name}_reward.png")
-            lines += [f"![{name} reward]({name}_reward.png)", ""]
+            lines += [f"![{name} reward]({name}_reward.png)", "", f"{name}: {reward_trend(log)}", ""]
     margins = plots.reward_margins(dpo_logs)
     if margins:
         _write_png(run, margins, "dpo_reward_margins.png")

@@ -61,7 +61,8 @@ def _training(run: RunRoot, manifest: Manifest) -> list[str]:
         reward = plots.rl_reward(log)
         if reward:
             parts += ["<h3>RL reward</h3>", figure(reward, f"{name}: mean reward per step (0 broken format, "
-                                                          "0.1 wrong, 1.0 verified)")]
+                                                          "0.1 wrong, 1.0 verified)"),
+                      f"<p>{escape(tables.reward_trend(log))}</p>"]
     margins = plots.reward_margins(dpo_logs)
     if margins:
         parts += ["<h3>DPO reward margins</h3>",

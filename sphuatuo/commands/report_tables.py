@@ -63,6 +63,27 @@ def throughput(log: Log) -> str:
             + (f", MFU {mfu[len(mfu) // 2]:.1%}." if mfu else "."))
 
 
+def reward_trend(log: Log) -> str:
+    """RL's mean reward in plain words: whether it rose from the first half of the steps to the second (in a run
+    of two epochs, both halves see the same prompts), then every step's value."""
+    rewards = [entry["reward"] for entry in log if "reward" in entry]
+    if not rewards:
+        return ""
+    per_step = f"Per step: {', '.join(f'{reward:.3f}' for reward in rewards)}."
+    if not any(rewards):
+        return ("The mean reward was 0 at every step: no completion kept the format, so RL had nothing to learn "
+                f"from. {per_step}")
+    half = len(rewards) // 2
+    if not half:
+        return f"One step: no trend to tell. {per_step}"
+    first, last = sum(rewards[:half]) / half, sum(rewards[-half:]) / half
+    steps = "step" if half == 1 else f"{half} steps"
+    halves = f"{first:.3f} over the first {steps}, {last:.3f} over the last {steps}"
+    if last > first:
+        return f"The mean reward rose: {halves}. {per_step}"
+    return f"The mean reward did not rise: {halves}{' (it fell)' if last < first else ''}. {per_step}"
+
+
 def stage_table(manifest: Manifest) -> Table:
     """Counts, time, rows/s out and the start and end (UTC) of every stage."""
     rows = []

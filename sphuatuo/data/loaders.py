@@ -105,12 +105,16 @@ class UnknownFormat(ValueError):
 
 
 SAMPLE_BANK = "builtin:sample_bank"
+O1_FORMAT_EXAMPLES = "builtin:o1_format_examples"
+# The data files the package ships, by the names recipes give them.
+BUILTIN_FILES = {SAMPLE_BANK: "sample_bank.jsonl", O1_FORMAT_EXAMPLES: "o1_format_examples.jsonl"}
 
 
 def resolve_source_path(path: str) -> str:
-    """A question file's path; `builtin:sample_bank` is the bank the package ships."""
-    if path == SAMPLE_BANK:
-        return str(resources.files("sphuatuo.data").joinpath("sample_bank.jsonl"))
+    """A data file's path; `builtin:sample_bank` (the question bank) and `builtin:o1_format_examples` (the
+    project-written SFT examples in the HuatuoGPT-o1 format) are files the package ships."""
+    if path in BUILTIN_FILES:
+        return str(resources.files("sphuatuo.data").joinpath(BUILTIN_FILES[path]))
     return path
 
 

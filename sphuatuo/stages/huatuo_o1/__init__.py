@@ -17,11 +17,12 @@ from sphuatuo.passes import Row
 from sphuatuo.stages import StageContext
 
 
-def released_rows(ctx: StageContext, folder: str, location: str, load: Callable[[str], Released]) -> list[Row]:
-    """The rows of a released file; its bad records go to `<folder>/released_rejects.jsonl`, counted and noted."""
+def released_rows(ctx: StageContext, folder: str, location: str, load: Callable[[str], Released],
+                  rejects: str = "released_rejects.jsonl", what: str = "the released file") -> list[Row]:
+    """The rows of a released file; its bad records go to `<folder>/<rejects>`, counted and noted."""
     released = load(location)
     ctx.record.rows_rejected += len(released.rejects)
     ctx.run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in released.rejects),
-                       folder, "released_rejects.jsonl")
-    ctx.note(f"{len(released.rows)} rows from the released file {location}, {len(released.rejects)} rejected")
+                       folder, rejects)
+    ctx.note(f"{len(released.rows)} rows from {what} {location}, {len(released.rejects)} rejected")
     return released.rows
