@@ -1,5 +1,6 @@
 """The demo recipe end to end on SmolLM2-135M-Instruct (a real instruct model), at a reduced size:
-every stage through real Ray, vLLM, TRL and DeepSpeed; then a re-run that must do no work."""
+every stage through real Ray, vLLM, TRL and DeepSpeed, reporting to MLflow (its SQLite store in the run
+root); then a re-run that must do no work."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from datasets import load_dataset
+from mlflow import MlflowClient
 
 from conftest import REPO
 from sphuatuo.commands.export import export_run
@@ -26,6 +28,7 @@ SMALL = [
     "stages.evaluate.sampling.max_tokens=96",
     "stages.sft.max_length=512",
     "stages.dpo.max_length=512",
+    "tracking.report_to=[mlflow]",
 ]
 
 
@@ -70,11 +73,30 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
         strategies = {p["strategy"] for p in pairs}
         assert len(strategies) == 1 or {f"sphuatuo_dpo_{s}" for s in strategies} <= set(info)
 
+    # The demo's MLflow run holds the training metrics and the evaluation table (the SFT and DPO trainers' own
+    # runs are nested under it).
+    client = MlflowClient(f"sqlite:///{run.fs_path('tracking', 'mlflow.db')}")
+    experiment = client.get_experiment_by_name("demo")
+    (pipeline,) = client.search_runs([experiment.experiment_id], "tags.`sphuatuo.recipe` = 'demo' and "
+                                     "attributes.run_name = 'demo'")
+    assert pipeline.data.params["fingerprint.sft"] == stages["sft"]["fingerprint"]
+    assert len(client.get_metric_history(pipeline.info.run_id, "sft/loss")) == stages["sft"]["details"]["steps"] > 1
+    table = json.loads(Path(client.download_artifacts(pipeline.info.run_id, "evaluation.json",
+                                                      str(tmp_path))).read_text())
+    assert sorted(row[0] for row in table["data"]) == sorted(evaluated)
+    for name, result in evaluated.items():
+        assert pipeline.data.metrics[f"evaluate/{name}/project/accuracy"] == result["accuracy"]
+    trained = {r.info.run_name for r in client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{pipeline.info.run_id}'")}
+    assert "sft" in trained and trained <= {"sft", *runs}
+    tracked_runs = len(client.search_runs([experiment.experiment_id]))
+
     manifest_before = run.read_text("manifest.json")
     files_before = sorted(p.name for p in Path(run.path).rglob("*.parquet"))
     run_pipeline(recipe)
     assert run.read_text("manifest.json") == manifest_before
     assert sorted(p.name for p in Path(run.path).rglob("*.parquet")) == files_before
+    assert len(client.search_runs([experiment.experiment_id])) == tracked_runs  # nothing ran, nothing tracked
 
 
 RELEASED = REPO / "tests" / "fixtures" / "released"
