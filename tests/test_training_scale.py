@@ -6,6 +6,7 @@ vLLM, and the run root in an S3-compatible object store on loopback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 from ray.util.state import list_actors
 from test_stages import _accepted_teacher_rows, _pairs
 
@@ -160,6 +162,7 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
         "data.train": [{"path": "builtin:sample_bank", "limit": 4}], "data.test_fraction": 0.0,
         "stages.sft.checkpoint_every_steps": 1, "stages.sft.keep_checkpoints": 1,
         "stages.dpo.checkpoint_every_steps": 1, "stages.dpo.scaling": {"num_workers": 2, "zero_stage": 3},
+        "stages.dpo.epochs": 2,  # 4 steps: 3 after the first checkpoint, each checkpointed, then the export
         "storage.credentials": "driver"})  # the session's Ray nodes have no key the server accepts
     ctx = _sft_inputs(recipe)
     sft.run(ctx)  # ZeRO-2
@@ -167,7 +170,8 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
     run.write_rows(_pairs(run), "preference_pairs", "pairs")
 
     # Mid-DPO, once its first checkpoint is in the bucket, the driver's chain renews the key, as a session token
-    # is renewed before it expires; a few seconds later the first key is revoked, as an expired token is refused.
+    # is renewed before it expires; once the driver has published it, the first key is revoked, as an expired
+    # token is refused.
     monkeypatch.setattr(credentials, "PUBLISH_EVERY_S", 0.2)
     monkeypatch.setattr(credentials, "CHECK_EVERY_S", 0.2)
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=second["AccessKeyId"],
@@ -182,9 +186,13 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
                 return
             time.sleep(0.2)
         s3_server["current"].write_text(json.dumps(second))
-        time.sleep(3)  # the driver publishes within 0.2 s, each process takes it up within 0.2 s of its next use
+        (relay,) = list_actors(filters=[("class_name", "=", "CredentialRelay"), ("state", "=", "ALIVE")])
+        while ray.get(ray.get_actor(relay.name).newer.remote(1)) is None:  # the driver's thread publishes
+            time.sleep(0.1)
+        time.sleep(1)  # each process takes the new set up within 0.2 s of its next use of the filesystem
         revoke(endpoint, first, signed_by=second)
-        revoked["at"] = time.time()
+        revoked["at"] = math.ceil(time.time())  # S3 times are whole seconds: from here on, surely after
+        time.sleep(revoked["at"] - time.time())
 
     renewer = threading.Thread(target=renew_then_revoke, daemon=True)
     renewer.start()
@@ -193,9 +201,12 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
     renewer.join(timeout=60)
     assert revoked, "the first DPO checkpoint never reached the bucket"
     assert dpo_ctx.record.details["runs"]["dpo"]["start_model"] == f"s3://{bucket}/run/sft/model"
-    # The export was written after the first key was revoked: Ray Train's workers signed with the renewed one.
-    exported = s3.head_object(Bucket=bucket, Key="run/dpo/model/model.safetensors")["LastModified"].timestamp()
-    assert exported > revoked["at"]
+    # The last checkpoint and the export were written after the first key was revoked: the Ray Train workers
+    # that started with it signed with the renewed one.
+    latest = max((o for o in s3.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/dpo")["Contents"]
+                  if o["Key"].endswith("/trainer_state.json")), key=lambda o: o["LastModified"])
+    exported = s3.head_object(Bucket=bucket, Key="run/dpo/model/model.safetensors")
+    assert latest["LastModified"].timestamp() >= revoked["at"] and exported["LastModified"].timestamp() >= revoked["at"]
 
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     for stage in ("sft", "dpo"):
@@ -211,10 +222,10 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
         assert files_holding(secret, ray_cluster["temp_dir"]) == [] and secret not in cluster_state()
     log = json.loads(run.read_text("dpo", "train_log.json"))
     steps = [entry for entry in log if "loss" in entry]
-    assert len(steps) == 2 and all(0 <= entry["rewards/accuracies"] <= 1 and "rewards/margins" in entry
+    assert len(steps) == 4 and all(0 <= entry["rewards/accuracies"] <= 1 and "rewards/margins" in entry
                                    for entry in steps)
     first_order = [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()]
-    assert [step["step"] for step in first_order] == [1, 2]
+    assert [step["step"] for step in first_order] == [1, 2, 3, 4]
 
     # A second launch finds the finished run's checkpoint in the bucket and trains no step again
     # (a retrained step would carry the new workers' pids).
