@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from sphuatuo.data.files import file_namespace
 from sphuatuo.data.loaders import FORMATS, LoadResult, Reject, load_questions, summarize, write_rejects
 
 FIXTURES = Path(__file__).parent / "fixtures" / "questions"
+# What ids of records without one start with, in each fixture file (`<stem>-<digest of the path>`).
+CMEXAM, O1_EVAL, MEDQA, NATIVE = (file_namespace(str(FIXTURES / name)) for name in (
+    "cmexam_sample.csv", "o1_eval_sample.json", "medqa_sample.jsonl", "broken_native.jsonl"))
 SAMPLE_BANK = Path(__file__).parents[1] / "sphuatuo" / "data" / "sample_bank.jsonl"
 
 
@@ -27,9 +31,9 @@ def reasons_by_row(result: LoadResult) -> dict[int, str]:
 def test_cmexam_good_rows_keep_options_multi_answers_and_extra_columns():
     result = load_questions(FIXTURES / "cmexam_sample.csv", format="cmexam")
     questions = by_id(result)
-    assert list(questions) == ["cmexam_sample:1", "cmexam_sample:2", "cmexam_sample:3", "cmexam_sample:7"]
+    assert list(questions) == [f"{CMEXAM}:1", f"{CMEXAM}:2", f"{CMEXAM}:3", f"{CMEXAM}:7"]
 
-    first = questions["cmexam_sample:1"]
+    first = questions[f"{CMEXAM}:1"]
     assert first.options == {"A": "阿昔洛韦", "B": "青霉素", "C": "甲硝唑", "D": "氟康唑", "E": "利福平"}
     assert first.answer == ("A",)
     assert first.explanation == "阿昔洛韦抑制疱疹病毒DNA聚合酶。"
@@ -42,12 +46,12 @@ def test_cmexam_good_rows_keep_options_multi_answers_and_extra_columns():
         "Difficulty level": "2",
     }
     # Letters followed by '.', '、', '：' and ':'; answer "BD" means two letters.
-    second = questions["cmexam_sample:2"]
+    second = questions[f"{CMEXAM}:2"]
     assert second.options == {"A": "利多卡因", "B": "胺碘酮", "C": "普萘洛尔", "D": "索他洛尔"}
     assert second.answer == ("B", "D")
     assert second.metadata == {"Clinical Department": "心内科", "Medical Discipline": "药学", "Difficulty level": "3"}
     # "A,C" style answers, English text, empty extra columns left out of metadata.
-    third = questions["cmexam_sample:3"]
+    third = questions[f"{CMEXAM}:3"]
     assert third.answer == ("A", "C")
     assert third.reference == "A. Vitamin A; C. Vitamin D"
     assert third.metadata == {}
@@ -63,7 +67,7 @@ def test_cmexam_bad_rows_are_rejected_with_data_row_numbers():
     assert "only 1 option(s)" in reasons[8]
     assert reasons[9] == "missing field(s): Answer"
     undecodable = next(r for r in result.rejects if r.row == 6)
-    assert undecodable.id == "cmexam_sample:6"
+    assert undecodable.id == f"{CMEXAM}:6"
     assert "\ufffd" in undecodable.raw and "胰岛素的主要作用是" in undecodable.raw
     assert all(r.file == str(FIXTURES / "cmexam_sample.csv") for r in result.rejects)
 
@@ -81,7 +85,7 @@ def test_cmexam_option_continuation_lines_duplicates_id_column_and_bom(tmp_path)
     result = load_questions(path)  # .csv means cmexam
     questions = by_id(result)
     assert questions["q-1"].options == {"A": "aspirin (low dose)", "B": "heparin"}
-    assert questions["exam:3"].answer == ("B",)
+    assert questions[f"{file_namespace(str(path))}:3"].answer == ("B",)
     assert questions["q-1"].explanation == ""
     reasons = reasons_by_row(result)
     assert reasons == {
@@ -94,7 +98,7 @@ def test_cmexam_row_with_too_many_cells_is_rejected(tmp_path):
     path = tmp_path / "exam.csv"
     path.write_text('Question,Options,Answer\nQ1,"A x\nB y",A,stray\nQ2,"A x\nB y",B\n', encoding="utf-8")
     result = load_questions(path, format="cmexam")
-    assert [q.id for q in result.questions] == ["exam:2"]
+    assert [q.id for q in result.questions] == [f"{file_namespace(str(path))}:2"]
     assert result.rejects[0].row == 1
     assert "4 cells but the header has 3 columns" in result.rejects[0].reason
 
@@ -112,13 +116,13 @@ def test_cmexam_header_without_required_columns_raises(tmp_path):
 def test_o1_eval_items_take_source_from_key_and_ids_from_file_and_row():
     result = load_questions(FIXTURES / "o1_eval_sample.json", format="huatuo_o1_eval")
     questions = by_id(result)
-    assert list(questions) == ["o1_eval_sample:1", "o1_eval_sample:3", "custom-7", "o1_eval_sample:7"]
-    ovulation = questions["o1_eval_sample:1"]
+    assert list(questions) == [f"{O1_EVAL}:1", f"{O1_EVAL}:3", "custom-7", f"{O1_EVAL}:7"]
+    ovulation = questions[f"{O1_EVAL}:1"]
     assert ovulation.source == "MedQA_USLME_test"
     assert ovulation.answer == ("B",)
     assert ovulation.reference == "B. LH surge"
     assert questions["custom-7"].source == "MedMCQA_validation"
-    assert questions["o1_eval_sample:7"].options == {
+    assert questions[f"{O1_EVAL}:7"].options == {
         "A": "Hypercalcaemia", "B": "Hypocalcaemia", "C": "Hypernatraemia"
     }
 
@@ -126,9 +130,9 @@ def test_o1_eval_items_take_source_from_key_and_ids_from_file_and_row():
 def test_o1_eval_rejects_count_rows_across_sources():
     result = load_questions(FIXTURES / "o1_eval_sample.json", format="huatuo_o1_eval", source="ignored")
     assert {(r.row, r.id) for r in result.rejects} == {
-        (2, "o1_eval_sample:2"),
-        (5, "o1_eval_sample:5"),
-        (6, "o1_eval_sample:6"),
+        (2, f"{O1_EVAL}:2"),
+        (5, f"{O1_EVAL}:5"),
+        (6, f"{O1_EVAL}:6"),
     }
     reasons = reasons_by_row(result)
     assert reasons[2] == "answer letter(s) E not among the options A, B, C, D"
@@ -166,13 +170,13 @@ def test_json_file_that_is_not_json_raises(tmp_path):
 def test_medqa_loads_options_answer_and_meta_info():
     result = load_questions(FIXTURES / "medqa_sample.jsonl", format="medqa")
     questions = by_id(result)
-    assert list(questions) == ["medqa_sample:1", "medqa_sample:2", "medqa_sample:6"]
-    meningitis = questions["medqa_sample:1"]
+    assert list(questions) == [f"{MEDQA}:1", f"{MEDQA}:2", f"{MEDQA}:6"]
+    meningitis = questions[f"{MEDQA}:1"]
     assert meningitis.answer == ("A",)
     assert meningitis.options["A"] == "Neisseria meningitidis"
     assert meningitis.metadata == {"meta_info": "step2&3"}
     assert meningitis.source == "medqa"
-    assert questions["medqa_sample:6"].metadata == {}
+    assert questions[f"{MEDQA}:6"].metadata == {}
 
 
 def test_medqa_rejects_use_line_numbers_counting_blank_lines():
@@ -275,7 +279,7 @@ def test_native_rejects_name_the_problem():
         11: "duplicate id 'n-1' (first seen at row 1)",
     }
     ids = {r.row: r.id for r in result.rejects}
-    assert ids[4] == "broken_native:4" and ids[8] == "broken_native:8" and ids[10] == "n-10"
+    assert ids[4] == f"{NATIVE}:4" and ids[8] == f"{NATIVE}:8" and ids[10] == "n-10"
 
 
 def test_raw_record_is_truncated(tmp_path):

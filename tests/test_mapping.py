@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import raw_test_recipe, tiny_recipe
+from sphuatuo.data.files import file_namespace
 from sphuatuo.data.loaders import UnknownFormat, load_questions, merge_loads, sample_records
 from sphuatuo.data.mapping import ColumnMapping, mapping_yaml, propose_mapping, read_mapping
 from sphuatuo.recipe import QuestionSource, RecipeError, load_recipe
@@ -71,12 +72,13 @@ def _sphuatuo(*args: str) -> subprocess.CompletedProcess[str]:
 def test_exam_json_array_loads_through_a_mapping(tmp_path: Path) -> None:
     path = _write_json(tmp_path / "exam.json", EXAM)
     result = load_questions(path, format=EXAM_MAPPING)
+    exam = file_namespace(str(path))
     questions = {q.id: q for q in result.questions}
-    assert list(questions) == ["exam:1", "exam:2", "exam:3", "exam:4", "exam:6"]
-    first = questions["exam:1"]
+    assert list(questions) == [f"{exam}:{row}" for row in (1, 2, 3, 4, 6)]
+    first = questions[f"{exam}:1"]
     assert first.options["B"] == "阿昔洛韦" and first.answer == ("B",) and first.reference == "B. 阿昔洛韦"
     assert first.metadata == {"subject": "眼科"} and first.source == "exam"
-    assert questions["exam:4"].options == {"A": "≥5.6 mmol/L", "B": "≥6.1 mmol/L", "C": "≥7.0 mmol/L",
+    assert questions[f"{exam}:4"].options == {"A": "≥5.6 mmol/L", "B": "≥6.1 mmol/L", "C": "≥7.0 mmol/L",
                                            "D": "≥11.1 mmol/L"}
     assert {r.row: r.reason for r in result.rejects} == {
         5: "answer 'opf' names no option column (opa, opb, opc, opd, ope)",
@@ -159,7 +161,7 @@ def test_csv_with_letter_answers_and_a_blank_id_cell(tmp_path: Path) -> None:
     mapping = ColumnMapping(question="stem", options=["A", "B", "C"], answer="key", id="qid", explanation="why")
     result = load_questions(path, format=mapping)
     assert [(q.id, q.answer, q.explanation) for q in result.questions] == [
-        ("k1", ("A",), "Glutathione."), ("bank:2", ("B",), "")]
+        ("k1", ("A",), "Glutathione."), (f"{file_namespace(str(path))}:2", ("B",), "")]
     assert (result.rejects[0].row, result.rejects[0].reason) == (3, "answer letter(s) D not among the options A, B, C")
     with pytest.raises(ValueError, match=r"bank\.csv: no column\(s\) question"):
         load_questions(path, format=ColumnMapping(question="question", reference="why"))
@@ -175,7 +177,8 @@ def test_parquet_with_a_list_column_and_option_text_answers(tmp_path: Path) -> N
     ]), path)
     mapping = ColumnMapping(question="prompt", options="choices", answer="gold", answer_kind="option_text")
     result = load_questions(path, format=mapping)
-    assert [(q.id, q.answer) for q in result.questions] == [("bank:1", ("A",)), ("bank:2", ("A",))]
+    bank = file_namespace(str(path))
+    assert [(q.id, q.answer) for q in result.questions] == [(f"{bank}:1", ("A",)), (f"{bank}:2", ("A",))]
     assert result.rejects[0].reason == "gold 'Valproate' is not the text of any option"
     assert load_questions(f"file://{path}", format=mapping).questions == result.questions  # a pyarrow URI
 
@@ -268,7 +271,8 @@ def test_files_without_ids_never_collide_and_repeats_across_files_are_rejected(t
     sources = [QuestionSource(path=str(first), columns=EXAM_MAPPING),
                QuestionSource(path=str(second), columns=EXAM_MAPPING)]
     merged = load_sources(sources)
-    assert [q.id for q in merged.questions] == ["a:1", "a:2", "a:3", "b:2"]
+    a, b = file_namespace(str(first)), file_namespace(str(second))
+    assert [q.id for q in merged.questions] == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:2"]
     (reject,) = merged.rejects
     assert (reject.file, reject.row, reject.reason) == (str(second), 1, f"duplicate of {first} row 3")
     # The same file listed twice: every question a duplicate of itself by id.
@@ -282,7 +286,8 @@ def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path) ->
     test = _write_json(tmp_path / "test.json", [EXAM[5], respaced])
     shared = shared_questions(load_sources([QuestionSource(path=str(train), columns=EXAM_MAPPING)]),
                               load_sources([QuestionSource(path=str(test), columns=EXAM_MAPPING)]))
-    assert shared == [f"train {train} row 1 (id train:1) = test {test} row 2 (id test:2)"]
+    assert shared == [f"train {train} row 1 (id {file_namespace(str(train))}:1) = "
+                      f"test {test} row 2 (id {file_namespace(str(test))}:2)"]
 
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(train), "columns": EXAM_MAPPING}],
                                               "data.test": [{"path": str(test), "columns": EXAM_MAPPING}]})
@@ -316,3 +321,27 @@ def test_recipe_sources_name_mappings_from_datasets_yaml(tmp_path: Path) -> None
     recipe_path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     with pytest.raises(RecipeError, match="either format or columns"):
         load_recipe(recipe_path)
+
+
+def test_files_of_one_name_in_different_folders_keep_their_ids_apart(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train/q.json` and `test/q.json` without ids: no false "in both train and test", no "duplicate id"
+    between two such files of one split, and the same ids each time a file is read under its name."""
+    for folder, items in (("train", EXAM[:3]), ("more", EXAM[3:4]), ("test", EXAM[5:6])):
+        (tmp_path / folder).mkdir()
+        _write_json(tmp_path / folder / "q.json", items)
+    monkeypatch.chdir(tmp_path)  # the recipe names its files relative to where it runs
+
+    def source(folder: str) -> dict:
+        return {"path": f"{folder}/q.json", "columns": EXAM_MAPPING}
+
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [source("train"), source("more")],
+                                              "data.test": [source("test")]})
+    run, record = RunRoot(recipe.run_root), StageRecord()
+    questions.run(StageContext(recipe=recipe, run=run, record=record))
+    assert (record.rows_rejected, record.details["train"], record.details["test"]) == (0, 4, 1)
+    train_ids, test_ids = run.read_column("id", "questions", "train"), run.read_column("id", "questions", "test")
+    assert len(set(train_ids + test_ids)) == 5 and all(id.startswith("q-") for id in train_ids + test_ids)
+    # Read again, under its name however spelled, a file gives the ids its rows were stored under.
+    again = load_questions("./more/../train/q.json", format=EXAM_MAPPING)
+    assert [q.id for q in again.questions] == train_ids[:3]

@@ -321,3 +321,11 @@ def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_cou
                                          r"than max_error_share 10%\); commonest: 1 x .*128"):
         generate_pass(ctx, rows, "probe2", engine=strict, request=Request(temperature=0.0, top_p=1.0, max_tokens=4),
                       messages=lambda row: [{"role": "user", "content": row["text"]}])
+    # Its failed row stayed out of probe2, so a resubmit tries it again (attempts numbered on) and, now within
+    # the share, keeps it once.
+    assert sorted(ctx.run.read_column("key", "probe2")) == ["q0", "q1", "q2"]
+    lenient = strict.model_copy(update={"max_error_share": 0.25})
+    assert generate_pass(ctx, rows, "probe2", engine=lenient, request=Request(temperature=0.0, top_p=1.0, max_tokens=4),
+                         messages=lambda row: [{"role": "user", "content": row["text"]}]) == 1
+    assert sorted(ctx.run.read_column("key", "probe2")) == ["long", "q0", "q1", "q2"]
+    assert sorted(ctx.run.read_column("attempt", "probe2_errors")) == [1, 2]

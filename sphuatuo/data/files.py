@@ -4,15 +4,17 @@ disk or any filesystem pyarrow opens by URI (`s3://bucket/exam.parquet`, `gs://â
 
 Readers never judge content: each record carries its 1-based row number, its raw text (for the
 reject list) and its fields, or the reason it could not be read at all. The loaders decide what a
-record means. A record without an id of its own gets `<file stem>:<row>`, so ids of two files never
-collide and an id says where its question sits.
+record means. A record without an id of its own gets `<file namespace>:<row>` (see `file_namespace`), so
+ids of two files never collide and an id says where its question sits.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -72,8 +74,19 @@ def file_kind(location: str) -> FileKind:
 
 
 def file_stem(location: str) -> str:
-    """The name that prefixes ids of records without one (the file name without its extension)."""
+    """The file name without its extension: the default source name of the file's questions."""
     return PurePosixPath(location.rstrip("/")).stem or "questions"
+
+
+def file_namespace(location: str) -> str:
+    """The prefix of ids of records without one: the stem and a digest of the location as named, so
+    `train/q.jsonl` and `test/q.jsonl` never share ids. The digest is of the name, not of a resolved path:
+    it ignores what only spells the same name differently (`./`, `..`, a trailing `/`, `file://`, a URI's
+    query of connection options) and does not depend on a machine's mounts or working folder, so a recipe's
+    file gets the same ids on every read and every node, and rows keyed by them resume."""
+    name = location.removeprefix("file://").rstrip("/")
+    name = name.split("?", 1)[0] if "://" in name else posixpath.normpath(name)
+    return f"{file_stem(name)}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
 
 
 def read_text(location: str) -> str:
@@ -87,7 +100,7 @@ def read_text(location: str) -> str:
 def read_records(location: str, kind: FileKind, id_column: str | None = "id",
                  split: str | None = None) -> Iterator[Record]:
     """Every record of the file; `id_column` names the field holding a record's own id."""
-    prefix = file_stem(location)
+    prefix = file_namespace(location)
     if kind in ("json", "jsonl"):
         try:
             return json_records(read_text(location), prefix, id_column)

@@ -324,7 +324,7 @@ def _cmexam_records(location: str) -> Iterator[Record]:
     missing = [name for name in _CMEXAM_REQUIRED if name not in columns]
     if missing:
         raise ValueError(f"{location}: CSV header lacks column(s) {', '.join(missing)}; it has {', '.join(header)}")
-    return files.csv_records(location, text, files.file_stem(location), rename=_CMEXAM_COLUMNS)
+    return files.csv_records(location, text, files.file_namespace(location), rename=_CMEXAM_COLUMNS)
 
 
 def _from_cmexam(record: Record, source: str) -> Question:
@@ -366,7 +366,7 @@ def _o1_eval_records(location: str) -> Iterator[Record]:
     bad = [name for name, items in document.items() if not isinstance(items, list)]
     if bad:
         raise ValueError(f"{location}: the value of {', '.join(map(repr, bad))} is not a list of items")
-    prefix = files.file_stem(location)
+    prefix = files.file_namespace(location)
     row = 0
     for name, items in document.items():
         for item in items:
@@ -401,7 +401,7 @@ def _sp_records(location: str) -> Iterator[Record]:
     document = _json_document(location)
     if not isinstance(document, list):
         raise ValueError(f"{location}: expected a JSON list of conversations, got {files.json_type(document)}")
-    prefix = files.file_stem(location)
+    prefix = files.file_namespace(location)
     for row, item in enumerate(document, start=1):
         yield files.json_item(row, item, f"{prefix}:{row}")
 

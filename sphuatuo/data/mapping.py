@@ -45,7 +45,8 @@ class ColumnMapping(BaseModel):
                                        "counted from 0 or 1; option_text: the text of the correct option; "
                                        "option_column: the name of the option column (or mapping key), e.g. `opb`")
     reference: str | None = Field(default=None, description="the gold answer text (required for open-ended items)")
-    id: str | None = Field(default=None, description="the item's id; without it ids are `<file stem>:<row>`")
+    id: str | None = Field(default=None, description="the item's id; without it ids are `<file stem>-<digest of "
+                                                     "its path>:<row>`")
     explanation: str | None = None
     metadata: list[str] = Field(default_factory=list, description="columns kept in `metadata` (a column "
                                                                   "holding a mapping contributes its items)")

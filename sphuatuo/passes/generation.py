@@ -2,9 +2,11 @@
 
 Keys already present in the folder are not generated again, so a pass interrupted by a crash loses at
 most the batches in flight, and a finished pass costs nothing when re-run. A row the engine fails on is
-tried again, up to the role's `max_attempts`; each failed attempt is kept in `<folder>_errors`, and a
-row that never succeeds is written with `finish_reason` "error". When more than the role's
-`max_error_share` of the pass fails, the pass fails with the counts and the commonest errors.
+tried again, up to the role's `max_attempts`; each failed attempt is kept in `<folder>_errors`. When
+more than the role's `max_error_share` of the pass fails, the pass fails with the counts and the
+commonest errors, and its failed rows stay out of the folder, so the next run tries them again (their
+attempts numbered on from `<folder>_errors`). Only a pass within its share writes a row that never
+succeeded, with `finish_reason` "error"; every run re-checks the share over the whole folder.
 """
 
 from __future__ import annotations
@@ -63,30 +65,46 @@ def generate_pass(
     plus the engine's columns (see `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
     """
     todo = missing_rows(ctx, rows, folder)
-    if not todo:
-        return 0
-    model_name = model or engine.model
+    failed = pa.table({})
+    if todo:
+        failed = _generate_with_retries(ctx, todo, folder, engine, request, messages, model or engine.model)
+    errors = failed.column("engine_error").to_pylist() if failed.num_rows else []
+    # Error rows already in the folder count too (kept by an earlier run within a share since lowered, or
+    # written by a version that kept them before failing), so a resumed pass never passes unchecked.
+    if "error" in ctx.run.read_column("finish_reason", folder):
+        keys = {row["key"] for row in rows}
+        kept = ctx.run.read_rows(folder, where=[("finish_reason", "==", "error")])
+        errors += [row.get("engine_error") for row in kept if row["key"] in keys]
+    _check_error_share(folder, errors, len(rows), engine)
+    if failed.num_rows:
+        ctx.run.append_rows(failed, folder)  # kept, with finish_reason "error" and the engine's message
+    return len(todo)
+
+
+def _generate_with_retries(ctx: PassTarget, todo: list[Row], folder: str, engine: EngineConfig, request: Request,
+                           messages: Callable[[Row], PromptInput], model_name: str) -> pa.Table:
+    """Generate `todo` into `folder`, each row tried up to `max_attempts` times; return the rows that never
+    succeeded. Every failed attempt goes to `<folder>_errors`, numbered after those of earlier runs."""
+    earlier = Counter(ctx.run.read_column("key", f"{folder}_errors"))
     progress = RowProgress(folder, total=len(todo))
     pending, failed = todo, pa.table({})
     for attempt in range(1, engine.max_attempts + 1):
         failed = _generate_once(ctx, pending, folder, engine, request, messages, model_name, progress)
         if not failed.num_rows:
             break
-        ctx.run.append_rows(failed.append_column("attempt", pa.array([attempt] * failed.num_rows)), f"{folder}_errors")
+        numbers = [earlier[key] + attempt for key in failed.column("key").to_pylist()]
+        ctx.run.append_rows(failed.append_column("attempt", pa.array(numbers)), f"{folder}_errors")
         if attempt < engine.max_attempts:
             log.warning("%s: %d rows failed in the engine (attempt %d of %d); trying them again", folder,
                         failed.num_rows, attempt, engine.max_attempts)
             retry = set(failed.column("key").to_pylist())
             pending = [row for row in todo if row["key"] in retry]
-    if failed.num_rows:
-        ctx.run.append_rows(failed, folder)  # kept, with finish_reason "error" and the engine's message
-        progress.update(failed.num_rows)
+    progress.update(failed.num_rows)
     done = progress.close()
     passes = ctx.record.details.setdefault("throughput", {})
     passes[folder] = {"rows": done.rows, "seconds": round(done.seconds, 1), "rows_per_s": round(done.rows_per_s, 3),
                       "output_tokens_per_s": round(done.tokens_per_s, 1), "engine_errors": failed.num_rows}
-    _check_error_share(folder, failed, len(todo), engine)
-    return len(todo)
+    return failed
 
 
 def _engine_input(row: Row, prompt: PromptInput) -> Row:
@@ -116,13 +134,14 @@ def _generate_once(ctx: PassTarget, rows: list[Row], folder: str, engine: Engine
     return pa.concat_tables(failed, promote_options="default")
 
 
-def _check_error_share(folder: str, failed: pa.Table, total: int, engine: EngineConfig) -> None:
-    if not failed.num_rows or failed.num_rows / total <= engine.max_error_share:
+def _check_error_share(folder: str, errors: list[str | None], total: int, engine: EngineConfig) -> None:
+    """`errors`: the engine's message for each row of the pass that ended in an error."""
+    if not errors or len(errors) / total <= engine.max_error_share:
         return
-    common = Counter(str(message)[:200] for message in failed.column("engine_error").to_pylist()).most_common(3)
+    common = Counter(str(message)[:200] for message in errors).most_common(3)
     raise PassFailed(
-        f"{folder}: {failed.num_rows} of {total} rows failed in the engine after {engine.max_attempts} attempts "
-        f"({failed.num_rows / total:.0%}, more than max_error_share {engine.max_error_share:.0%}); commonest: "
+        f"{folder}: {len(errors)} of {total} rows failed in the engine after {engine.max_attempts} attempts "
+        f"({len(errors) / total:.0%}, more than max_error_share {engine.max_error_share:.0%}); commonest: "
         + "; ".join(f"{count} x {message}" for message, count in common)
         + f" (every attempt is in {folder}_errors)")
 

@@ -141,8 +141,8 @@ class RunRoot:
         return sorted(info.path for info in infos
                       if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
 
-    def _read_table(self, file: str, columns: list[str] | None = None) -> pa.Table:
-        return self._read(file, lambda: pq.read_table(file, columns=columns, filesystem=self.fs))
+    def _read_table(self, file: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+        return self._read(file, lambda: pq.read_table(file, columns=columns, filters=filters, filesystem=self.fs))
 
     def read_column(self, column: str, *parts: str) -> list[Any]:
         values: list[Any] = []
@@ -169,8 +169,10 @@ class RunRoot:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
         self._write_parquet(table, *parts, f"part-{uuid.uuid4().hex}.parquet")
 
-    def read_rows(self, *parts: str) -> list[dict[str, Any]]:
+    def read_rows(self, *parts: str, where: list[tuple[str, str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The rows of a dataset folder; `where` (pyarrow filters, e.g. `[("finish_reason", "==", "error")]`)
+        keeps only the matching ones, so a few rows are found without holding the rest."""
         rows: list[dict[str, Any]] = []
         for file in self.parquet_files(*parts):
-            rows.extend(self._read_table(file).to_pylist())
+            rows.extend(self._read_table(file, filters=where).to_pylist())
         return rows
