@@ -120,10 +120,16 @@ def test_o1_demo_learns_the_format_so_rl_rewards_are_not_zero(tmp_path: Path, ra
     report = Path(write_report(run)).read_text()
     stages = json.loads(run.read_text("manifest.json"))["stages"]
 
+    # Started at `sft` and `rl` from released-format files, the search stages are skipped and say why.
+    search = stages["reasoning_search"]
+    assert search["status"] == "skipped" and "stages.sft.data" in search["error"]
     sft = stages["sft"]
     assert sft["status"] == "done", sft["error"]
-    assert sft["details"]["origins"] == {"released": 4, "project-written": 64}
-    assert sorted({row["origin"] for row in run.read_rows("sft", "data")}) == ["project-written", "released"]
+    assert sft["details"]["origins"] == {"released": 4, "project-written": 64} and sft["rows_rejected"] == 1
+    assert run.read_text("sft", "released_rejects.jsonl").count("missing or empty: Question") == 1
+    examples = run.read_rows("sft", "data")
+    assert sorted({row["origin"] for row in examples}) == ["project-written", "released"]
+    assert all(e["completion"][0]["content"].startswith("## Thinking\n\n") for e in examples)
     rl = stages["rl"]
     assert rl["status"] == "done", rl["error"]
     rewards = [entry["reward"] for entry in json.loads(run.read_text("rl", "train_log.json")) if "reward" in entry]

@@ -151,20 +151,3 @@ def test_rloo_trains_through_ray_train(tmp_path: Path, ray_cluster) -> None:
     logged = [e for e in json.loads(run.read_text("rl", "train_log.json")) if "loss" in e]
     assert len(logged) == 2 and all(math.isfinite(e["loss"]) and "rewards/o1_reward/mean" in e for e in logged)
     assert run.exists("rl", "model", "model.safetensors")
-
-
-def test_a_run_starts_at_sft_from_the_released_paths(tmp_path: Path, ray_cluster) -> None:
-    from sphuatuo.stages.huatuo_o1 import reasoning_search
-
-    released = Path(__file__).parent / "fixtures" / "released" / "medical_o1_sft_sample.json"
-    recipe = tiny_o1_recipe(tmp_path / "run", **{"stages.sft.data": str(released)})
-    run = run_pipeline(recipe, stages=(reasoning_search, o1_sft))
-    stages = Manifest.model_validate_json(run.read_text("manifest.json")).stages
-    assert stages["reasoning_search"].status == "skipped" and "stages.sft.data" in stages["reasoning_search"].error
-    sft = stages["sft"]
-    assert sft.status == "done" and sft.rows_in == 4 and sft.rows_rejected == 1 and sft.details["steps"] == 2
-    examples = run.read_rows("sft", "data")
-    assert len(examples) == 4 and {e["generator"] for e in examples} == {f"released:{released}"}
-    assert examples[0]["completion"][0]["content"].startswith("## Thinking\n\n")
-    assert run.read_text("sft", "released_rejects.jsonl").count("missing or empty: Question") == 1
-    assert run.exists("sft", "model", "model.safetensors")
