@@ -9,6 +9,7 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 SAMPLE_ORDER_FILE = "sample_order.json"
+PACKED_IDS = "ids"
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (
@@ -63,9 +65,40 @@ class _IdCollator:
         self.queue = queue
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
-        # Packed rows (SFT `packing`) no longer carry their examples' ids: their steps record none.
-        self.queue.append([str(feature["id"]) for feature in features if "id" in feature])
+        self.queue.append([example for feature in features for example in _example_ids(feature)])
         return self.collator(features)
+
+
+def _example_ids(feature: dict[str, Any]) -> list[str]:
+    """The examples a row holds: those of a packed row (PackedIdsMixin), else its own `id` if it has one."""
+    if PACKED_IDS in feature:
+        return [str(example) for example in feature[PACKED_IDS]]
+    return [str(feature["id"])] if "id" in feature else []
+
+
+class PackedIdsMixin:
+    """Put before TRL's SFTTrainer. Its packing keeps only `input_ids` and `labels` and concatenates examples into
+    rows, so the `id` column would be lost: here every token is tagged with its example's index, TRL's
+    `pack_dataset` moves the tags with the tokens, and each packed row gets the `ids` of the examples it holds.
+    It overrides TRL's private `_prepare_dataset` (TRL 1.16's signature); tests/test_packing.py catches a change."""
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, packing: bool, formatting_func: Any,
+                         dataset_name: str) -> Any:
+        # TRL's preparation without its packing step (tokenized, labelled, cut to max_length; `id` kept) ...
+        prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        if not packing:
+            return prepared
+        from trl.data_utils import pack_dataset
+
+        # ... then TRL's packing step (with `shuffle_dataset`, the call above shuffled the examples before it).
+        ids = prepared["id"]
+        tagged = prepared.map(lambda row, index: {"example": [index] * len(row["input_ids"])}, with_indices=True)
+        packed = pack_dataset(tagged.select_columns(["input_ids", "labels", "example"]), args.max_length,
+                              args.packing_strategy)
+        # An example's tokens are one run of its tag (`bfd_split` may put its pieces in several rows).
+        packed = packed.map(lambda row: {PACKED_IDS: [ids[index] for index, _ in itertools.groupby(row["example"])]},
+                            remove_columns=["example"])
+        return packed.shuffle(seed=args.seed) if args.shuffle_dataset else packed
 
 
 class RecordedTrainerMixin:

@@ -3,7 +3,8 @@
 Each example is conversational prompt-completion: the prompt is the same student prompt used at test
 time (the question, not the teacher's prompt), the completion the teacher's `<think>/<answer>` text.
 TRL masks the prompt tokens from the loss. With `packing`, examples are packed best-fit into rows of
-`max_length` tokens without padding (long CoT of uneven length), attention kept within each example.
+`max_length` tokens without padding (long CoT of uneven length), attention kept within each example, and
+each step's sample-order record names every example its packed rows held.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ def sft_worker(config: dict[str, Any]) -> None:
     # Imported after prepare_worker, which runs in this worker's environment (DS_ACCELERATOR on CPU).
     from trl import SFTConfig, SFTTrainer
 
+    from sphuatuo.train.recording import PackedIdsMixin
+
     dataset = setup.dataset(["prompt", "completion"], completions=("completion",))
     args = SFTConfig(**setup.arguments, completion_only_loss=True, packing=setup.stage.packing,
                      packing_strategy="bfd")
-    trainer = setup.trainer(SFTTrainer, args=args, train_dataset=dataset)
+    trainer_class = type("PackedIdsSFTTrainer", (PackedIdsMixin, SFTTrainer), {})
+    trainer = setup.trainer(trainer_class, args=args, train_dataset=dataset)
     setup.train_and_export(trainer)
