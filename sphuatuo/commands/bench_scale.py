@@ -104,6 +104,7 @@ def bench_scale(sizes: list[int], batch_size: int) -> list[ScaleLine]:
             # The child's own output (vLLM, Ray) goes to stderr: stdout stays the table's.
             subprocess.run([sys.executable, "-m", __spec__.name, name, str(batch_size)], check=True, stdout=sys.stderr)
             lines.append(ScaleLine(**json.loads((folder / "line.json").read_text())))
+        print(f"bench scale: {lines[-1]}", file=sys.stderr)  # each size as it ends: a long run cut short keeps it
     return lines
 
 
