@@ -169,6 +169,13 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpus-per-worker", type=float, default=1)
     train.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state rate")
 
+    scale = bench_commands.add_parser("scale", help="questions stage + one 1-token generation pass at growing "
+                                                    "question counts: rows/s and driver peak RSS vs the smallest")
+    scale.set_defaults(func=bench_scale_command)
+    scale.add_argument("--questions", type=int, nargs="+", default=[5000, 50000],
+                       help="question counts, each in a fresh driver process (default: 5000 50000)")
+    scale.add_argument("--batch-size", type=int, default=256, help="rows per batch sent to the engine (default: 256)")
+
     status = commands.add_parser("status", help="each stage of a run: done, stale (and why), pending, with counts")
     status.set_defaults(func=status_command)
     status.add_argument("run_root")
@@ -341,6 +348,13 @@ def bench_train_command(args: argparse.Namespace) -> int:
     print(format_train_bench(bench_train(args.model, args.examples, args.epochs, args.workers,
                                          args.zero_stage, args.max_length, args.cpus_per_worker,
                                          args.warmup_steps)))
+    return 0
+
+
+def bench_scale_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.bench_scale import bench_scale, format_scale_bench
+
+    print(format_scale_bench(bench_scale(args.questions, args.batch_size), args.batch_size))
     return 0
 
 

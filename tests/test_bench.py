@@ -67,3 +67,21 @@ def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_
     assert rows[0][1][-2:] == ["1.00", "1.00"]  # the bare line is every ratio's baseline
     assert all(float(fields[-3]) > 0 for _, fields in rows)  # steady tokens/s per worker
     assert lines[header + 4].startswith("Ray cost alone (1 worker vs bare, steady): ")
+
+
+def test_bench_scale_one_line_per_size_against_the_smallest(ray_head) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sphuatuo.cli", "bench", "scale", "--questions", "200", "50", "--batch-size", "16"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()  # the drivers' own output went to stderr
+    assert lines[0].startswith("every size: questions stage + one teacher generation pass, builtin:tiny on vLLM")
+    assert lines[1].split() == ["questions", "rows", "seconds", "rows/s", "peak", "RSS", "MiB", "RSS", "vs", "base",
+                                "rows/s", "vs", "base"]
+    rows = [line.split() for line in lines[2:4]]
+    assert [(row[0], row[1]) for row in rows] == [("50", "50"), ("200", "200")]  # smallest first, every row written
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # rows/s, peak RSS
+    assert rows[0][5:] == ["1.00", "1.00"]  # the smallest size is the baseline
+    assert lines[4].startswith("target: driver peak RSS at 200 questions within 1.2x of that at 50: ")
+    assert lines[4].endswith((" met", " missed")) and len(lines) == 5
