@@ -69,19 +69,20 @@ def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_
     assert lines[header + 4].startswith("Ray cost alone (1 worker vs bare, steady): ")
 
 
-def test_bench_scale_one_line_per_size_against_the_smallest(ray_head) -> None:
+def test_bench_scale_runs_the_stages_in_a_fresh_driver_and_prints_its_line(ray_head) -> None:
+    # One size: each size starts its own driver and engine (about 75 s here); the ratios between sizes and the
+    # target line are the formatting's, checked without Ray below.
     result = subprocess.run(
-        [sys.executable, "-m", "sphuatuo.cli", "bench", "scale", "--questions", "200", "50", "--batch-size", "16"],
+        [sys.executable, "-m", "sphuatuo.cli", "bench", "scale", "--questions", "50", "--batch-size", "16"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()  # the drivers' own output went to stderr
+    lines = result.stdout.splitlines()  # the driver's own output went to stderr
     assert lines[0].startswith("every size: questions stage + one teacher generation pass, builtin:tiny on vLLM")
     assert lines[1].split() == ["questions", "rows", "seconds", "rows/s", "peak", "RSS", "MiB", "RSS", "vs", "base",
                                 "rows/s", "vs", "base"]
-    rows = [line.split() for line in lines[2:4]]
-    assert [(row[0], row[1]) for row in rows] == [("50", "50"), ("200", "200")]  # smallest first, every row written
-    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # rows/s, peak RSS
-    assert rows[0][5:] == ["1.00", "1.00"]  # the smallest size is the baseline
-    assert lines[4].startswith("target: driver peak RSS at 200 questions within 1.2x of that at 50: ")
-    assert lines[4].endswith((" met", " missed")) and len(lines) == 5
+    row = lines[2].split()
+    assert row[:2] == ["50", "50"]  # every question's reply written
+    assert float(row[3]) > 0 and float(row[4]) > 0 and row[5:] == ["1.00", "1.00"]
+    assert lines[3].startswith("target: driver peak RSS at 50 questions within 1.2x of that at 50: ")
+
