@@ -53,25 +53,28 @@ def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_
     result = subprocess.run(
         [sys.executable, "-m", "sphuatuo.cli", "bench", "train", "--model", "builtin:tiny", "--examples", "12",
          "--workers", "2", "--max-length", "1024", "--warmup-steps", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
+        cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("trainer "))
-    rows = [(line[:46].strip(), line[46:].split()) for line in lines[header + 1: header + 4]]
+    print("\n".join(lines[header:]))  # the measurement, for `pytest -s`
+    rows = [(line[:46].strip(), line[46:].split()) for line in lines[header + 1: header + 5]]
     assert [label for label, _ in rows] == ["bare TRL SFTTrainer (1 process, no DeepSpeed)",
                                             "Ray Train + DeepSpeed ZeRO-2, 1 worker",
+                                            "torchrun + DeepSpeed ZeRO-2, 2 workers",
                                             "Ray Train + DeepSpeed ZeRO-2, 2 workers"]
     workers, batch, steps, tokens = (column for column in zip(*[fields[:4] for _, fields in rows], strict=True))
-    assert workers == ("1", "1", "2") and set(batch) == {"2"} and set(steps) == {"6"} and len(set(tokens)) == 1
+    assert workers == ("1", "1", "2", "2") and set(batch) == {"2"} and set(steps) == {"6"} and len(set(tokens)) == 1
     assert rows[0][1][-2:] == ["1.00", "1.00"]  # the bare line is every ratio's baseline
     assert all(float(fields[-3]) > 0 for _, fields in rows)  # steady tokens/s per worker
-    assert lines[header + 4].startswith("Ray cost alone (1 worker vs bare, steady): ")
+    assert lines[header + 5].startswith("Ray cost alone (1 worker vs bare, steady): ")
+    assert lines[header + 6].startswith("Ray cost at 2 workers (Ray Train vs torchrun, steady): ")
 
 
 def test_bench_scale_runs_the_stages_in_a_fresh_driver_and_prints_its_line(ray_head) -> None:
     # One size: each size starts its own driver and engine (about 75 s here); the ratios between sizes and the
-    # target line are the formatting's, checked without Ray below.
+    # target line are the formatting's, checked without Ray in test_bench_tables.py.
     result = subprocess.run(
         [sys.executable, "-m", "sphuatuo.cli", "bench", "scale", "--questions", "50", "--batch-size", "16"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
@@ -85,4 +88,3 @@ def test_bench_scale_runs_the_stages_in_a_fresh_driver_and_prints_its_line(ray_h
     assert row[:2] == ["50", "50"]  # every question's reply written
     assert float(row[3]) > 0 and float(row[4]) > 0 and row[5:] == ["1.00", "1.00"]
     assert lines[3].startswith("target: driver peak RSS at 50 questions within 1.2x of that at 50: ")
-

@@ -5,20 +5,27 @@ thought), same Trainer arguments and the same global batch and steps on every li
 1. bare TRL: one `SFTTrainer` in this process, no DeepSpeed, as many compute threads as one worker, the W
    workers' micro batches accumulated;
 2. the SFT stage's own launch with 1 Ray Train worker (accumulating as 1): what Ray and DeepSpeed cost alone;
-3. the same with W workers: what distribution costs (on one machine, W workers also share its cores).
+3. the same trainer and DeepSpeed config under `torchrun` with W processes over gloo, no Ray
+   (`sphuatuo.train.bare`): against bare, what distribution costs (on one machine, W workers also share its
+   cores);
+4. the SFT stage's launch with W Ray Train workers: against the torchrun line, what Ray costs at W workers.
 Every line counts the same tokens (the tokenized training set times the epochs) over the Trainer's own
 train_runtime, and gives the steady state apart: the median of the per-step rates after the warm-up steps,
-recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed) is in wall s.
-A bare DeepSpeed line under `torchrun` is not here yet.
+recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed; for torchrun its
+processes and imports too) is in wall s.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
@@ -26,10 +33,12 @@ from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing.replies import format_cot
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import SftStage
+from sphuatuo.store.runtime import process_environment
 
 
 @dataclass(frozen=True)
 class TrainBenchLine:
+    launcher: str  # bare, ray or torchrun
     trainer: str
     workers: int
     steps: int
@@ -64,32 +73,44 @@ def bench_examples(count: int) -> list[dict[str, Any]]:
             for i, q in enumerate(itertools.islice(itertools.cycle(bank), count))]
 
 
+def _global_batch(stage: SftStage) -> int:
+    return stage.micro_batch_size * stage.grad_accumulation * stage.scaling.num_workers
+
+
 def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
               warmup_steps: int) -> TrainBenchLine:
     """One process, no Ray, no DeepSpeed: TRL's SFTTrainer with the stage's own recording of throughput."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from sphuatuo.train.bare import train_sft
 
-    from sphuatuo.train.launcher import parameter_counts, training_arguments
-    from sphuatuo.train.recording import RecordedTrainerMixin
-
-    torch.set_num_threads(threads)
     started = time.perf_counter()
-    arguments = {**training_arguments(stage, tempfile.mkdtemp(prefix="sphuatuo-bench-"), on_gpu=False),
-                 "deepspeed": None, "save_strategy": "no", "report_to": "none"}
-    trainer_class = type("RecordedSFTTrainer", (RecordedTrainerMixin, SFTTrainer), {})
-    model_object = AutoModelForCausalLM.from_pretrained(model, dtype="float32")
-    trainer = trainer_class(model=model_object, args=SFTConfig(**arguments, completion_only_loss=True),
-                            train_dataset=Dataset.from_list(examples),
-                            processing_class=AutoTokenizer.from_pretrained(model),
-                            model_parameters=parameter_counts(model_object)[1], peak_flops=None)
-    output = trainer.train()
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * int(stage.epochs)
-    return TrainBenchLine("bare TRL SFTTrainer (1 process, no DeepSpeed)", 1, output.global_step,
-                          stage.micro_batch_size * stage.grad_accumulation, tokens, output.metrics["train_runtime"],
-                          time.perf_counter() - started, steady_rate(trainer.state.log_history, warmup_steps))
+    record = train_sft(model, stage, examples, threads=threads, use_deepspeed=False)
+    return TrainBenchLine("bare", "bare TRL SFTTrainer (1 process, no DeepSpeed)", 1, record["steps"],
+                          _global_batch(stage), record["tokens"], record["train_seconds"],
+                          time.perf_counter() - started, steady_rate(record["log"], warmup_steps))
+
+
+def _torchrun(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
+              warmup_steps: int) -> TrainBenchLine:
+    """`stage.scaling.num_workers` processes under torchrun, no Ray: the stage's trainer and DeepSpeed config
+    over gloo (`sphuatuo.train.bare`), each process with one worker's compute threads."""
+    workers = stage.scaling.num_workers
+    with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-torchrun-") as folder:
+        spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
+        spec.write_text(json.dumps({"model": model, "stage": stage.model_dump(mode="json"), "examples": examples,
+                                    "threads": threads}))
+        # The workers' environment (DS_ACCELERATOR=cpu, ...) and their thread count, which torchrun would
+        # otherwise set to 1 per process.
+        env = {**os.environ, **process_environment(on_gpu=False), "OMP_NUM_THREADS": str(threads)}
+        started = time.perf_counter()
+        # The training logs go to stderr: stdout carries the table.
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        str(workers), "-m", "sphuatuo.train.bare", str(spec), str(record_path)],
+                       env=env, stdout=sys.stderr, check=True)
+        wall = time.perf_counter() - started
+        record = json.loads(record_path.read_text())
+    return TrainBenchLine("torchrun", f"torchrun + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker"
+                          + ("s" if workers > 1 else ""), workers, record["steps"], _global_batch(stage),
+                          record["tokens"], record["train_seconds"], wall, steady_rate(record["log"], warmup_steps))
 
 
 def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int,
@@ -108,16 +129,16 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
     steps = max(entry["step"] for entry in log)
     runtime = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
     workers = stage.scaling.num_workers
-    return TrainBenchLine(f"Ray Train + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker"
-                          + ("s" if workers > 1 else ""), workers, steps,
-                          stage.micro_batch_size * stage.grad_accumulation * workers, tokens, runtime, wall,
-                          steady_rate(log, warmup_steps))
+    return TrainBenchLine("ray", f"Ray Train + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker"
+                          + ("s" if workers > 1 else ""), workers, steps, _global_batch(stage), tokens, runtime,
+                          wall, steady_rate(log, warmup_steps))
 
 
 def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage: int, max_length: int,
                 cpus_per_worker: float, warmup_steps: int = 2) -> list[TrainBenchLine]:
-    """Bare TRL, Ray Train with 1 worker and Ray Train with `workers`, all at the same global batch (the
-    fewer processes accumulate more micro batches) and so the same steps over the same examples."""
+    """Bare TRL, Ray Train with 1 worker, torchrun with `workers` and Ray Train with `workers` (when more than
+    1), all at the same global batch (the fewer processes accumulate more micro batches) and so the same steps
+    over the same examples."""
     from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
@@ -130,17 +151,20 @@ def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage
                         scaling={"num_workers": num_workers, "zero_stage": zero_stage,
                                  "cpus_per_worker": cpus_per_worker})
 
-    bare = _bare_trl(path, stage(1), rows, threads=max(1, int(cpus_per_worker)), warmup_steps=warmup_steps)
+    threads = max(1, int(cpus_per_worker))
+    bare = _bare_trl(path, stage(1), rows, threads=threads, warmup_steps=warmup_steps)
+    torchrun = _torchrun(path, stage(workers), rows, threads=threads, warmup_steps=warmup_steps)
     connect_ray()
-    lines = [bare, _ray_train(path, stage(1), rows, bare.tokens, warmup_steps)]
+    lines = [bare, _ray_train(path, stage(1), rows, bare.tokens, warmup_steps), torchrun]
     if workers > 1:
         lines.append(_ray_train(path, stage(workers), rows, bare.tokens, warmup_steps))
     return lines
 
 
 def format_train_bench(lines: list[TrainBenchLine]) -> str:
-    """Whole-run and steady-state tokens/s per worker, each against the bare line; the Ray cost alone is the
-    1-worker line's steady ratio, the cost of distribution the W-worker line's against the 1-worker line's."""
+    """Whole-run and steady-state tokens/s per worker, each against the bare line (the first), and the costs in
+    steady state: Ray alone (Ray Train with 1 worker vs bare), Ray at W workers (Ray Train vs torchrun, both with
+    W) and distribution (W Ray Train workers vs 1; W torchrun workers vs bare, without Ray)."""
     bare = lines[0]
     out = [f"{'trainer':<46} {'workers':>7} {'batch':>5} {'steps':>5} {'tokens':>7} {'train s':>7} {'wall s':>7} "
            f"{'tok/s/worker':>12} {'steady':>7} {'vs bare':>7} {'steady vs bare':>14}"]
@@ -150,8 +174,16 @@ def format_train_bench(lines: list[TrainBenchLine]) -> str:
                    f"{line.steady_tokens_per_s_per_worker:>7.1f} "
                    f"{line.tokens_per_s_per_worker / bare.tokens_per_s_per_worker:>7.2f} "
                    f"{line.steady_tokens_per_s_per_worker / bare.steady_tokens_per_s_per_worker:>14.2f}")
-    if len(lines) == 3:
-        one, many = lines[1].steady_tokens_per_s_per_worker, lines[2].steady_tokens_per_s_per_worker
-        out.append(f"Ray cost alone (1 worker vs bare, steady): {one / bare.steady_tokens_per_s_per_worker:.2f}; "
-                   f"distribution ({lines[2].workers} workers vs 1, per worker, steady): {many / one:.2f}")
+    ray = {line.workers: line.steady_tokens_per_s_per_worker for line in lines if line.launcher == "ray"}
+    torchrun = next((line for line in lines if line.launcher == "torchrun"), None)
+    if 1 in ray:
+        summary = f"Ray cost alone (1 worker vs bare, steady): {ray[1] / bare.steady_tokens_per_s_per_worker:.2f}"
+        if max(ray) > 1:
+            summary += f"; distribution ({max(ray)} workers vs 1, per worker, steady): {ray[max(ray)] / ray[1]:.2f}"
+        out.append(summary)
+    if torchrun is not None and torchrun.workers > 1 and torchrun.workers in ray:
+        steady = torchrun.steady_tokens_per_s_per_worker
+        out.append(f"Ray cost at {torchrun.workers} workers (Ray Train vs torchrun, steady): "
+                   f"{ray[torchrun.workers] / steady:.2f}; distribution without Ray ({torchrun.workers} torchrun "
+                   f"workers vs bare, per worker, steady): {steady / bare.steady_tokens_per_s_per_worker:.2f}")
     return "\n".join(out)

@@ -193,16 +193,13 @@ class WorkerSetup:
 
 def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> WorkerSetup:
     """Distributed init, model, tokenizer, LoRA config and Trainer arguments from the recipe stage."""
-    import deepspeed
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
     stage = stage_type.model_validate(config["stage"])
     config = {**config, "model": _local_model(config["model"], config["filesystem"])}
     on_gpu, trust_remote_code = stage.scaling.use_gpu, config["trust_remote_code"]
-    if stage.scaling.zero_stage and not on_gpu:
-        # Before any Trainer config: ZeRO-3 on gloo otherwise miscounts the world size.
-        deepspeed.init_distributed(dist_backend="gloo")
+    init_cpu_distributed(stage)
     peft_config = None
     if stage.finetuning == "lora":
         lora = stage.lora
@@ -219,6 +216,15 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
         arguments=training_arguments(stage, output_dir, on_gpu=on_gpu, trust_remote_code=trust_remote_code,
                                      run_name=config["stage_name"]),
     )
+
+
+def init_cpu_distributed(stage: TrainStage) -> None:
+    """DeepSpeed over gloo for a CPU stage under ZeRO, in every worker (Ray Train's or torchrun's) before any
+    Trainer config: ZeRO-3 on gloo otherwise miscounts the world size."""
+    if stage.scaling.zero_stage and not stage.scaling.use_gpu:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

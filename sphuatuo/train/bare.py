@@ -1,0 +1,67 @@
+"""The SFT stage's trainer without Ray, for `sphuatuo bench train`'s baselines.
+
+`train_sft` builds TRL's SFTTrainer from the stage's own Trainer arguments (`training_arguments`, DeepSpeed
+config included) with the stage's recording of throughput (`RecordedTrainerMixin`), as `sft_worker` does
+under Ray Train. The bench calls it in its own process without DeepSpeed (the bare TRL line) and, as one rank
+each, under `torchrun --nproc-per-node W -m sphuatuo.train.bare SPEC RECORD` with the stage's DeepSpeed over
+gloo (the line that isolates what Ray Train costs). SPEC and RECORD are JSON files: the bench writes the
+first, rank 0 the second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sphuatuo.recipe import SftStage
+from sphuatuo.train.launcher import init_cpu_distributed, parameter_counts, training_arguments
+
+
+def train_sft(model: str, stage: SftStage, examples: list[dict[str, Any]], *, threads: int,
+              use_deepspeed: bool) -> dict[str, Any]:
+    """Fine-tune `model` on `examples` on CPU with `threads` compute threads; return rank 0's record: steps,
+    tokens (the tokenized training set times the epochs), the Trainer's train_runtime and its step log."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sphuatuo.train.recording import RecordedTrainerMixin
+
+    torch.set_num_threads(threads)
+    output_dir = tempfile.mkdtemp(prefix="sphuatuo-bench-")
+    arguments = {**training_arguments(stage, output_dir, on_gpu=False), "save_strategy": "no", "report_to": "none"}
+    if not use_deepspeed:
+        arguments["deepspeed"] = None
+    args = SFTConfig(**arguments, completion_only_loss=True)
+    # After the config, as in the Ray workers: under ZeRO-3 it makes transformers build the model partitioned.
+    model_object = AutoModelForCausalLM.from_pretrained(
+        model, dtype="bfloat16" if stage.precision == "bf16" else "float32")
+    trainer_class = type("RecordedSFTTrainer", (RecordedTrainerMixin, SFTTrainer), {})
+    trainer = trainer_class(model=model_object, args=args, train_dataset=Dataset.from_list(examples),
+                            processing_class=AutoTokenizer.from_pretrained(model),
+                            model_parameters=parameter_counts(model_object)[1], peak_flops=None)
+    output = trainer.train()
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return {"steps": output.global_step,
+            "tokens": sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * int(stage.epochs),
+            "train_seconds": output.metrics["train_runtime"], "log": trainer.state.log_history}
+
+
+def main(spec_path: str, record_path: str) -> None:
+    """One torchrun rank: the spec's stage with its DeepSpeed config; rank 0 writes the record."""
+    spec = json.loads(Path(spec_path).read_text())
+    stage = SftStage.model_validate(spec["stage"])
+    init_cpu_distributed(stage)
+    record = train_sft(spec["model"], stage, spec["examples"], threads=spec["threads"], use_deepspeed=True)
+    if int(os.environ["RANK"]) == 0:
+        Path(record_path).write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
