@@ -77,6 +77,11 @@ def _global_batch(stage: SftStage) -> int:
     return stage.micro_batch_size * stage.grad_accumulation * stage.scaling.num_workers
 
 
+def _trainer_label(launcher: str, stage: SftStage) -> str:
+    workers = stage.scaling.num_workers
+    return f"{launcher} + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker" + ("s" if workers > 1 else "")
+
+
 def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
               warmup_steps: int) -> TrainBenchLine:
     """One process, no Ray, no DeepSpeed: TRL's SFTTrainer with the stage's own recording of throughput."""
@@ -108,8 +113,7 @@ def _torchrun(model: str, stage: SftStage, examples: list[dict[str, Any]], threa
                        env=env, stdout=sys.stderr, check=True)
         wall = time.perf_counter() - started
         record = json.loads(record_path.read_text())
-    return TrainBenchLine("torchrun", f"torchrun + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker"
-                          + ("s" if workers > 1 else ""), workers, record["steps"], _global_batch(stage),
+    return TrainBenchLine("torchrun", _trainer_label("torchrun", stage), workers, record["steps"], _global_batch(stage),
                           record["tokens"], record["train_seconds"], wall, steady_rate(record["log"], warmup_steps))
 
 
@@ -129,9 +133,8 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
     steps = max(entry["step"] for entry in log)
     runtime = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
     workers = stage.scaling.num_workers
-    return TrainBenchLine("ray", f"Ray Train + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker"
-                          + ("s" if workers > 1 else ""), workers, steps, _global_batch(stage), tokens, runtime,
-                          wall, steady_rate(log, warmup_steps))
+    return TrainBenchLine("ray", _trainer_label("Ray Train", stage), workers, steps, _global_batch(stage), tokens,
+                          runtime, wall, steady_rate(log, warmup_steps))
 
 
 def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage: int, max_length: int,

@@ -71,9 +71,9 @@ def generate_pass(
     errors = failed.column("engine_error").to_pylist() if failed.num_rows else []
     # Error rows already in the folder count too (kept by an earlier run within a share since lowered, or
     # written by a version that kept them before failing), so a resumed pass never passes unchecked.
-    if "error" in ctx.run.read_column("finish_reason", folder):
+    kept = ctx.run.read_rows(folder, where=[("finish_reason", "==", "error")])
+    if kept:
         keys = {row["key"] for row in rows}
-        kept = ctx.run.read_rows(folder, where=[("finish_reason", "==", "error")])
         errors += [row.get("engine_error") for row in kept if row["key"] in keys]
     _check_error_share(folder, errors, len(rows), engine)
     if failed.num_rows:
