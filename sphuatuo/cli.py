@@ -22,6 +22,8 @@ EPILOG = """examples:
   sphuatuo validate pipelines/sp_huatuo_7b.yaml   check a recipe without running anything
   sphuatuo run pipelines/demo.yaml --set stages.sft.epochs=1 --set run_root=runs/try
   sphuatuo run pipelines/huatuo_o1_demo.yaml      the HuatuoGPT-o1 recipe on SmolLM2-135M, CPU
+  sphuatuo run pipelines/sp_huatuo_7b.yaml --overlay pipelines/overlays/cpu.yaml
+                                                  a GPU recipe in its real shape on a laptop (tiny model)
   sphuatuo data check questions.csv --format cmexam
   sphuatuo data check exam.json                   an unknown layout: prints a column mapping to check and reuse
   sphuatuo data convert exam.json --columns mapping.yaml --out exam.parquet
@@ -36,6 +38,9 @@ EPILOG = """examples:
 
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+                        help="shrink the recipe for this machine without changing its shape, e.g. --overlay "
+                             "pipelines/overlays/cpu.yaml (repeatable; applied before --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a recipe field, e.g. --set stages.sft.learning_rate=2e-5 (repeatable)")
 
@@ -208,10 +213,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str, overrides: list[str]) -> Recipe:
+def _load(path: str, overrides: list[str], overlays: list[str]) -> Recipe:
     """`load_recipe`, then declare the recipe's secrets, so that whatever this process prints or logs after
     masks their values (`main` declares them from the file when validation fails)."""
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, overrides, overlays)
     declare_recipe(recipe.model_dump())
     return recipe
 
@@ -223,22 +228,22 @@ def _error(err: RecipeError | str) -> None:
     print(redact(str(err)), file=sys.stderr)
 
 
-def _run_recipe(recipe_path: str, overrides: list[str]) -> int:
+def _run_recipe(recipe_path: str, overrides: list[str], overlays: list[str]) -> int:
     from sphuatuo.commands.report import write_report
     from sphuatuo.pipeline import run_pipeline
 
-    run = run_pipeline(_load(recipe_path, overrides))
+    run = run_pipeline(_load(recipe_path, overrides, overlays))
     print(f"report: {write_report(run)}")
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return _run_recipe(args.recipe, args.overrides)
+    return _run_recipe(args.recipe, args.overrides, args.overlays)
 
 
 def demo_command(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"run_root={args.run_root}"] if args.run_root else [])
-    return _run_recipe(str(DEMO_RECIPE), overrides)
+    return _run_recipe(str(DEMO_RECIPE), overrides, args.overlays)
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -258,7 +263,7 @@ def validate_command(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
         try:
-            recipe = _load(path, args.overrides)
+            recipe = _load(path, args.overrides, args.overlays)
             print(f"{path}: valid recipe {recipe.name!r}")
         except RecipeError as err:
             _error(err)
@@ -307,7 +312,7 @@ def submit_command(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
-    return submit(args.recipe, address, overrides=args.overrides, working_dir=args.working_dir,
+    return submit(args.recipe, address, overrides=args.overrides, overlays=args.overlays, working_dir=args.working_dir,
                   runtime_env_file=Path(args.runtime_env), follow=not args.no_follow)
 
 
@@ -316,7 +321,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 
     from sphuatuo.commands.doctor import doctor, format_checks
 
-    recipe = _load(args.recipe, args.overrides)
+    recipe = _load(args.recipe, args.overrides, args.overlays)
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
              runtime_env=worker_runtime_env())
     checks = doctor(recipe)
@@ -372,7 +377,7 @@ def status_command(args: argparse.Namespace) -> int:
     from sphuatuo.store.run_root import RunRoot
 
     run = RunRoot(args.run_root)
-    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    recipe = load_recipe(args.recipe, args.overrides, args.overlays) if args.recipe else None
     print(format_statuses(run, stage_statuses(run, recipe)))
     return 0
 
@@ -391,7 +396,7 @@ def gc_command(args: argparse.Namespace) -> int:
 def plan_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.plan import format_plan, plan
 
-    result = plan(_load(args.recipe, args.overrides), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
+    result = plan(_load(args.recipe, args.overrides, args.overlays), args.gpu_memory_gb, args.gpu_bandwidth_tbs)
     print(format_plan(result))
     return 0 if result.fits else 1
 

@@ -7,7 +7,7 @@ field's path instead of being silently ignored halfway through a GPU job.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from sphuatuo.data.mapping import ColumnMapping
+from sphuatuo.overlay import apply_overlay, read_overlay
 
 
 class Strict(BaseModel):
@@ -914,8 +915,9 @@ def _resolve_formats(raw: dict[str, Any], datasets_file: Path) -> list[str]:
     return problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Parse and validate a recipe; raise RecipeError listing every problem with its field path."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, overlays: Sequence[str | Path] = ()) -> Recipe:
+    """Parse and validate a recipe with `overlays` (files, see sphuatuo.overlay) and then `overrides` applied;
+    raise RecipeError listing every problem with its field path."""
     path = str(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -927,6 +929,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(path, ["the top level must be a mapping of fields"])
     try:
+        for overlay in overlays:
+            raw = apply_overlay(raw, read_overlay(overlay), str(overlay))
         raw = apply_overrides(raw, overrides or [])
     except ValueError as err:
         raise RecipeError(path, [str(err)], raw) from None

@@ -49,6 +49,7 @@ def submit(
     address: str,
     *,
     overrides: list[str] | None = None,
+    overlays: list[str] | None = None,
     working_dir: str = ".",
     runtime_env_file: Path | None = DEFAULT_RUNTIME_ENV,
     follow: bool = True,
@@ -56,11 +57,13 @@ def submit(
     """Submit; print the job id; with `follow`, stream the logs and return 0 only if it SUCCEEDED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    overrides = overrides or []
-    recipe = load_recipe(recipe_path, overrides)
+    overrides, overlays = overrides or [], overlays or []
+    recipe = load_recipe(recipe_path, overrides, overlays)
     for note in api_key_notes(recipe):
         print(note, flush=True)
     entrypoint = ["sphuatuo", "run", recipe_path]
+    for overlay in overlays:  # a path inside the working directory, as the recipe's is
+        entrypoint += ["--overlay", overlay]
     for override in overrides:
         entrypoint += ["--set", override]
     client = JobSubmissionClient(address)

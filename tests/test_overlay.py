@@ -1,0 +1,81 @@
+"""The CPU overlay shrinks every shipped recipe without changing its shape (no Ray: the runs are in
+test_shapes.py)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from sphuatuo.overlay import Overlay, apply_overlay, read_overlay, shape_changes
+from sphuatuo.recipe import RecipeError, load_recipe
+
+CPU = REPO / "pipelines" / "overlays" / "cpu.yaml"
+SHIPPED = sorted((REPO / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe_file", SHIPPED, ids=lambda p: p.stem)
+def test_the_cpu_overlay_changes_only_sizes_and_the_result_fits_a_cpu_machine(recipe_file: Path) -> None:
+    raw = yaml.safe_load(recipe_file.read_text())
+    shrunk = apply_overlay(copy.deepcopy(raw), read_overlay(CPU), str(recipe_file))
+    assert shape_changes(raw, shrunk) == []
+
+    recipe = load_recipe(recipe_file, overlays=[CPU])
+    original = load_recipe(recipe_file)
+    engines = [recipe.models.teacher, recipe.models.student, *filter(None, [recipe.models.judge.engine])]
+    if hasattr(recipe.stages, "verifiable_problems"):
+        engines += recipe.stages.verifiable_problems.small_models
+    for engine in engines:
+        if engine.backend == "openai":  # keeps its name; served by whatever listens at the overlay's base_url
+            assert engine.model == "gpt-4o" and engine.base_url == "http://127.0.0.1:8000/v1"
+        else:
+            assert engine.model == "builtin:tiny" and engine.gpus_per_replica == 0 and engine.tensor_parallel_size == 1
+    for name in ("sft", "dpo", "rl"):
+        stage = getattr(recipe.stages, name, None)
+        if stage is None:
+            continue
+        before = getattr(original.stages, name)
+        assert stage.scaling.use_gpu is False and stage.scaling.num_workers == 2 and stage.max_steps == 2
+        assert (stage.finetuning, stage.scaling.zero_stage) == (before.finetuning, before.scaling.zero_stage)
+        assert bool(stage.checkpoint_every_steps) == bool(before.checkpoint_every_steps)
+    for kind in ("train", "test"):
+        for shrunk_source, source in zip(getattr(recipe.data, kind), getattr(original.data, kind), strict=True):
+            assert shrunk_source.format == source.format
+            assert shrunk_source.path.startswith("builtin:") or Path(shrunk_source.path).is_file()
+    assert recipe.run_root == original.run_root  # storage is shape: an s3:// root stays one
+
+
+def test_shape_changes_names_what_an_overlay_must_not_touch() -> None:
+    before = {"models": {"judge": {"kind": "llm", "engine": {"backend": "vllm", "model": "Qwen/QwQ-32B"}}},
+              "stages": {"preference_pairs": {"strategies": ["self_correction"]}}}
+    after = copy.deepcopy(before)
+    after["models"]["judge"]["engine"].update(backend="hf", model="builtin:tiny")
+    after["stages"]["preference_pairs"]["strategies"] = ["sampled"]
+    assert sorted(shape_changes(before, after)) == ["models.judge.engine.backend",
+                                                    "stages.preference_pairs.strategies.0"]
+
+
+def test_an_overlay_without_a_file_for_a_recipe_format_fails_naming_the_source(tmp_path: Path) -> None:
+    overlay = tmp_path / "partial.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"train_files": {"medqa": "medqa.jsonl"}}}))
+    with pytest.raises(RecipeError, match=r"data\.train\.1 reads format 'medmcqa', for which the overlay has no file"):
+        load_recipe(REPO / "pipelines" / "huatuo_o1_7b.yaml", overlays=[overlay])
+    overlay.write_text("engines: {modle: builtin:tiny}\n")
+    with pytest.raises(RecipeError, match=r"overlay .*partial.yaml: engines.modle: Extra inputs are not permitted"):
+        load_recipe(REPO / "pipelines" / "sp_huatuo_7b.yaml", overlays=[overlay])
+
+
+def test_set_overrides_apply_after_the_overlay_and_the_cli_takes_both() -> None:
+    recipe = load_recipe(REPO / "pipelines" / "sp_huatuo_7b.yaml", ["stages.sft.max_steps=5"], [CPU])
+    assert recipe.stages.sft.max_steps == 5 and recipe.stages.dpo.max_steps == 2
+    raw = yaml.safe_load((REPO / "pipelines" / "huatuo_o1_7b.yaml").read_text())
+    with pytest.raises(ValueError, match="no file"):  # an empty overlay knows no small file for medqa
+        apply_overlay(copy.deepcopy(raw), Overlay())
+    result = subprocess.run([sys.executable, "-m", "sphuatuo.cli", "validate", "pipelines/sp_huatuo_7b_multinode.yaml",
+                             "--overlay", "pipelines/overlays/cpu.yaml"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
