@@ -34,8 +34,6 @@ SIZE_FIELDS = frozenset({
     "offload_optimizer", "offload_params", "checkpoint_every_steps", "precision",
     # colocated vLLM generation inside RL workers exists on GPUs only
     "use_vllm",
-    # engines stay up between passes on GPUs by default; the overlay asks the same of CPU engines
-    "keep_engines_up",
 })
 """The only recipe fields an overlay may change."""
 
@@ -101,7 +99,6 @@ class Overlay(_Section):
     max_tokens: int | None = Field(default=None, ge=1, description="every sampling budget (and RL's response "
                                                                    "length), at most")
     training: OverlayTraining = OverlayTraining()
-    keep_engines_up: bool | None = None
 
 
 def read_overlay(path: str | Path) -> Overlay:
@@ -180,9 +177,6 @@ def apply_overlay(raw: dict[str, Any], overlay: Overlay, source: str = "overlay"
             stage["verifier"]["model"] = overlay.verifier_model
         if {"scaling", "epochs", "finetuning"} & stage.keys():
             _train(stage, overlay.training)
-
-    if overlay.keep_engines_up is not None:
-        raw.setdefault("ray", {})["keep_engines_up"] = overlay.keep_engines_up
     return raw
 
 
