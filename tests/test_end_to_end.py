@@ -16,6 +16,7 @@ from sphuatuo.commands.export import export_run
 from sphuatuo.commands.report import write_report
 from sphuatuo.pipeline import recipe_stages, run_pipeline
 from sphuatuo.recipe import Recipe, load_recipe
+from sphuatuo.stages.evaluate import protocol_label
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +138,13 @@ def test_o1_demo_learns_the_format_so_rl_rewards_are_not_zero(tmp_path: Path, ra
     assert "![rl reward](rl_reward.png)" in report and run.exists("rl_reward.png")
     assert "rl: The mean reward " in report and "Per step: " in report
     assert "<h3>RL reward</h3>" in run.read_text("report.html")
+
+    # The RL model is evaluated under both protocols, and the report's protocol table shows both with intervals.
+    protocols = stages["evaluate"]["details"]["protocols"]
+    assert list(protocols) == ["project", "o1_paper"] and protocols["o1_paper"]["settings"]["temperature"] == 0.5
+    for name, entry in protocols.items():
+        result = entry["models"]["rl"]
+        assert result["n"] == 2
+        low, high = result["ci95"]
+        assert (f"| {protocol_label(name, entry['settings'])} | rl | 2 | {result['accuracy']:.1%} | "
+                f"{low:.1%} – {high:.1%} | {result['first_match_accuracy']:.1%} |") in report
