@@ -16,16 +16,23 @@ from sphuatuo.commands.export import export_run
 from sphuatuo.commands.report import write_report
 from sphuatuo.pipeline import recipe_stages, run_pipeline
 from sphuatuo.recipe import Recipe, load_recipe
+from sphuatuo.stages.evaluate import protocol_label
 
 pytestmark = pytest.mark.slow
 
 SMALL = [
     "data.train.0.limit=24",
     "data.test_fraction=0.25",
+    # Each generation pass starts its own engine on CPU (some 40 s): the teacher sees the reference at once, so one
+    # pass gives SFT its examples instead of a first pass and a hinted retry (the retry has its own test).
+    "stages.teacher_cot.reveal_reference=true",
     "stages.teacher_cot.sampling.max_tokens=128",
     "stages.student_answers.sampling.max_tokens=128",
-    "stages.preference_pairs.sampling.max_tokens=128",
-    "stages.evaluate.sampling.max_tokens=96",
+    "stages.preference_pairs.sampling.max_tokens=96",
+    "stages.evaluate.sampling.max_tokens=64",
+    # One epoch, two examples a step: still more than one step (asserted below) on half the tokens.
+    "stages.sft.epochs=1",
+    "stages.sft.micro_batch_size=1",
     "stages.sft.max_length=512",
     "stages.dpo.max_length=512",
     "tracking.report_to=[mlflow]",
@@ -107,7 +114,8 @@ O1_SMALL = [
     "stages.sft.epochs=1",
     "stages.rl.max_steps=2",
     "stages.evaluate.models=[rl]",
-    "stages.evaluate.sampling.max_tokens=64",
+    # Two protocols, so two evaluation passes: a short budget each (what is checked is the table, not the score).
+    "stages.evaluate.sampling.max_tokens=32",
 ]
 
 
@@ -137,3 +145,13 @@ def test_o1_demo_learns_the_format_so_rl_rewards_are_not_zero(tmp_path: Path, ra
     assert "![rl reward](rl_reward.png)" in report and run.exists("rl_reward.png")
     assert "rl: The mean reward " in report and "Per step: " in report
     assert "<h3>RL reward</h3>" in run.read_text("report.html")
+
+    # The RL model is evaluated under both protocols, and the report's protocol table shows both with intervals.
+    protocols = stages["evaluate"]["details"]["protocols"]
+    assert list(protocols) == ["project", "o1_paper"] and protocols["o1_paper"]["settings"]["temperature"] == 0.5
+    for name, entry in protocols.items():
+        result = entry["models"]["rl"]
+        assert result["n"] == 2
+        low, high = result["ci95"]
+        assert (f"| {protocol_label(name, entry['settings'])} | rl | 2 | {result['accuracy']:.1%} | "
+                f"{low:.1%} – {high:.1%} | {result['first_match_accuracy']:.1%} |") in report
