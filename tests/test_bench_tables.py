@@ -14,3 +14,32 @@ def test_bench_scale_table_gives_each_size_against_the_smallest_and_the_memory_t
     assert table[4] == "target: driver peak RSS at 50000 questions within 1.2x of that at 5000: 1.35x, missed"
     flat = format_scale_bench([lines[0], ScaleLine(50000, 50000, 250.0, 770.0)], 256).splitlines()
     assert flat[-1].endswith(": 1.10x, met")
+
+
+def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_workload() -> None:
+    from sphuatuo.commands.bench_generate import BenchLine, format_bench, passes_line
+
+    lines = []
+    for workload, scale in (("fixed", 1), ("long-tail", 2)):
+        lines += [BenchLine("bare vLLM (in process, incl. engine start)", "whole", workload, 8, 10.0, 200 * scale),
+                  BenchLine("bare vLLM (in process, engine ready)", "steady", workload, 8, 2.0, 200 * scale),
+                  BenchLine("vllm via Ray Data (incl. actor + engine start)", "whole", workload, 8, 20.0, 200 * scale),
+                  BenchLine("vllm via Ray Data (less 15 s start-up)", "steady", workload, 8, 4.0, 200 * scale),
+                  # Three passes of 8 rows (generate, a one-token judge, generate), as `_ray_pass` reports them.
+                  passes_line("engines per pass", workload, [(8, 20.0, 100 * scale), (8, 15.0, 8 * scale),
+                                                             (8, 25.0, 100 * scale)]),
+                  passes_line("one engine kept up", workload, [(8, 20.0, 100 * scale), (8, 2.0, 8 * scale),
+                                                               (8, 8.0, 100 * scale)])]
+    table = format_bench(lines, "every engine: dtype float32").splitlines()
+    assert table[0] == "every engine: dtype float32" and table[1].startswith("engine ")
+    rows = [[line[:58].strip(), *line[58:].split()] for line in table[2:-1]]
+    assert [row[0] for row in rows[4:6]] == ["3 passes (generate, judge, generate), engines per pass",
+                                             "3 passes (generate, judge, generate), one engine kept up"]
+    assert [row[1:4] for row in rows[4:6]] == [["fixed", "24", "60.0"], ["fixed", "24", "30.0"]]
+    assert [row[-2] for row in rows[4:6]] == ["3.5", "6.9"]  # 208 output tokens over each line's seconds
+    # Bare whole pass, bare steady state, engines per pass: each kind's baseline, per workload (long-tail's
+    # tokens/s are twice fixed's, and its ratios the same).
+    ratios = [row[-1] for row in rows]
+    assert ratios == ["1.00", "1.00", "0.50", "0.50", "1.00", "2.00"] * 2
+    assert [row[-2] for row in rows[6:8]] == ["40.0", "200.0"]
+    assert table[-1].startswith("vs base: against the first line of the same kind and workload")

@@ -126,9 +126,14 @@ def _three_passes(engine: EngineConfig, prompts: list[Messages], sampling: Sampl
         passes = [_ray_pass(engine, prompts, step, services) for step in (sampling, judge, sampling)]
         if services is not None:
             services.release_all()
-        lines.append(BenchLine(f"3 passes (generate, judge, generate), {label}", "passes", workload,
-                               sum(p[0] for p in passes), sum(p[1] for p in passes), sum(p[2] for p in passes)))
+        lines.append(passes_line(label, workload, passes))
     return lines
+
+
+def passes_line(label: str, workload: str, passes: list[tuple[int, float, int]]) -> BenchLine:
+    """The three-pass line: the passes' rows, seconds and output tokens (as `_ray_pass` gives them) added up."""
+    rows, seconds, tokens = (sum(column) for column in zip(*passes, strict=True))
+    return BenchLine(f"3 passes (generate, judge, generate), {label}", "passes", workload, rows, seconds, tokens)
 
 
 def bench_engine(model: str, dtype: str, batch_size: int, cpus: float, cpu_threads: int | None,
