@@ -118,8 +118,12 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
                 "finish_reason": "error", "engine_error": error}
 
     _input_columns = set(ds.columns())
-    processor = build_processor(processor_config(engine, model_path, request.seed, raw),
-                                preprocess=preprocess, postprocess=postprocess,
-                                preprocess_map_kwargs={"num_cpus": LIGHT_CPUS},
+    config = processor_config(engine, model_path, request.seed, raw)
+    # With the remote args of the chat-template stage, Ray Data fuses `preprocess` into that stage's actor: no
+    # task worker processes (each importing Ray Data) to start on every pass beside the engine's.
+    preprocess_kwargs = {"num_cpus": LIGHT_CPUS, **({} if raw or config.runtime_env is None
+                                                     else {"runtime_env": config.runtime_env})}
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
+                                preprocess_map_kwargs=preprocess_kwargs,
                                 postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
     return processor(ds).map(settle, num_cpus=LIGHT_CPUS)
