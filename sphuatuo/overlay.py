@@ -94,6 +94,8 @@ class OverlayTraining(_Section):
 class Overlay(_Section):
     engines: LocalEngines = LocalEngines()
     hosted: HostedEngines = HostedEngines()
+    judge_model: str | None = Field(default=None, description="the judge's engine, when it loads weights (after "
+                                                              "`engines`)")
     verifier_model: str | None = Field(default=None, description="RL verifiers that load a model (classifier, llm)")
     data: OverlayData = OverlayData()
     max_tokens: int | None = Field(default=None, ge=1, description="every sampling budget (and RL's response "
@@ -152,6 +154,9 @@ def apply_overlay(raw: dict[str, Any], overlay: Overlay, source: str = "overlay"
     """The raw recipe `raw` with `overlay` applied (in place, and returned)."""
     for engine in _engines(raw):
         _set(engine, overlay.hosted if engine["backend"] == "openai" else overlay.engines)
+    judge = raw.get("models", {}).get("judge", {}).get("engine")
+    if overlay.judge_model and judge and judge.get("backend") != "openai":
+        judge["model"] = overlay.judge_model
 
     data = overlay.data
     for kind, files, limit in (("train", data.train_files, data.train_limit), ("test", data.test_files,

@@ -27,14 +27,16 @@ def test_the_cpu_overlay_changes_only_sizes_and_the_result_fits_a_cpu_machine(re
 
     recipe = load_recipe(recipe_file, overlays=[CPU])
     original = load_recipe(recipe_file)
-    engines = [recipe.models.teacher, recipe.models.student, *filter(None, [recipe.models.judge.engine])]
+    engines = {"teacher": recipe.models.teacher, "student": recipe.models.student}
+    if recipe.models.judge.engine:
+        engines["judge"] = recipe.models.judge.engine
     if hasattr(recipe.stages, "verifiable_problems"):
-        engines += recipe.stages.verifiable_problems.small_models
-    for engine in engines:
+        engines.update({f"small {i}": e for i, e in enumerate(recipe.stages.verifiable_problems.small_models)})
+    for role, engine in engines.items():
         if engine.backend == "openai":  # keeps its name; served by whatever listens at the overlay's base_url
             assert engine.model == "gpt-4o" and engine.base_url == "http://127.0.0.1:8000/v1"
         else:
-            assert engine.model == "builtin:smollm2-135m-instruct"
+            assert engine.model == ("builtin:tiny" if role == "judge" else "builtin:smollm2-135m-instruct")
             assert engine.gpus_per_replica == 0 and engine.tensor_parallel_size == 1
     for name in ("sft", "dpo", "rl"):
         stage = getattr(recipe.stages, name, None)
