@@ -201,6 +201,9 @@ def _train(stage: dict[str, Any], training: OverlayTraining) -> None:
         stage["use_vllm"] = training.use_vllm
     if stage.get("checkpoint_every_steps") and training.checkpoint_every_steps:
         stage["checkpoint_every_steps"] = training.checkpoint_every_steps
+    if "group_size" in stage:  # RL: each step's completions must fill whole groups of `group_size`
+        per_step = stage.get("micro_batch_size", 1) * scaling.get("num_workers", 1)
+        stage["grad_accumulation"] = max(stage.get("grad_accumulation", 1), -(-stage["group_size"] // per_step))
     if "global_batch_size" in stage:  # a recipe that states its global batch has it checked: keep it true
         stage["global_batch_size"] = (stage.get("micro_batch_size", 1) * stage.get("grad_accumulation", 1)
                                       * scaling.get("num_workers", 1))

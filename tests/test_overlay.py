@@ -46,6 +46,9 @@ def test_the_cpu_overlay_changes_only_sizes_and_the_result_fits_a_cpu_machine(re
         assert stage.scaling.use_gpu is False and stage.scaling.num_workers == 2 and stage.max_steps == 2
         assert (stage.finetuning, stage.scaling.zero_stage) == (before.finetuning, before.scaling.zero_stage)
         assert bool(stage.checkpoint_every_steps) == bool(before.checkpoint_every_steps)
+        if name == "rl":  # every step's completions fill whole groups, as TRL's GRPO requires
+            per_step = stage.micro_batch_size * stage.grad_accumulation * stage.scaling.num_workers
+            assert per_step % stage.group_size == 0 and stage.group_size == before.group_size
     for kind in ("train", "test"):
         for shrunk_source, source in zip(getattr(recipe.data, kind), getattr(original.data, kind), strict=True):
             assert shrunk_source.format == source.format
