@@ -23,16 +23,10 @@ pytestmark = pytest.mark.slow
 SMALL = [
     "data.train.0.limit=24",
     "data.test_fraction=0.25",
-    # Each generation pass starts its own engine on CPU (some 40 s): the teacher sees the reference at once, so one
-    # pass gives SFT its examples instead of a first pass and a hinted retry (the retry has its own test).
-    "stages.teacher_cot.reveal_reference=true",
     "stages.teacher_cot.sampling.max_tokens=128",
     "stages.student_answers.sampling.max_tokens=128",
     "stages.preference_pairs.sampling.max_tokens=96",
     "stages.evaluate.sampling.max_tokens=64",
-    # One epoch, two examples a step: still more than one step (asserted below) on half the tokens.
-    "stages.sft.epochs=1",
-    "stages.sft.micro_batch_size=1",
     "stages.sft.max_length=512",
     "stages.dpo.max_length=512",
     "tracking.report_to=[mlflow]",
