@@ -144,8 +144,8 @@ def _engines(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def _cap(section: dict[str, Any], field: str, cap: int | None, default: int | None = None) -> None:
-    value = section.get(field, default)
+def _cap(section: dict[str, Any], field: str, cap: int | None) -> None:
+    value = section.get(field)
     if cap is not None and (value is None or value > cap):
         section[field] = cap
 

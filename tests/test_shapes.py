@@ -36,7 +36,7 @@ def _stages(run: RunRoot) -> dict[str, Any]:
     return json.loads(run.read_text("manifest.json"))["stages"]
 
 
-def _check_self_play(recipe, run: RunRoot) -> dict[str, Any]:
+def _check_self_play(recipe, run: RunRoot) -> None:
     """What every Self-Play recipe must show after a shape run: each stage done (the pair and DPO stages may
     find nothing to do, and then say why), the paper's Chinese prompts, both protocols in manifest and report."""
     stages = _stages(run)
@@ -66,7 +66,6 @@ def _check_self_play(recipe, run: RunRoot) -> dict[str, Any]:
     report = Path(write_report(run)).read_text()
     for model in models:
         assert f"| sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt) | {model} |" in report
-    return stages
 
 
 def test_the_self_play_recipe_runs_in_its_shape(tmp_path: Path, ray_cluster) -> None:
