@@ -929,6 +929,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, overlays: 
     if not isinstance(raw, dict):
         raise RecipeError(path, ["the top level must be a mapping of fields"])
     try:
+        if overlays:
+            _state_sampling_defaults(raw)
         for overlay in overlays:
             raw = apply_overlay(raw, read_overlay(overlay), str(overlay))
         raw = apply_overrides(raw, overrides or [])
@@ -938,6 +940,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, overlays: 
     if problems:
         raise RecipeError(path, problems, raw)
     return parse_recipe(raw, path)
+
+
+def _state_sampling_defaults(raw: dict[str, Any]) -> None:
+    """Write out every sampling block a recipe leaves at its stage's default, so that an overlay's token budget
+    caps those too (HuatuoGPT-o1's small models decode 1,024 tokens unless the recipe says otherwise)."""
+    kind = RECIPE_KINDS.get(raw.get("recipe", "self_play"))
+    stages = raw.setdefault("stages", {})
+    if kind is None or not isinstance(stages, dict):
+        return
+    for stage_name, default_stage in kind.model_fields["stages"].default:
+        stage = stages.setdefault(stage_name, {})
+        if not isinstance(stage, dict):
+            continue
+        for name, value in default_stage:
+            if isinstance(value, SamplingConfig) and name not in stage:
+                stage[name] = value.model_dump()
 
 
 def parse_recipe(raw: dict[str, Any], source: str) -> Recipe:

@@ -49,6 +49,10 @@ def test_the_cpu_overlay_changes_only_sizes_and_the_result_fits_a_cpu_machine(re
         if name == "rl":  # every step's completions fill whole groups, as TRL's GRPO requires
             per_step = stage.micro_batch_size * stage.grad_accumulation * stage.scaling.num_workers
             assert per_step % stage.group_size == 0 and stage.group_size == before.group_size
+    # Every sampling budget, stated in the recipe or left at its stage's default, is the overlay's at most.
+    budgets = {f"{stage_name}.{name}": value.max_tokens for stage_name, stage in recipe.stages
+               for name, value in stage if name.endswith("sampling")}
+    assert budgets and max(budgets.values()) <= 128, budgets
     for kind in ("train", "test"):
         for shrunk_source, source in zip(getattr(recipe.data, kind), getattr(original.data, kind), strict=True):
             assert shrunk_source.format == source.format
