@@ -29,7 +29,7 @@ SIZE_FIELDS = frozenset({
     # data: which file of the same format, how many rows
     "path", "limit",
     # budgets: tokens, steps, batches, workers
-    "max_tokens", "max_response_length", "epochs", "max_steps", "max_length", "micro_batch_size",
+    "max_tokens", "max_response_length", "max_protocol_tokens", "epochs", "max_steps", "max_length", "micro_batch_size",
     "grad_accumulation", "global_batch_size", "num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker",
     "offload_optimizer", "offload_params", "checkpoint_every_steps", "precision",
     # colocated vLLM generation inside RL workers exists on GPUs only
@@ -178,6 +178,8 @@ def apply_overlay(raw: dict[str, Any], overlay: Overlay, source: str = "overlay"
                 _cap(value, "max_tokens", overlay.max_tokens)
         if "max_response_length" in stage:
             _cap(stage, "max_response_length", overlay.max_tokens)
+        if "protocols" in stage:
+            _cap(stage, "max_protocol_tokens", overlay.max_tokens)
         if "verifier" in stage and stage["verifier"].get("model") and overlay.verifier_model:
             stage["verifier"]["model"] = overlay.verifier_model
         if {"scaling", "epochs", "finetuning"} & stage.keys():

@@ -446,6 +446,10 @@ class EvaluateStage(Strict):
                     "template), o1_paper (HuatuoGPT-o1's scorer: T 0.5, right when the first or the last match is), "
                     "shuffled (as project, each item's options in another order: the permutation check); the first "
                     "is the one the report's breakdowns show")
+    max_protocol_tokens: int | None = Field(
+        default=None, ge=1, description="caps every protocol's token budget, the papers' fixed ones included "
+                                        "(sp_paper's 450): for shrunk runs, as an overlay sets it; the report's "
+                                        "protocol labels show the budget each ran with")
 
     report_to: list[Tracker] = Field(default_factory=list, description="trackers for the results besides "
                                                                     "tracking.report_to")

@@ -53,6 +53,8 @@ def test_the_cpu_overlay_changes_only_sizes_and_the_result_fits_a_cpu_machine(re
     budgets = {f"{stage_name}.{name}": value.max_tokens for stage_name, stage in recipe.stages
                for name, value in stage if name.endswith("sampling")}
     assert budgets and max(budgets.values()) <= 128, budgets
+    if "protocols" in yaml.safe_load(recipe_file.read_text())["stages"]["evaluate"]:  # sp_paper decodes 450
+        assert recipe.stages.evaluate.max_protocol_tokens == 128
     for kind in ("train", "test"):
         for shrunk_source, source in zip(getattr(recipe.data, kind), getattr(original.data, kind), strict=True):
             assert shrunk_source.format == source.format

@@ -115,6 +115,11 @@ def test_every_protocol_the_recipe_accepts_is_defined_and_each_says_what_it_samp
     assert PROTOCOLS["o1_paper"].sampling_for(stage).temperature == 0.5
     assert protocol_label("sp_paper", PROTOCOLS["sp_paper"].settings(stage)) == \
         "sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt)"
+    # A shrunk run caps every budget, the paper's too, and its label says what ran; a larger cap changes nothing.
+    assert PROTOCOLS["sp_paper"].sampling_for(stage, 128).max_tokens == 128
+    assert protocol_label("sp_paper", PROTOCOLS["sp_paper"].settings(stage, 128)) == \
+        "sp_paper (T 0.7, top_p 0.9, 128 tokens, raw prompt)"
+    assert PROTOCOLS["sp_paper"].sampling_for(stage, 4096) == paper
     assert protocol_folder("sft", "project") == "evaluate/sft"
     assert protocol_folder("sft", "strict") == "evaluate/sft@strict"
 

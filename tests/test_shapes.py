@@ -65,7 +65,8 @@ def _check_self_play(recipe, run: RunRoot) -> None:
         assert sorted(entry["models"]) == models and all(r["n"] == 4 for r in entry["models"].values())
     report = Path(write_report(run)).read_text()
     for model in models:
-        assert f"| sp_paper (T 0.7, top_p 0.9, 450 tokens, raw prompt) | {model} |" in report
+        # The paper's sampling and raw prompt; its 450-token budget capped by the overlay, and the label says so.
+        assert f"| sp_paper (T 0.7, top_p 0.9, 128 tokens, raw prompt) | {model} |" in report
 
 
 def test_the_self_play_recipe_runs_in_its_shape(tmp_path: Path, ray_cluster) -> None:

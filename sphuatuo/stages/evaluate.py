@@ -60,12 +60,16 @@ class Protocol:
     scoring: Scoring = "last"
     shuffle_options: bool = False
 
-    def sampling_for(self, stage: SamplingConfig) -> SamplingConfig:
-        return stage.model_copy(update=self.sampling)
+    def sampling_for(self, stage: SamplingConfig, max_tokens: int | None = None) -> SamplingConfig:
+        """The stage's sampling with this protocol's fields, its budget at most `max_tokens` when given."""
+        sampling = stage.model_copy(update=self.sampling)
+        if max_tokens is not None and sampling.max_tokens > max_tokens:
+            sampling = sampling.model_copy(update={"max_tokens": max_tokens})
+        return sampling
 
-    def settings(self, stage: SamplingConfig) -> dict[str, Any]:
+    def settings(self, stage: SamplingConfig, max_tokens: int | None = None) -> dict[str, Any]:
         """What the manifest and the report say about a run of this protocol."""
-        sampling = self.sampling_for(stage)
+        sampling = self.sampling_for(stage, max_tokens)
         return {"description": self.description, "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "max_tokens": sampling.max_tokens, "chat_template": self.chat_template,
                 "scoring": SCORING[self.scoring], "shuffled_options": self.shuffle_options}
@@ -220,7 +224,8 @@ def run(ctx: StageContext) -> None:
     results = ctx.record.details.setdefault("models", {})
     by_protocol = ctx.record.details.setdefault("protocols", {})
     for name in stage.protocols:
-        by_protocol.setdefault(name, {"settings": PROTOCOLS[name].settings(stage.sampling), "models": {}})
+        by_protocol.setdefault(name, {"settings": PROTOCOLS[name].settings(stage.sampling, stage.max_protocol_tokens),
+                                     "models": {}})
     judge = scoring_judge(ctx.recipe.models.judge)
     all_rows: list[Row] = []
     for name in ctx.recipe.stages.evaluated_models():
@@ -235,7 +240,7 @@ def run(ctx: StageContext) -> None:
                      protocol_name)
             asked = [shuffle_options(q, ctx.recipe.seed) for q in questions] if protocol.shuffle_options else questions
             rows = answer_questions(ctx, asked, protocol_folder(name, protocol_name), model, stage.prompt,
-                                    protocol.sampling_for(stage.sampling), judge=judge,
+                                    protocol.sampling_for(stage.sampling, stage.max_protocol_tokens), judge=judge,
                                     chat_template=protocol.chat_template)
             result = by_protocol[protocol_name]["models"][name] = score(rows, protocol.scoring)
             if protocol_name == stage.protocols[0]:
