@@ -91,3 +91,15 @@ def test_set_overrides_apply_after_the_overlay_and_the_cli_takes_both() -> None:
     result = subprocess.run([sys.executable, "-m", "sphuatuo.cli", "validate", "pipelines/sp_huatuo_7b_multinode.yaml",
                              "--overlay", "pipelines/overlays/cpu.yaml"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_under_the_overlay_the_full_fine_tuning_recipes_differ_in_their_storage_only() -> None:
+    """Under the overlay the two full fine-tuning recipes are one run on two kinds of storage (local, s3://): a
+    shape run of either is a shape run of both."""
+    full = load_recipe(REPO / "pipelines" / "sp_huatuo_7b_full.yaml", overlays=[CPU]).model_dump()
+    multinode = load_recipe(REPO / "pipelines" / "sp_huatuo_7b_multinode.yaml", overlays=[CPU]).model_dump()
+    differing = sorted(name for name in full.keys() | multinode.keys() if full.get(name) != multinode.get(name))
+    assert differing == ["name", "run_root"]
+    assert multinode["run_root"].startswith("s3://") and not full["run_root"].startswith("s3://")
+    # Without the overlay they differ in sizes as well (8 vs 16 GPUs).
+    assert load_recipe(REPO / "pipelines" / "sp_huatuo_7b_full.yaml").stages.sft.scaling.num_workers == 8

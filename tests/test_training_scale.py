@@ -231,3 +231,21 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
     # (a retrained step would carry the new workers' pids).
     dpo.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
     assert [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()] == first_order
+
+
+def test_nodes_without_credentials_get_a_local_copy_of_a_bucket_model_for_their_engines(
+        s3_server: dict[str, Any], ray_cluster, tiny_model: str) -> None:
+    """vLLM fetches an s3:// model with each node's own chain; the session's nodes have none, so with
+    `storage.credentials: driver` every node gets a local copy through the relayed filesystem."""
+    import pyarrow.fs as pafs
+
+    run = RunRoot(f"s3://{s3_server['bucket']}/engine-model")
+    pafs.copy_files(tiny_model, run.fs_path("sft", "model"), destination_filesystem=run.fs)
+    location = run.join("sft", "model")
+    local = credentials.engine_model_path(run, location, "driver")
+    assert not local.startswith("s3://") and sorted(os.listdir(local)) == sorted(os.listdir(tiny_model))
+    assert credentials.engine_model_path(run, location, "driver") == local  # the same files: the copy is reused
+    assert credentials.engine_model_path(run, location, "node") == location  # nodes that sign for themselves
+    # A model written again (other files) is copied again, to another place.
+    run.write_text("{}", "sft", "model", "extra.json")
+    assert credentials.engine_model_path(run, location, "driver") not in (local, location)

@@ -32,7 +32,7 @@ from sphuatuo.passes.generation import count_tokens
 from sphuatuo.recipe import JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped, log
 from sphuatuo.stages.self_play.student_answers import answer_questions
-from sphuatuo.stages.training import model_of
+from sphuatuo.stages.training import engine_model_of
 
 NAME = "evaluate"
 CONFIG = ("models.student", "models.judge", "stages.evaluate", "stages.preference_pairs.strategies")
@@ -230,7 +230,7 @@ def run(ctx: StageContext) -> None:
     all_rows: list[Row] = []
     for name in ctx.recipe.stages.evaluated_models():
         try:
-            model = model_of(ctx, name)
+            model = engine_model_of(ctx, name)
         except StageSkipped as missing:
             ctx.note(f"not evaluating {name}: {missing}")
             continue

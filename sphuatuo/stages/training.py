@@ -9,6 +9,7 @@ from typing import Any
 from sphuatuo.local_models import resolve_model
 from sphuatuo.recipe import TrainStage
 from sphuatuo.stages import StageContext, StageSkipped
+from sphuatuo.store.credentials import engine_model_path
 from sphuatuo.train.launcher import fit
 
 
@@ -19,6 +20,11 @@ def model_of(ctx: StageContext, name: str) -> str:
     if not ctx.run.exists(name, "model", "config.json"):
         raise StageSkipped(f"no {name} model in the run (the {name} stage did not produce one)")
     return ctx.run.join(name, "model")
+
+
+def engine_model_of(ctx: StageContext, name: str) -> str:
+    """`model_of` where an engine can load it (see `engine_model_path`)."""
+    return engine_model_path(ctx.run, model_of(ctx, name), ctx.recipe.storage.credentials)
 
 
 def train_stage(

@@ -27,7 +27,7 @@ from sphuatuo.prompts import Messages, PromptTemplate, get_prompt, options_block
 from sphuatuo.recipe import PairStrategy, PreferencePairsStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.self_play import training_answer
-from sphuatuo.stages.training import model_of
+from sphuatuo.stages.training import engine_model_of
 
 NAME = "preference_pairs"
 CONFIG = ("models.student", "models.teacher", "models.judge", "stages.preference_pairs",
@@ -168,7 +168,7 @@ def run(ctx: StageContext) -> None:
                 f"{NAME}/{strategy}",
                 judge=ctx.recipe.models.judge,
                 engine=ctx.recipe.models.teacher if teacher else ctx.recipe.models.student,
-                request=Request.from_config(stage.sampling), model=None if teacher else model_of(ctx, "sft"),
+                request=Request.from_config(stage.sampling), model=None if teacher else engine_model_of(ctx, "sft"),
                 messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),
             )
             generated += corrections

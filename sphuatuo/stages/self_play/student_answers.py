@@ -16,7 +16,7 @@ from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import PromptInput, get_prompt, options_block
 from sphuatuo.recipe import JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.training import model_of
+from sphuatuo.stages.training import engine_model_of
 
 NAME = "student_answers"
 CONFIG = ("models.student", "models.judge", "stages.student_answers")
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> None:
     ctx.record.rows_in = len(questions)
     if not questions:
         raise StageSkipped("no training questions")
-    rows = answer_questions(ctx, questions, f"{NAME}/judged", model_of(ctx, "sft"), stage.prompt, stage.sampling,
+    rows = answer_questions(ctx, questions, f"{NAME}/judged", engine_model_of(ctx, "sft"), stage.prompt, stage.sampling,
                             stage.samples_per_question)
     ctx.record.rows_out = len(rows)
     ctx.record.rows_failed = sum(1 for row in rows if row["parse_error"])
