@@ -130,7 +130,7 @@ def build_tiny_model(cache_dir: Path | None = None) -> Path:
     corpus = list(_tiny_corpus())
     digest = _digest(_RECIPE_VERSION, CHATML_TEMPLATE, _QWEN2_SPLIT, *TAG_TOKENS, *corpus)
     target = _cache_root(cache_dir) / f"tiny-qwen2-{_RECIPE_VERSION}-{digest}"
-    return _build_cached(target, lambda d: _write_tiny(d, corpus))
+    return build_cached(target, lambda d: _write_tiny(d, corpus))
 
 
 def build_smollm2(cache_dir: Path | None = None) -> Path:
@@ -138,7 +138,7 @@ def build_smollm2(cache_dir: Path | None = None) -> Path:
     gguf_path = _smollm2_gguf()
     digest = _digest(_RECIPE_VERSION, CHATML_TEMPLATE, gguf_path.name, str(gguf_path.stat().st_size))
     target = _cache_root(cache_dir) / f"smollm2-135m-instruct-{_RECIPE_VERSION}-{digest}"
-    return _build_cached(target, lambda d: _write_smollm2(d, gguf_path))
+    return build_cached(target, lambda d: _write_smollm2(d, gguf_path))
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
@@ -153,7 +153,7 @@ def _digest(*parts: str) -> str:
     return h.hexdigest()[:10]
 
 
-def _build_cached(target: Path, write: Callable[[Path], None]) -> Path:
+def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
     """Return `target` if complete, else build it into a sibling temp dir, mark it complete and rename it there."""
     if (target / _MARKER).is_file():
         return target

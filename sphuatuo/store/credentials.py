@@ -18,18 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from sphuatuo.local_models import build_cached, default_cache_dir
 from sphuatuo.store.run_root import RunRoot
 
 log = logging.getLogger("sphuatuo")
@@ -242,7 +241,7 @@ class RelayedS3Handler(pafs.FileSystemHandler):
 def engine_model_path(run: RunRoot, location: str, credentials: str = "node") -> str:
     """Where an engine loads a model the run wrote at `location`: there itself, except with `credentials: driver`
     on an object store. vLLM fetches an `s3://` model with each node's own provider chain, which such nodes lack;
-    there every node gets a copy on its local disk through the relayed filesystem, at the same path on each
+    there every node gets a copy in its model cache through the relayed filesystem, at the same path on each
     node, named by the model's files (their sizes and times), so a model written again is fetched again.
     Nodes that join later have no copy: give autoscaling clusters node credentials."""
     import ray
@@ -253,24 +252,17 @@ def engine_model_path(run: RunRoot, location: str, credentials: str = "node") ->
     source = location.split("://", 1)[1]
     files = run.fs.get_file_info(pafs.FileSelector(source, recursive=True))
     identity = json.dumps(sorted((f.path, f.size, str(f.mtime)) for f in files))
-    target = os.path.join(tempfile.gettempdir(), "sphuatuo-models", hashlib.sha256(identity.encode()).hexdigest()[:16])
+    target = default_cache_dir() / "run-models" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     with shared_filesystem(run, credentials) as filesystem:
         copy = ray.remote(num_cpus=0)(_copy_to_node)
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
         ray.get([copy.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
             filesystem, source, target) for node in nodes])
     log.info("model %s copied to %s on %d node(s) (storage.credentials: driver)", location, target, len(nodes))
-    return target
+    return str(target)
 
 
-def _copy_to_node(filesystem: pafs.FileSystem, source: str, target: str) -> None:
+def _copy_to_node(filesystem: pafs.FileSystem, source: str, target: Path) -> None:
     """Copy `source` to this node's `target` unless a complete copy is there; a copy appears whole or not at all."""
-    if os.path.isdir(target):
-        return
-    staging = f"{target}.{uuid.uuid4().hex[:8]}"
-    os.makedirs(staging)
-    pafs.copy_files(source, staging, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
-    try:
-        os.rename(staging, target)
-    except OSError:  # another copy of the same files landed first
-        shutil.rmtree(staging, ignore_errors=True)
+    build_cached(target, lambda out: pafs.copy_files(source, str(out), source_filesystem=filesystem,
+                                                     destination_filesystem=pafs.LocalFileSystem()))
