@@ -164,6 +164,9 @@ class EngineConfig(Strict):
                                                            "an error row")
     max_error_share: float = Field(default=0.1, ge=0.0, le=1.0, description="fail a pass when more than this "
                                                                             "share of its rows ends in an error")
+    max_restarts: int = Field(default=3, ge=0, description="vllm, hf: times a pass restarts a replica that died "
+                                                           "(its batches in flight are sent again); one more death "
+                                                           "fails the pass with the replica's error")
 
     @field_validator("engine_kwargs")
     @classmethod

@@ -110,4 +110,5 @@ def generate_hf(ds: ray.data.Dataset, engine: EngineConfig, request: Request, mo
         num_cpus=engine.cpus_per_replica,
         num_gpus=engine.gpus_per_replica,
         runtime_env=None if engine.gpus_per_replica else cpu_runtime_env(engine),
+        max_restarts=engine.max_restarts,
     )

@@ -126,4 +126,6 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
                                 preprocess_map_kwargs=preprocess_kwargs,
                                 postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})
+    # Ray Data restarts a dead replica without end by default: a replica that keeps dying would loop the pass.
+    processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs["max_restarts"] = engine.max_restarts
     return processor(ds).map(settle, num_cpus=LIGHT_CPUS)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+import ray.exceptions
 
 from sphuatuo import engines
 from sphuatuo.engines import LIGHT_CPUS, Request
@@ -31,7 +32,8 @@ log = logging.getLogger("sphuatuo")
 
 
 class PassFailed(RuntimeError):
-    """More of a pass's rows failed in the engine than its role allows (`max_error_share`)."""
+    """More of a pass's rows failed in the engine than its role allows (`max_error_share`), or an engine replica
+    died more often than its role allows (`max_restarts`)."""
 
 
 def sample_key(question_id: str, sample: int, samples_per_question: int) -> str:
@@ -122,13 +124,20 @@ def _generate_once(ctx: PassTarget, rows: list[Row], folder: str, engine: Engine
     ds = engines.generate(ds, engine, request, model=model_name, services=ctx.engines, folder=folder)
     ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
     failed = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        error = pc.equal(batch["finish_reason"], "error")
-        ok = batch.filter(pc.invert(error))
-        if ok.num_rows:
-            ctx.run.append_rows(ok, folder)
-            progress.update(ok.num_rows, pc.sum(ok["num_generated_tokens"]).as_py() or 0)
-        failed.append(batch.filter(error))
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            error = pc.equal(batch["finish_reason"], "error")
+            ok = batch.filter(pc.invert(error))
+            if ok.num_rows:
+                ctx.run.append_rows(ok, folder)
+                progress.update(ok.num_rows, pc.sum(ok["num_generated_tokens"]).as_py() or 0)
+            failed.append(batch.filter(error))
+    except ray.exceptions.ActorDiedError as died:
+        reason = next((line for line in str(died).splitlines() if "exit detail" in line), str(died).splitlines()[0])
+        raise PassFailed(
+            f"{folder}: an engine replica of {model_name} died after {engine.max_restarts} restarts (max_restarts); "
+            f"the {progress.rows} rows written are kept and a re-run generates the rest. Ray: {reason[:500]}"
+        ) from died
     if not failed:
         return pa.table({"key": pa.array([], pa.string())})
     return pa.concat_tables(failed, promote_options="default")
