@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -39,11 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class S3Server(NamedTuple):
+    endpoint: str
+    keys: list[dict[str, str]]
+    process: subprocess.Popen
+
+
 @contextmanager
-def moto_s3(bucket: str, access_keys: int = 0) -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """moto's S3-compatible server on loopback with `bucket`: yields its endpoint and `access_keys` IAM access
-    keys ({"AccessKeyId", "SecretAccessKey"}) of a user allowed everything. With keys, the server then checks
-    every request's signature and refuses unknown or deleted keys, as S3 does."""
+def moto_s3(bucket: str, access_keys: int = 0) -> Iterator[S3Server]:
+    """moto's S3-compatible server on loopback with `bucket`: yields its endpoint, `access_keys` IAM access
+    keys ({"AccessKeyId", "SecretAccessKey"}) of a user allowed everything, and its process (to stop and go on
+    with signals, as an outage). With keys, the server checks every request's signature and refuses unknown or
+    deleted keys, as S3 does."""
     import boto3
     import requests
 
@@ -71,8 +80,9 @@ def moto_s3(bucket: str, access_keys: int = 0) -> Iterator[tuple[str, list[dict[
                 key = iam.create_access_key(UserName="sphuatuo")["AccessKey"]
                 keys.append({"AccessKeyId": key["AccessKeyId"], "SecretAccessKey": key["SecretAccessKey"]})
             requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
-        yield endpoint, keys
+        yield S3Server(endpoint, keys, server)
     finally:
+        server.send_signal(signal.SIGCONT)
         server.terminate()
         server.wait(timeout=10)
 

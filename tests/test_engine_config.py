@@ -80,6 +80,31 @@ def test_the_likelier_verdict_word_is_read_from_the_top_logprobs() -> None:
     assert likelier_word({"logprobs": None}, ("1", "2")) is None
 
 
+def test_a_server_reply_without_a_completion_is_a_row_error_with_the_servers_words() -> None:
+    from sphuatuo.engines.openai import reply_columns
+
+    url, plain = "http://server/v1/chat/completions", Request(temperature=0.0, top_p=1.0, max_tokens=8)
+    good = reply_columns({"choices": [{"message": {"content": "B"}, "finish_reason": "length"}],
+                          "usage": {"prompt_tokens": 9, "completion_tokens": 8}}, url, plain, raw=False)
+    assert good == {"generated_text": "B", "num_input_tokens": 9, "num_generated_tokens": 8,
+                    "finish_reason": "length", "engine_error": None}
+    assert reply_columns({"choices": [{"text": "B"}]}, url, plain, raw=True)["generated_text"] == "B"
+    malformed = {
+        "error body": ({"error": {"message": "model overloaded"}}, "answered without choices: {'message': 'model "
+                                                                   "overloaded'}"),
+        "empty choices": ({"choices": []}, "answered without choices"),
+        "no message": ({"choices": [{"index": 0, "finish_reason": "stop"}]}, "answered without a completion"),
+        "refusal": ({"choices": [{"message": {"content": None, "refusal": "I can't"}}]}, "'refusal': \"I can't\""),
+        "not an object": (["B"], "answered without a completion: ['B']"),
+    }
+    for case, (response, words) in malformed.items():
+        columns = reply_columns(response, url, plain, raw=False)
+        assert columns["finish_reason"] == "error" and columns["generated_text"] == "", case
+        assert columns["engine_error"].startswith(url) and words in columns["engine_error"], case
+    # A chat reply is no completions reply.
+    assert reply_columns({"choices": [{"message": {"content": "B"}}]}, url, plain, raw=True)["finish_reason"] == "error"
+
+
 def test_a_hosted_judge_needs_no_tokenizer_and_refuses_token_ids() -> None:
     import pytest
     from pydantic import ValidationError

@@ -56,7 +56,7 @@ def _signed_write(endpoint: str, key: dict[str, str], path: str) -> None:
 
 def test_driver_credentials_reach_workers_through_a_relay_and_are_renewed_there(
         tmp_path: Path, ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    with moto_s3("sphuatuo", access_keys=2) as (endpoint, (first, second)):
+    with moto_s3("sphuatuo", access_keys=2) as (endpoint, (first, second), _):
         current = driver_credential_process(tmp_path, endpoint, first, monkeypatch)
         run = RunRoot("s3://sphuatuo/run")
 

@@ -148,7 +148,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_or
 def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """moto's S3-compatible server on loopback with one bucket, checking signatures, and two keys; this driver's
     provider chain hands out the first (`driver_credential_process`), the session's Ray nodes have none."""
-    with moto_s3("sphuatuo", access_keys=2) as (endpoint, keys):
+    with moto_s3("sphuatuo", access_keys=2) as (endpoint, keys, _):
         current = driver_credential_process(tmp_path, endpoint, keys[0], monkeypatch)
         yield {"bucket": "sphuatuo", "endpoint": endpoint, "keys": keys, "current": current}
 

@@ -108,6 +108,25 @@ def likelier_word(choice: dict[str, Any], words: tuple[str, ...]) -> str | None:
     return None
 
 
+def reply_columns(response: Any, url: str, request: Request, *, raw: bool) -> dict[str, Any]:
+    """The generation columns of one server reply. A reply that carries no completion (an error body, no
+    choices, a choice without its text) is a row error: kept with the server's words, retried, counted."""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    text = choice.get("text") if raw else (choice.get("message") or {}).get("content")
+    if not isinstance(text, str):
+        problem = (f"answered without choices: {response.get('error') or response}"
+                   if isinstance(response, dict) and not choices else f"answered without a completion: {response}")
+        return {"generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0, "finish_reason": "error",
+                "engine_error": f"{url} {problem}"[:1000]}
+    if request.verdict_words and request.verdict_via == "logprobs":
+        text = likelier_word(choice, request.verdict_words) or text
+    usage = response.get("usage") or {}
+    return {"generated_text": text, "num_input_tokens": int(usage.get("prompt_tokens") or 0),
+            "num_generated_tokens": int(usage.get("completion_tokens") or 0),
+            "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop", "engine_error": None}
+
+
 def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model: str, *,
                     raw: bool = False) -> ray.data.Dataset:
     """`raw`: rows carry a `prompt` for the completions endpoint (no chat template), else `messages` for the chat
@@ -121,21 +140,8 @@ def generate_openai(ds: ray.data.Dataset, engine: EngineConfig, request: Request
         return {**row, "payload": _payload(row, model, request, engine.server)}
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        response = row["http_response"]
         out = {key: value for key, value in row.items() if key in input_columns}
-        if not response.get("choices"):  # a row error, not the pass's: kept, retried, counted
-            return {**out, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
-                    "finish_reason": "error",
-                    "engine_error": f"{url} answered without choices: {response.get('error') or response}"[:1000]}
-        choice, usage = response["choices"][0], response.get("usage") or {}
-        out["engine_error"] = None
-        out["generated_text"] = (choice.get("text") if raw else choice["message"]["content"]) or ""
-        if request.verdict_words and request.verdict_via == "logprobs":
-            out["generated_text"] = likelier_word(choice, request.verdict_words) or out["generated_text"]
-        out["num_input_tokens"] = int(usage.get("prompt_tokens") or 0)
-        out["num_generated_tokens"] = int(usage.get("completion_tokens") or 0)
-        out["finish_reason"] = "length" if choice.get("finish_reason") == "length" else "stop"
-        return out
+        return {**out, **reply_columns(row["http_response"], url, request, raw=raw)}
 
     # Only the driver has the key: once into the object store, fetched by the actors (never a runtime env).
     key_ref = None
