@@ -1,5 +1,6 @@
-"""A driver killed in the middle of a generation stage: the re-run finishes it, every question id is
-written exactly once, and the rows written before the kill are kept, not generated again."""
+"""A driver killed in the middle of a generation stage (in the teacher's pass, or in the judge's): the re-run
+finishes it, every question id is written exactly once, and the rows written before the kill are kept, not
+generated again."""
 
 from __future__ import annotations
 
@@ -19,12 +20,23 @@ from sphuatuo.store.run_root import RunRoot
 pytestmark = pytest.mark.slow
 
 
-def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path: Path, ray_head) -> None:
+# The pass the driver dies in, and the judge that makes it so: the rule judge has no pass of its own; the LLM
+# judge (the tiny model through transformers, one row per batch) answers after the teacher's pass is written.
+KILLED_IN = {
+    "teacher_pass": ("first_generated", {"kind": "rule"}),
+    "judge_pass": ("first_raw", {"kind": "llm", "engine": {"backend": "hf", "model": "builtin:tiny", "batch_size": 1}}),
+}
+
+
+@pytest.mark.parametrize("killed_in", KILLED_IN)
+def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path: Path, ray_head,
+                                                                       killed_in: str) -> None:
+    pass_name, judge = KILLED_IN[killed_in]
     run_root = tmp_path / "run"
     recipe = tiny_recipe(run_root, **{"data.train": [{"path": "builtin:sample_bank", "limit": 60}],
                                       "data.test_fraction": 0.0,
                                       "models.teacher.backend": "hf", "models.teacher.batch_size": 1,
-                                      "models.judge.kind": "rule",
+                                      "models.judge": judge,
                                       "stages.teacher_cot.retry_with_reference": False,
                                       "stages.teacher_cot.sampling.max_tokens": 24})
     recipe_file = tmp_path / "recipe.yaml"
@@ -32,7 +44,7 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
     command = [sys.executable, "-m", "sphuatuo.cli", "run", str(recipe_file)]
     env = {**os.environ, "RAY_ADDRESS": ray_head["address"]}
     run = RunRoot(str(run_root))
-    folder = ("teacher_cot", "first_generated")
+    folder = ("teacher_cot", pass_name)
 
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -60,5 +72,5 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
     assert sorted(judged) == sorted(set(judged)) and len(judged) == 60
     # The run keeps its own log (saved after each stage): the re-run's pass and stage throughput are in it.
     run_log = run.read_text("run.log")
-    assert f"teacher_cot/first_generated: {60 - len(written_before)} rows in " in run_log
+    assert f"teacher_cot/{pass_name}: {60 - len(written_before)} rows in " in run_log
     assert "stage teacher_cot: done in" in run_log and "output tok/s" in run_log
