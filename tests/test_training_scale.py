@@ -101,17 +101,24 @@ def test_zero3_sft_checkpoints_logs_and_exports_a_model_vllm_serves(zero3_run: R
     assert len(rows) == 1 and rows[0]["num_generated_tokens"] > 0 and rows[0]["generated_text"]
 
 
+def _latest_checkpoint(storage: Path) -> list[dict] | None:
+    """The sample order in the last checkpoint Ray Train registered under `storage`; None before the first."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return json.loads((storage / latest / "checkpoint" / "sample_order.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+        return None
+
+
 def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: dict) -> None:
     """SIGKILL one worker of the group once Ray Train has registered its first checkpoint (the pids of
     the group are in that checkpoint's sample order)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(0.1)
-        try:
-            snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-            latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-            order = json.loads((storage / latest / "checkpoint" / "sample_order.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
+        order = _latest_checkpoint(storage)
+        if order is None:
             continue
         pid = order[-1]["worker_pids"][-1]
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -141,6 +148,50 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_or
     assert [step["ids"] for step in order] == [step["ids"] for step in _sample_order(zero3_run)]
     log = json.loads(ctx.run.read_text("sft", "train_log.json"))
     assert [entry["step"] for entry in log if "loss" in entry] == list(range(1, STEPS + 1))
+    assert ctx.run.exists("sft", "model", "model.safetensors")
+
+
+# A driver of its own for one SFT stage, as `sphuatuo run` is one: the test kills it, then runs the stage again.
+SFT_DRIVER = """
+import sys
+from sphuatuo.recipe import Recipe
+from sphuatuo.stages import StageContext
+from sphuatuo.stages.self_play import sft
+from sphuatuo.store.manifest import StageRecord
+from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.runtime import connect_ray
+
+recipe = Recipe.model_validate_json(open(sys.argv[1]).read())
+connect_ray(sys.argv[2])
+sft.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
+"""
+
+
+def test_a_driver_killed_mid_training_is_resumed_from_its_last_checkpoint_by_the_next_driver(
+        tmp_path: Path, ray_head, zero3_run: RunRoot) -> None:
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe(tmp_path / "run", **SCALE)
+    ctx = _sft_inputs(recipe)
+    (tmp_path / "recipe.json").write_text(recipe.model_dump_json())
+    driver = subprocess.Popen([sys.executable, "-c", SFT_DRIVER, str(tmp_path / "recipe.json"), ray_head["address"]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _latest_checkpoint(Path(ctx.run.fs_path("checkpoints", "sft"))) is None:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint registered in 5 minutes"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not ctx.run.exists("sft", "model", "model.safetensors"), "the kill should land mid-training"
+
+    sft.run(ctx)  # the next driver
+    order = _sample_order(ctx.run)
+    assert [step["step"] for step in order] == list(range(1, STEPS + 1))  # no step trained twice, none skipped
+    first_group, last_group = set(order[0]["worker_pids"]), set(order[-1]["worker_pids"])
+    assert first_group.isdisjoint(last_group), "the steps after the checkpoint were trained by the next driver"
+    assert [step["ids"] for step in order] == [step["ids"] for step in _sample_order(zero3_run)]
     assert ctx.run.exists("sft", "model", "model.safetensors")
 
 
