@@ -36,29 +36,41 @@ def _stages(run: RunRoot) -> dict[str, Any]:
     return json.loads(run.read_text("manifest.json"))["stages"]
 
 
+# Under the Chinese prompts SmolLM2 rarely closes its chain of thought within the overlay's budget: a shape run
+# accepted 2 of 12 teacher answers in one run and 0 of 24 (first and hinted) in another. Without an accepted
+# answer the run must skip every stage that trains on one, and say why.
+NOTHING_ACCEPTED = {"sft": "zero training examples", "student_answers": "no sft model",
+                    "preference_pairs": "no student answers", "dpo": "no sft model"}
+
+
 def _check_self_play(recipe, run: RunRoot) -> None:
     """What every Self-Play recipe must show after a shape run: each stage done (the pair and DPO stages may
-    find nothing to do, and then say why), the paper's Chinese prompts, both protocols in manifest and report."""
+    find nothing to do, and then say why; when the teacher has no accepted answer, every stage that trains on
+    one), the paper's Chinese prompts, both protocols in manifest and report."""
     stages = _stages(run)
     assert list(stages) == [stage.NAME for stage in recipe_stages(type(recipe))]
     for name, record in stages.items():
         print(f"shape {recipe.name}: {name} {record['status']} {record['seconds']:.1f} s {record.get('error') or ''}")
+    teacher_rows = run.read_rows("teacher_cot", "first")
+    assert teacher_rows and {row["prompt_version"].split("/")[0] for row in teacher_rows} == {"self_play_zh"}
+    accepted = stages["teacher_cot"]["rows_out"]
     for name, record in stages.items():
+        if not accepted and name in NOTHING_ACCEPTED:
+            assert record["status"] == "skipped" and NOTHING_ACCEPTED[name] in record["error"], (name, record)
+            continue
         if name in ("preference_pairs", "dpo") and record["status"] == "skipped":
             assert record["error"], name  # a judge that accepted every answer leaves nothing to pair
             continue
         assert record["status"] == "done", f"{name}: {record['status']} {record.get('error')}"
 
-    teacher_rows = run.read_rows("teacher_cot", "first")
-    assert teacher_rows and {row["prompt_version"].split("/")[0] for row in teacher_rows} == {"self_play_zh"}
-    assert stages["sft"]["rows_out"] > 0 and stages["sft"]["details"]["steps"] >= 1
-    assert run.exists("sft", "model", "model.safetensors")
-
+    if accepted:
+        assert stages["sft"]["rows_out"] > 0 and stages["sft"]["details"]["steps"] >= 1
+        assert run.exists("sft", "model", "model.safetensors")
     trained = stages["dpo"]["status"] == "done"
     if trained:
         pairs = run.read_rows("preference_pairs", "pairs")
         assert pairs and {pair["strategy"] for pair in pairs} == {"self_correction"}
-    models = ["base", "dpo", "sft"] if trained else ["base", "sft"]
+    models = ["base", "dpo", "sft"] if trained else ["base", "sft"] if accepted else ["base"]
     protocols = stages["evaluate"]["details"]["protocols"]
     assert list(protocols) == ["project", "sp_paper"]
     for entry in protocols.values():
