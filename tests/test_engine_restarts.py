@@ -24,7 +24,7 @@ from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 
-KEYS = [f"q{i}" for i in range(8)]
+KEYS = [f"q{i}" for i in range(12)]
 FOLDER = "answers"
 
 

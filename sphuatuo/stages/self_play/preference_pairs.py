@@ -153,6 +153,10 @@ def run(ctx: StageContext) -> None:
         raise StageSkipped("the SFT student answered no training question wrongly: nothing to pair")
 
     student_prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
+    # Resolved once for every strategy the student corrects in: under driver credentials on an object store,
+    # resolving copies the model to each node.
+    student_corrects = any(strategy in ("self_correction", "answer_correction") for strategy in stage.strategies)
+    sft_model = engine_model_of(ctx, "sft") if student_corrects else None
     counts: dict[str, dict[str, int | None]] = {}
     pairs: list[Row] = []
     generated: list[Row] = []
@@ -168,7 +172,7 @@ def run(ctx: StageContext) -> None:
                 f"{NAME}/{strategy}",
                 judge=ctx.recipe.models.judge,
                 engine=ctx.recipe.models.teacher if teacher else ctx.recipe.models.student,
-                request=Request.from_config(stage.sampling), model=None if teacher else engine_model_of(ctx, "sft"),
+                request=Request.from_config(stage.sampling), model=None if teacher else sft_model,
                 messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),
             )
             generated += corrections
