@@ -66,7 +66,7 @@ def test_an_object_store_outage_mid_stage_deletes_nothing_and_the_rerun_writes_e
         try:
             teacher_cot.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
         except OSError as error:  # not ridden out: the error names what it could not write
-            assert f"{BUCKET}" in str(error) and "run/teacher_cot" in str(error), error
+            assert BUCKET in str(error) and "run/teacher_cot" in str(error), error
         stopper.join(timeout=OUTAGE_S + 5)
         assert "objects" in before, "the store was never stopped mid-stage"
         assert sum(key.startswith(GENERATED) for key in before["objects"]) < 24, "the outage came after the pass"

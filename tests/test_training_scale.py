@@ -9,6 +9,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -169,9 +171,6 @@ sft.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRe
 
 def test_a_driver_killed_mid_training_is_resumed_from_its_last_checkpoint_by_the_next_driver(
         tmp_path: Path, ray_head, zero3_run: RunRoot) -> None:
-    import subprocess
-    import sys
-
     recipe = tiny_recipe(tmp_path / "run", **SCALE)
     ctx = _sft_inputs(recipe)
     (tmp_path / "recipe.json").write_text(recipe.model_dump_json())

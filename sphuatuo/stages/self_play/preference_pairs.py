@@ -34,7 +34,8 @@ CONFIG = ("models.student", "models.teacher", "models.judge", "stages.preference
           "stages.student_answers.prompt")
 READS = ("student_answers", "sft")
 
-CORRECTIONS: tuple[PairStrategy, ...] = ("self_correction", "answer_correction", "teacher_correction")
+# The corrections the SFT student writes itself; `teacher_correction` is the teacher's, `sampled` writes none.
+STUDENT_CORRECTIONS: tuple[PairStrategy, ...] = ("self_correction", "answer_correction")
 
 
 def correction_messages(stage: PreferencePairsStage, strategy: PairStrategy, row: Row) -> Messages:
@@ -155,7 +156,7 @@ def run(ctx: StageContext) -> None:
     student_prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
     # Resolved once for every strategy the student corrects in: under driver credentials on an object store,
     # resolving copies the model to each node.
-    student_corrects = any(strategy in ("self_correction", "answer_correction") for strategy in stage.strategies)
+    student_corrects = set(stage.strategies) & set(STUDENT_CORRECTIONS)
     sft_model = engine_model_of(ctx, "sft") if student_corrects else None
     counts: dict[str, dict[str, int | None]] = {}
     pairs: list[Row] = []
@@ -166,7 +167,7 @@ def run(ctx: StageContext) -> None:
             verified = sum(1 for row in answers if training_answer(row, stage.answer_from_thought) is not None)
             corrected = None
         else:
-            teacher = strategy == "teacher_correction"
+            teacher = strategy not in STUDENT_CORRECTIONS
             corrections = generate_and_judge(
                 ctx, correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
                 f"{NAME}/{strategy}",
