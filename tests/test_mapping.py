@@ -4,6 +4,7 @@ proposal `data check` prints for an unknown file loads it when fed back. Ids and
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,8 @@ from conftest import raw_test_recipe, tiny_recipe
 from sphuatuo.data.files import file_namespace
 from sphuatuo.data.loaders import UnknownFormat, load_questions, merge_loads, sample_records
 from sphuatuo.data.mapping import ColumnMapping, mapping_yaml, propose_mapping, read_mapping
-from sphuatuo.recipe import QuestionSource, RecipeError, load_recipe
+from sphuatuo.recipe import RecipeError, load_recipe
 from sphuatuo.stages import StageContext, StageFailed, questions
-from sphuatuo.stages.questions import load_sources, shared_questions
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.store.run_root import RunRoot
 
@@ -265,16 +265,24 @@ def test_data_convert_to_jsonl_and_parquet_with_rejects_beside(tmp_path: Path) -
 # --- Ids and duplicates across files ----------------------------------------------------------------
 
 
+def _load(tmp_path: Path, train: list[dict], test: list[dict] | None = None) -> tuple[RunRoot, StageRecord]:
+    """The questions stage over these sources, as a run does it."""
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": train, "data.test": test or [], "data.test_fraction": 0})
+    run, record = RunRoot(recipe.run_root), StageRecord()
+    questions.run(StageContext(recipe=recipe, run=run, record=record))
+    return run, record
+
+
 def test_files_without_ids_never_collide_and_repeats_across_files_are_rejected(tmp_path: Path) -> None:
     first = _write_json(tmp_path / "a.json", EXAM[:3])
     second = _write_json(tmp_path / "b.json", EXAM[2:4])  # EXAM[2] is in both
-    sources = [QuestionSource(path=str(first), columns=EXAM_MAPPING),
-               QuestionSource(path=str(second), columns=EXAM_MAPPING)]
-    merged = load_sources(sources)
+    run, record = _load(tmp_path, [{"path": str(first), "columns": EXAM_MAPPING},
+                                   {"path": str(second), "columns": EXAM_MAPPING}])
     a, b = file_namespace(str(first)), file_namespace(str(second))
-    assert [q.id for q in merged.questions] == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:2"]
-    (reject,) = merged.rejects
-    assert (reject.file, reject.row, reject.reason) == (str(second), 1, f"duplicate of {first} row 3")
+    assert run.read_column("id", "questions", "train") == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:2"]
+    (reject,) = [json.loads(line) for line in run.read_text("questions", "rejects.jsonl").splitlines()]
+    assert (reject["file"], reject["row"], reject["reason"]) == (str(second), 1, f"duplicate of {first} row 3")
+    assert record.rows_rejected == 1
     # The same file listed twice: every question a duplicate of itself by id.
     twice = merge_loads([load_questions(first, format=EXAM_MAPPING)] * 2)
     assert len(twice.questions) == 3 and all("duplicate id" in r.reason for r in twice.rejects)
@@ -284,15 +292,31 @@ def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path) ->
     train = _write_json(tmp_path / "train.json", EXAM[:3])
     respaced = {**EXAM[0], "question": " 治疗单纯疱疹病毒性角膜炎首选的药物是"}
     test = _write_json(tmp_path / "test.json", [EXAM[5], respaced])
-    shared = shared_questions(load_sources([QuestionSource(path=str(train), columns=EXAM_MAPPING)]),
-                              load_sources([QuestionSource(path=str(test), columns=EXAM_MAPPING)]))
-    assert shared == [f"train {train} row 1 (id {file_namespace(str(train))}:1) = "
-                      f"test {test} row 2 (id {file_namespace(str(test))}:2)"]
+    shared = (f"train {train} row 1 (id {file_namespace(str(train))}:1) = "
+              f"test {test} row 2 (id {file_namespace(str(test))}:2)")
+    with pytest.raises(StageFailed, match=rf"^1 question\(s\) in both train and test: {re.escape(shared)}$"):
+        _load(tmp_path, [{"path": str(train), "columns": EXAM_MAPPING}], [{"path": str(test), "columns": EXAM_MAPPING}])
 
-    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(train), "columns": EXAM_MAPPING}],
-                                              "data.test": [{"path": str(test), "columns": EXAM_MAPPING}]})
-    with pytest.raises(StageFailed, match=rf"1 question\(s\) in both train and test: train {train} row 1"):
-        questions.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
+
+def test_a_large_bank_is_written_in_pieces_and_held_out_by_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage holds one piece of `PART_ROWS` questions at a time; the held-out split moves whole rows between
+    the pieces' files and keeps every question exactly once."""
+    monkeypatch.setattr(questions, "PART_ROWS", 4)
+    bank = _write_json(tmp_path / "bank.json", [{**item, "question": f"{item['question']} ({n})"}
+                                                for n in range(3) for item in EXAM])
+    recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(bank), "columns": EXAM_MAPPING}],
+                                              "data.test": [], "data.test_fraction": 0.25})
+    run, record = RunRoot(recipe.run_root), StageRecord()
+    questions.run(StageContext(recipe=recipe, run=run, record=record))
+    loaded = load_questions(bank, format=EXAM_MAPPING).questions
+    train, test = run.read_column("id", "questions", "train"), run.read_column("id", "questions", "test")
+    assert sorted(train + test) == sorted(q.id for q in loaded) and not set(train) & set(test)
+    assert len(run.parquet_files("questions", "train")) == -(-len(loaded) // 4)
+    assert (record.details["train"], record.details["test"]) == (len(train), len(test))
+    assert len(test) == round(len(loaded) * 0.25)
+    questions.run(StageContext(recipe=recipe, run=run, record=StageRecord()))  # a re-run replaces, never adds
+    assert sorted(run.read_column("id", "questions", "train")) == sorted(train)
+    assert sorted(run.read_column("id", "questions", "test")) == sorted(test)
 
 
 # --- Recipes: inline columns, datasets.yaml by name ----------------------------------------------
@@ -310,8 +334,8 @@ def test_recipe_sources_name_mappings_from_datasets_yaml(tmp_path: Path) -> None
     recipe = load_recipe(recipe_path)
     (source,) = recipe.data.train
     assert source.format is None and source.columns == EXAM_MAPPING and source.source == "my_exam"
-    loaded = load_sources(recipe.data.train)
-    assert len(loaded.questions) == 5 and {q.source for q in loaded.questions} == {"my_exam"}
+    run, _ = _load(tmp_path, [source.model_dump() for source in recipe.data.train])
+    assert len(sources := run.read_column("source", "questions", "train")) == 5 and set(sources) == {"my_exam"}
 
     raw["data"]["train"] = [{"path": str(exam), "format": "their_exam"}]
     recipe_path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")

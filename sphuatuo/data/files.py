@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -102,6 +102,8 @@ def read_records(location: str, kind: FileKind, id_column: str | None = "id",
     """Every record of the file; `id_column` names the field holding a record's own id."""
     prefix = file_namespace(location)
     if kind in ("json", "jsonl"):
+        if not _opens_with_array(location):
+            return _jsonl_records(_text_lines(location), prefix, id_column)
         try:
             return json_records(read_text(location), prefix, id_column)
         except ValueError as error:
@@ -125,12 +127,35 @@ def json_records(text: str, prefix: str, id_column: str | None = "id") -> Iterat
                 raise ValueError(f"not valid JSON ({error})") from error
         else:
             return (json_item(row, item, f"{prefix}:{row}", id_column) for row, item in enumerate(document, 1))
-    return _jsonl_records(text, prefix, id_column)
-
-
-def _jsonl_records(text: str, prefix: str, id_column: str | None) -> Iterator[Record]:
     # Not splitlines(): it also splits at U+2028 and friends, which may sit inside a JSON string.
-    for row, line in enumerate(text.split("\n"), start=1):
+    return _jsonl_records(text.split("\n"), prefix, id_column)
+
+
+def _opens_with_array(location: str) -> bool:
+    """Whether the file's text starts (after white space) with `[`, judged from its first 64 KiB."""
+    filesystem, path = _filesystem(location)
+    with filesystem.open_input_stream(path) as stream:
+        head = stream.read(1 << 16)
+    return head.decode("utf-8", "surrogateescape").removeprefix("\ufeff").lstrip().startswith("[")
+
+
+def _text_lines(location: str) -> Iterator[str]:
+    """The file's lines (split at "\n" only), read a MiB at a time: a JSONL file of any size in bounded memory."""
+    filesystem, path = _filesystem(location)
+    with filesystem.open_input_stream(path) as stream:
+        rest, first = b"", True
+        while chunk := stream.read(1 << 20):
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                text = line.decode("utf-8", "surrogateescape")
+                yield text.removeprefix("\ufeff") if first else text
+                first = False
+        if rest:
+            yield rest.decode("utf-8", "surrogateescape").removeprefix("\ufeff" if first else "")
+
+
+def _jsonl_records(lines: Iterable[str], prefix: str, id_column: str | None) -> Iterator[Record]:
+    for row, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")
         if not line.strip():
             continue

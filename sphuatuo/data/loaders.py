@@ -31,6 +31,7 @@ a record holding bytes that are not valid UTF-8 is rejected as "undecodable text
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -118,6 +119,94 @@ def resolve_source_path(path: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A question and where it was read: its file and 1-based record number (see `Reject.row`)."""
+
+    question: Question
+    file: str
+    row: int
+
+
+class SeenQuestions:
+    """The questions kept so far, by id and by content (a digest of the normalised stem and options), each
+    with the file, row and id where it was first seen: enough to name the first of two duplicates while
+    holding a few dozen bytes per question, not the question."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, tuple[str, int]] = {}
+        self.by_content: dict[bytes, tuple[str, int, str]] = {}
+
+    @staticmethod
+    def digest(question: Question) -> bytes:
+        return hashlib.blake2b(question.content_key().encode("utf-8"), digest_size=16).digest()
+
+    def earlier(self, question: Question) -> tuple[str, int, str] | None:
+        """Where an earlier question with this id or this content was seen: (file, row, id)."""
+        if question.id in self.by_id:
+            return (*self.by_id[question.id], question.id)
+        return self.by_content.get(self.digest(question))
+
+    def duplicate(self, loaded: Loaded) -> str | None:
+        """Why `loaded` repeats a question seen before (None when it is new, which is then remembered)."""
+        earlier = self.earlier(loaded.question)
+        if earlier is None:
+            self.by_id[loaded.question.id] = (loaded.file, loaded.row)
+            self.by_content[self.digest(loaded.question)] = (loaded.file, loaded.row, loaded.question.id)
+            return None
+        file, row, _ = earlier
+        if loaded.question.id in self.by_id:
+            place = f"at row {row}" if file == loaded.file else f"in {file} row {row}"
+            return f"duplicate id {loaded.question.id!r} (first seen {place})"
+        return f"duplicate of {file} row {row}"
+
+
+def iter_questions(path: str | Path, format: str | ColumnMapping | None = None,
+                   source: str | None = None) -> Iterator[Loaded | Reject]:
+    """Each record of `path` in file order, as a `Loaded` question or a `Reject`, one record at a time (the
+    rules are `load_questions`'s): a file of any size is read in bounded memory."""
+    location = str(path)
+    files.require(location)
+    name = None
+    if isinstance(format, ColumnMapping):
+        entry: FormatEntry = format
+    else:
+        name = format or _detect_format(location)
+        if name not in BUILTIN_FORMATS:
+            raise ValueError(f"{location}: unknown format {name!r}; expected one of {', '.join(BUILTIN_FORMATS)}")
+        entry = BUILTIN_FORMATS[name]
+    fallback_source = source or name or files.file_stem(location)
+    if isinstance(entry, ColumnMapping):
+        records, build = _mapped_records(location, entry), entry.question_from
+    else:
+        records, build = entry.read(location), entry.build
+
+    def reject(record: Record, reason: str) -> Reject:
+        raw = _LONE_SURROGATE.sub("\ufffd", record.raw)
+        if len(raw) > RAW_LIMIT:
+            raw = raw[:RAW_LIMIT] + "…"
+        return Reject(location, record.row, record.id, reason, raw)
+
+    seen = SeenQuestions()
+    for record in records:
+        if record.fields is None:
+            yield reject(record, record.problem)
+            continue
+        if _LONE_SURROGATE.search(json.dumps(record.fields, ensure_ascii=False, default=str)):
+            yield reject(record, "undecodable text (invalid UTF-8)")
+            continue
+        try:
+            loaded = Loaded(build(record, record.source or fallback_source), location, record.row)
+        except ValidationError as error:
+            yield reject(record, _explain(error))
+            continue
+        except BadRecord as error:
+            yield reject(record, str(error))
+            continue
+        duplicate = seen.duplicate(loaded)
+        yield loaded if duplicate is None else reject(record, duplicate)
+
+
 def load_questions(path: str | Path, format: str | ColumnMapping | None = None,
                    source: str | None = None) -> LoadResult:
     """Read every question in `path`, rejecting bad records instead of failing on them.
@@ -137,57 +226,13 @@ def load_questions(path: str | Path, format: str | ColumnMapping | None = None,
     keys of a HuatuoGPT-o1 eval file and a native item's own `source` win); it defaults to the format
     name, or the file stem for an unnamed mapping.
     """
-    location = str(path)
-    files.require(location)
-    name = None
-    if isinstance(format, ColumnMapping):
-        entry: FormatEntry = format
-    else:
-        name = format or _detect_format(location)
-        if name not in BUILTIN_FORMATS:
-            raise ValueError(f"{location}: unknown format {name!r}; expected one of {', '.join(BUILTIN_FORMATS)}")
-        entry = BUILTIN_FORMATS[name]
-    fallback_source = source or name or files.file_stem(location)
-    if isinstance(entry, ColumnMapping):
-        records, build = _mapped_records(location, entry), entry.question_from
-    else:
-        records, build = entry.read(location), entry.build
-
     result = LoadResult()
-    first_row_of: dict[str, int] = {}
-    first_row_with: dict[str, int] = {}
-
-    def reject(record: Record, reason: str) -> None:
-        raw = _LONE_SURROGATE.sub("\ufffd", record.raw)
-        if len(raw) > RAW_LIMIT:
-            raw = raw[:RAW_LIMIT] + "…"
-        result.rejects.append(Reject(location, record.row, record.id, reason, raw))
-
-    for record in records:
-        if record.fields is None:
-            reject(record, record.problem)
-            continue
-        if _LONE_SURROGATE.search(json.dumps(record.fields, ensure_ascii=False, default=str)):
-            reject(record, "undecodable text (invalid UTF-8)")
-            continue
-        try:
-            question = build(record, record.source or fallback_source)
-        except ValidationError as error:
-            reject(record, _explain(error))
-            continue
-        except BadRecord as error:
-            reject(record, str(error))
-            continue
-        if question.id in first_row_of:
-            reject(record, f"duplicate id {question.id!r} (first seen at row {first_row_of[question.id]})")
-            continue
-        content = question.content_key()
-        if content in first_row_with:
-            reject(record, f"duplicate of {location} row {first_row_with[content]}")
-            continue
-        first_row_of[question.id] = first_row_with[content] = record.row
-        result.questions.append(question)
-        result.origins[question.id] = (location, record.row)
+    for item in iter_questions(path, format, source):
+        if isinstance(item, Reject):
+            result.rejects.append(item)
+        else:
+            result.questions.append(item.question)
+            result.origins[item.question.id] = (item.file, item.row)
     return result
 
 
@@ -195,22 +240,18 @@ def merge_loads(results: Sequence[LoadResult]) -> LoadResult:
     """Join the loads of several files; a question already loaded from an earlier file (same id, or same
     normalised stem and options) is rejected naming the first, so a bank listed twice counts once."""
     merged = LoadResult()
-    first_with: dict[str, tuple[str, int]] = {}
+    seen = SeenQuestions()
     for result in results:
         merged.rejects.extend(result.rejects)
         for question in result.questions:
-            file, row = result.origins[question.id]
-            content = question.content_key()
-            earlier = merged.origins.get(question.id)
-            reason = (f"duplicate id {question.id!r} (first seen in {earlier[0]} row {earlier[1]})" if earlier
-                      else f"duplicate of {first_with[content][0]} row {first_with[content][1]}"
-                      if content in first_with else None)
-            if reason:
+            loaded = Loaded(question, *result.origins[question.id])
+            duplicate = seen.duplicate(loaded)
+            if duplicate:
                 raw = json.dumps(question.to_row(), ensure_ascii=False)[:RAW_LIMIT]
-                merged.rejects.append(Reject(file, row, question.id, reason, raw))
+                merged.rejects.append(Reject(loaded.file, loaded.row, question.id, duplicate, raw))
                 continue
             merged.questions.append(question)
-            merged.origins[question.id] = first_with[content] = (file, row)
+            merged.origins[question.id] = (loaded.file, loaded.row)
     return merged
 
 

@@ -12,63 +12,111 @@ import json
 import random
 from dataclasses import asdict
 
-from sphuatuo.data.loaders import LoadResult, load_questions, merge_loads, resolve_source_path
-from sphuatuo.data.questions import questions_table
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sphuatuo.data.loaders import RAW_LIMIT, Reject, SeenQuestions, iter_questions, resolve_source_path
+from sphuatuo.data.questions import Question, questions_table
 from sphuatuo.recipe import QuestionSource
 from sphuatuo.stages import StageContext, StageFailed
+from sphuatuo.store.run_root import RunRoot
 
 NAME = "questions"
 CONFIG = ("data", "seed")
 READS = ()
 
-
-def load_sources(sources: list[QuestionSource]) -> LoadResult:
-    """Every source's questions (each cut to its `limit`), a question already loaded from an earlier
-    source rejected as its duplicate."""
-    results = []
-    for source in sources:
-        result = load_questions(resolve_source_path(source.path), format=source.columns or source.format,
-                                source=source.source)
-        if source.limit:
-            result.questions = result.questions[: source.limit]
-        results.append(result)
-    return merge_loads(results)
+PART_ROWS = 5_000
+"""Questions per Parquet file of a split: the stage holds one such piece at a time, whatever the bank's size."""
 
 
-def shared_questions(train: LoadResult, test: LoadResult) -> list[str]:
-    """Each test question also in train (same id, or same normalised stem and options), naming both places."""
-    train_ids = {q.id: q for q in train.questions}
-    train_content = {q.content_key(): q for q in train.questions}
+class SplitWriter:
+    """A split's questions, written as they are loaded in pieces of `PART_ROWS` under fixed names
+    (`part-0.parquet`, `part-1.parquet`, …), so a re-run of the stage replaces its files and never adds rows."""
+
+    def __init__(self, run: RunRoot, split: str):
+        self.run, self.split = run, split
+        self.pending: list[Question] = []
+        self.parts = 0
+
+    def add(self, question: Question) -> None:
+        self.pending.append(question)
+        if len(self.pending) == PART_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.run.write_rows(questions_table(self.pending), NAME, self.split, part=self.parts)
+        self.parts += 1
+        self.pending = []
+
+    def close(self) -> None:
+        if self.pending or not self.parts:  # an empty split still gets its (empty) file
+            self._flush()
+
+
+def load_split(sources: list[QuestionSource], writer: SplitWriter, seen: SeenQuestions, rejects: list[Reject],
+               train: SeenQuestions | None = None) -> list[str]:
+    """Stream every source's questions (each cut to its `limit`; its rejects all counted) into `writer`,
+    remembering them in `seen`. A question already loaded from an earlier source is rejected as its duplicate.
+    For a test split, `train` holds the training questions: each test question also in train (same id, or same
+    normalised stem and options) is left out and returned, naming both places."""
     shared = []
-    for question in test.questions:
-        twin = train_ids.get(question.id) or train_content.get(question.content_key())
-        if twin is not None:
-            (train_file, train_row), (test_file, test_row) = train.origins[twin.id], test.origins[question.id]
-            shared.append(f"train {train_file} row {train_row} (id {twin.id}) = "
-                          f"test {test_file} row {test_row} (id {question.id})")
+    for source in sources:
+        kept = 0
+        for item in iter_questions(resolve_source_path(source.path), format=source.columns or source.format,
+                                   source=source.source):
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            if source.limit and kept == source.limit:
+                continue
+            kept += 1
+            duplicate = seen.duplicate(item)
+            twin = None if duplicate or train is None else train.earlier(item.question)
+            if duplicate:
+                rejects.append(Reject(item.file, item.row, item.question.id, duplicate,
+                                      json.dumps(item.question.to_row(), ensure_ascii=False)[:RAW_LIMIT]))
+            elif twin is not None:
+                shared.append(f"train {twin[0]} row {twin[1]} (id {twin[2]}) = "
+                              f"test {item.file} row {item.row} (id {item.question.id})")
+            else:
+                writer.add(item.question)
+    writer.close()
     return shared
+
+
+def hold_out(run: RunRoot, test_ids: set[str]) -> None:
+    """Move the held-out questions from the train split's files to the test split's, one piece at a time (a
+    piece keeps its number in both, so doing it again after a crash gives the same files)."""
+    held_ids = pa.array(sorted(test_ids), pa.string())
+    for file in run.parquet_files(NAME, "train"):
+        table = run.read_parquet_file(file)
+        held = pc.is_in(table["id"], value_set=held_ids)
+        part = int(file.rsplit("part-", 1)[1].removesuffix(".parquet"))
+        run.write_rows(table.filter(held), NAME, "test", part=part)
+        run.write_rows(table.filter(pc.invert(held)), NAME, "train", part=part)
 
 
 def run(ctx: StageContext) -> None:
     data = ctx.recipe.data
-    train = load_sources(data.train)
-    test = load_sources(data.test)
-    shared = shared_questions(train, test)
+    rejects: list[Reject] = []
+    train, test = SeenQuestions(), SeenQuestions()
+    load_split(data.train, SplitWriter(ctx.run, "train"), train, rejects)
+    shared = load_split(data.test, SplitWriter(ctx.run, "test"), test, rejects, train=train)
     if shared:
         raise StageFailed(f"{len(shared)} question(s) in both train and test: " + "; ".join(shared[:3]))
-    train_questions, test_questions = train.questions, test.questions
+    train_count, test_count = len(train.by_id), len(test.by_id)
     if not data.test and data.test_fraction:
-        shuffled = sorted(train_questions, key=lambda q: q.id)
+        shuffled = sorted(train.by_id)
         random.Random(ctx.recipe.seed).shuffle(shuffled)
-        held_out = round(len(shuffled) * data.test_fraction)
-        test_questions, train_questions = shuffled[:held_out], shuffled[held_out:]
+        held_out = shuffled[:round(len(shuffled) * data.test_fraction)]
+        hold_out(ctx.run, set(held_out))
+        train_count, test_count = train_count - len(held_out), len(held_out)
 
-    rejects = train.rejects + test.rejects
-    total = len(train.questions) + len(test.questions) + len(rejects)
+    total = train_count + test_count + len(rejects)
     ctx.record.rows_in = total
-    ctx.record.rows_out = len(train_questions) + len(test_questions)
+    ctx.record.rows_out = train_count + test_count
     ctx.record.rows_rejected = len(rejects)
-    ctx.record.details.update(train=len(train_questions), test=len(test_questions))
+    ctx.record.details.update(train=train_count, test=test_count)
     ctx.run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects),
                        NAME, "rejects.jsonl")
     for reject in rejects[:20]:
@@ -76,5 +124,3 @@ def run(ctx: StageContext) -> None:
     if total and len(rejects) / total > data.max_error_share:
         raise StageFailed(f"{len(rejects)} of {total} rows rejected, more than data.max_error_share="
                           f"{data.max_error_share}; see {ctx.run.join(NAME, 'rejects.jsonl')}")
-    ctx.run.write_rows(questions_table(train_questions), NAME, "train")
-    ctx.run.write_rows(questions_table(test_questions), NAME, "test")

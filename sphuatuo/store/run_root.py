@@ -141,13 +141,14 @@ class RunRoot:
         return sorted(info.path for info in infos
                       if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
 
-    def _read_table(self, file: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+    def read_parquet_file(self, file: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+        """One Parquet file of the run (a path from `parquet_files`), read with retries."""
         return self._read(file, lambda: pq.read_table(file, columns=columns, filters=filters, filesystem=self.fs))
 
     def read_column(self, column: str, *parts: str) -> list[Any]:
         values: list[Any] = []
         for file in self.parquet_files(*parts):
-            values.extend(self._read_table(file, [column]).column(column).to_pylist())
+            values.extend(self.read_parquet_file(file, [column]).column(column).to_pylist())
         return values
 
     def _write_parquet(self, table: pa.Table, *parts: str) -> None:
@@ -158,10 +159,11 @@ class RunRoot:
         if tmp != target:
             self.fs.move(tmp, target)
 
-    def write_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
-        """Write a small dataset as one Parquet file `<parts>/part-0.parquet`, replacing it whole."""
+    def write_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str, part: int = 0) -> None:
+        """Write a small dataset, or the `part`-th piece of a larger one, as one Parquet file
+        `<parts>/part-<5 digits of part>.parquet`, replacing it whole: writing the same piece again never adds rows."""
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-        self._write_parquet(table, *parts, "part-0.parquet")
+        self._write_parquet(table, *parts, f"part-{part:05d}.parquet")
 
     def append_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
         """Add one Parquet file to a dataset folder, written whole or not at all (a crash mid-write
@@ -174,5 +176,5 @@ class RunRoot:
         keeps only the matching ones, so a few rows are found without holding the rest."""
         rows: list[dict[str, Any]] = []
         for file in self.parquet_files(*parts):
-            rows.extend(self._read_table(file, filters=where).to_pylist())
+            rows.extend(self.read_parquet_file(file, filters=where).to_pylist())
         return rows
