@@ -16,7 +16,7 @@ import yaml
 
 from conftest import raw_test_recipe, tiny_recipe
 from sphuatuo.data.files import file_namespace
-from sphuatuo.data.loaders import UnknownFormat, load_questions, merge_loads, sample_records
+from sphuatuo.data.loaders import UnknownFormat, load_questions, sample_records
 from sphuatuo.data.mapping import ColumnMapping, mapping_yaml, propose_mapping, read_mapping
 from sphuatuo.recipe import RecipeError, load_recipe
 from sphuatuo.stages import StageContext, StageFailed, questions
@@ -284,8 +284,10 @@ def test_files_without_ids_never_collide_and_repeats_across_files_are_rejected(t
     assert (reject["file"], reject["row"], reject["reason"]) == (str(second), 1, f"duplicate of {first} row 3")
     assert record.rows_rejected == 1
     # The same file listed twice: every question a duplicate of itself by id.
-    twice = merge_loads([load_questions(first, format=EXAM_MAPPING)] * 2)
-    assert len(twice.questions) == 3 and all("duplicate id" in r.reason for r in twice.rejects)
+    twice, _ = _load(tmp_path / "twice", [{"path": str(first), "columns": EXAM_MAPPING}] * 2)
+    rejects = [json.loads(line) for line in twice.read_text("questions", "rejects.jsonl").splitlines()]
+    assert len(twice.read_column("id", "questions", "train")) == 3
+    assert len(rejects) == 3 and all("duplicate id" in r["reason"] for r in rejects)
 
 
 def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path) -> None:

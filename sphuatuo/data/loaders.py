@@ -78,11 +78,10 @@ class Reject:
 
 @dataclass
 class LoadResult:
-    """The questions a file yielded, the records it could not, and where each question came from."""
+    """The questions a file yielded and the records it could not."""
 
     questions: list[Question] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
-    origins: dict[str, tuple[str, int]] = field(default_factory=dict)  # question id -> (file, row)
 
 
 @dataclass(frozen=True)
@@ -127,6 +126,11 @@ class Loaded:
     file: str
     row: int
 
+    def rejected(self, reason: str) -> Reject:
+        """This question turned away after it loaded (a duplicate of one in another file), with its row."""
+        raw = json.dumps(self.question.to_row(), ensure_ascii=False)[:RAW_LIMIT]
+        return Reject(self.file, self.row, self.question.id, reason, raw)
+
 
 class SeenQuestions:
     """The questions kept so far, by id and by content (a digest of the normalised stem and options), each
@@ -141,18 +145,20 @@ class SeenQuestions:
     def digest(question: Question) -> bytes:
         return hashlib.blake2b(question.content_key().encode("utf-8"), digest_size=16).digest()
 
-    def earlier(self, question: Question) -> tuple[str, int, str] | None:
-        """Where an earlier question with this id or this content was seen: (file, row, id)."""
+    def earlier(self, question: Question, digest: bytes | None = None) -> tuple[str, int, str] | None:
+        """Where an earlier question with this id or this content (`digest`, computed when not given) was
+        seen: (file, row, id)."""
         if question.id in self.by_id:
             return (*self.by_id[question.id], question.id)
-        return self.by_content.get(self.digest(question))
+        return self.by_content.get(digest or self.digest(question))
 
     def duplicate(self, loaded: Loaded) -> str | None:
         """Why `loaded` repeats a question seen before (None when it is new, which is then remembered)."""
-        earlier = self.earlier(loaded.question)
+        digest = self.digest(loaded.question)  # normalising the text is the costly part: once per question
+        earlier = self.earlier(loaded.question, digest)
         if earlier is None:
             self.by_id[loaded.question.id] = (loaded.file, loaded.row)
-            self.by_content[self.digest(loaded.question)] = (loaded.file, loaded.row, loaded.question.id)
+            self.by_content[digest] = (loaded.file, loaded.row, loaded.question.id)
             return None
         file, row, _ = earlier
         if loaded.question.id in self.by_id:
@@ -232,27 +238,7 @@ def load_questions(path: str | Path, format: str | ColumnMapping | None = None,
             result.rejects.append(item)
         else:
             result.questions.append(item.question)
-            result.origins[item.question.id] = (item.file, item.row)
     return result
-
-
-def merge_loads(results: Sequence[LoadResult]) -> LoadResult:
-    """Join the loads of several files; a question already loaded from an earlier file (same id, or same
-    normalised stem and options) is rejected naming the first, so a bank listed twice counts once."""
-    merged = LoadResult()
-    seen = SeenQuestions()
-    for result in results:
-        merged.rejects.extend(result.rejects)
-        for question in result.questions:
-            loaded = Loaded(question, *result.origins[question.id])
-            duplicate = seen.duplicate(loaded)
-            if duplicate:
-                raw = json.dumps(question.to_row(), ensure_ascii=False)[:RAW_LIMIT]
-                merged.rejects.append(Reject(loaded.file, loaded.row, question.id, duplicate, raw))
-                continue
-            merged.questions.append(question)
-            merged.origins[question.id] = (loaded.file, loaded.row)
-    return merged
 
 
 def sample_records(path: str | Path) -> list[Mapping[str, Any]]:

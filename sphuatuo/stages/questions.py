@@ -15,7 +15,7 @@ from dataclasses import asdict
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sphuatuo.data.loaders import RAW_LIMIT, Reject, SeenQuestions, iter_questions, resolve_source_path
+from sphuatuo.data.loaders import Reject, SeenQuestions, iter_questions, resolve_source_path
 from sphuatuo.data.questions import Question, questions_table
 from sphuatuo.recipe import QuestionSource
 from sphuatuo.stages import StageContext, StageFailed
@@ -31,7 +31,7 @@ PART_ROWS = 5_000
 
 class SplitWriter:
     """A split's questions, written as they are loaded in pieces of `PART_ROWS` under fixed names
-    (`part-0.parquet`, `part-1.parquet`, …), so a re-run of the stage replaces its files and never adds rows."""
+    (`part-00000.parquet`, `part-00001.parquet`, …), so a re-run of the stage replaces its files and never adds rows."""
 
     def __init__(self, run: RunRoot, split: str):
         self.run, self.split = run, split
@@ -73,8 +73,7 @@ def load_split(sources: list[QuestionSource], writer: SplitWriter, seen: SeenQue
             duplicate = seen.duplicate(item)
             twin = None if duplicate or train is None else train.earlier(item.question)
             if duplicate:
-                rejects.append(Reject(item.file, item.row, item.question.id, duplicate,
-                                      json.dumps(item.question.to_row(), ensure_ascii=False)[:RAW_LIMIT]))
+                rejects.append(item.rejected(duplicate))
             elif twin is not None:
                 shared.append(f"train {twin[0]} row {twin[1]} (id {twin[2]}) = "
                               f"test {item.file} row {item.row} (id {item.question.id})")
@@ -88,10 +87,9 @@ def hold_out(run: RunRoot, test_ids: set[str]) -> None:
     """Move the held-out questions from the train split's files to the test split's, one piece at a time (a
     piece keeps its number in both, so doing it again after a crash gives the same files)."""
     held_ids = pa.array(sorted(test_ids), pa.string())
-    for file in run.parquet_files(NAME, "train"):
+    for part, file in enumerate(run.parquet_files(NAME, "train")):  # SplitWriter's pieces, in order
         table = run.read_parquet_file(file)
         held = pc.is_in(table["id"], value_set=held_ids)
-        part = int(file.rsplit("part-", 1)[1].removesuffix(".parquet"))
         run.write_rows(table.filter(held), NAME, "test", part=part)
         run.write_rows(table.filter(pc.invert(held)), NAME, "train", part=part)
 
