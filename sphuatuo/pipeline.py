@@ -26,6 +26,7 @@ from sphuatuo.local_models import model_identity
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import Recipe, is_prompt_field
 from sphuatuo.stages import StageContext, StageSkipped
+from sphuatuo.store.credentials import shared_filesystem
 from sphuatuo.store.fingerprint import Fingerprint, changes, flatten
 from sphuatuo.store.lease import Lease
 from sphuatuo.store.manifest import Manifest, StageRecord, StageTimer, load_manifest, package_versions, save_manifest
@@ -204,7 +205,10 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
 
     services = None if recipe.ray.keep_engines_up is False else EngineServices(cpu=bool(recipe.ray.keep_engines_up))
     try:
-        _run_planned(recipe, planned, run, run_log, lease, manifest, services)
+        # Ray's workers read and write stage folders too: they get the run root's filesystem as the recipe's
+        # storage.credentials says (with `driver`, this driver's credentials relayed to them until the run ends).
+        with shared_filesystem(run, recipe.storage.credentials) as filesystem:
+            _run_planned(recipe, planned, RunRoot(run.uri, filesystem), run_log, lease, manifest, services)
     finally:
         if services is not None:
             services.release_all()

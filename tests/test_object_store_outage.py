@@ -16,6 +16,7 @@ import pytest
 from conftest import moto_s3, tiny_recipe
 from sphuatuo.stages import StageContext, questions
 from sphuatuo.stages.self_play import teacher_cot
+from sphuatuo.store.credentials import shared_filesystem
 from sphuatuo.store.manifest import StageRecord
 from sphuatuo.store.run_root import RunRoot
 
@@ -28,6 +29,15 @@ GENERATED = "run/teacher_cot/first_generated/"
 def _objects(s3) -> set[str]:
     return {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
             for o in page.get("Contents", [])}
+
+
+def _run_teacher_cot(recipe) -> StageContext:
+    """The stage as the pipeline runs it: Ray's workers (which read the questions) sign with this driver's keys."""
+    run = RunRoot(recipe.run_root)
+    with shared_filesystem(run, recipe.storage.credentials) as filesystem:
+        ctx = StageContext(recipe=recipe, run=RunRoot(run.uri, filesystem), record=StageRecord())
+        teacher_cot.run(ctx)
+    return ctx
 
 
 def test_an_object_store_outage_mid_stage_deletes_nothing_and_the_rerun_writes_every_key_once(
@@ -45,7 +55,9 @@ def test_an_object_store_outage_mid_stage_deletes_nothing_and_the_rerun_writes_e
                                                       "data.test_fraction": 0.0, "models.teacher.backend": "hf",
                                                       "models.teacher.batch_size": 1, "models.judge.kind": "rule",
                                                       "stages.teacher_cot.retry_with_reference": False,
-                                                      "stages.teacher_cot.sampling.max_tokens": 128})
+                                                      "stages.teacher_cot.sampling.max_tokens": 128,
+                                                      # the session's Ray nodes have none of this driver's keys
+                                                      "storage.credentials": "driver"})
         questions.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
         before: dict[str, set[str]] = {}
 
@@ -64,15 +76,14 @@ def test_an_object_store_outage_mid_stage_deletes_nothing_and_the_rerun_writes_e
         stopper = threading.Thread(target=outage, daemon=True)
         stopper.start()
         try:
-            teacher_cot.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
+            _run_teacher_cot(recipe)
         except OSError as error:  # not ridden out: the error names what it could not write
             assert BUCKET in str(error) and "run/teacher_cot" in str(error), error
         stopper.join(timeout=OUTAGE_S + 5)
         assert "objects" in before, "the store was never stopped mid-stage"
         assert sum(key.startswith(GENERATED) for key in before["objects"]) < 24, "the outage came after the pass"
 
-        ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
-        teacher_cot.run(ctx)
+        ctx = _run_teacher_cot(recipe)
         assert before["objects"] <= _objects(s3), "objects written before the outage are gone"
         ids = ctx.run.read_column("id", "questions", "train")
         assert Counter(ctx.run.read_column("key", "teacher_cot", "first_generated")) == Counter(ids)

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from sphuatuo.engines import Request
@@ -68,14 +69,14 @@ def scale_recipe(questions_path: str, run_root: str, batch_size: int) -> Recipe:
 
 def run(ctx: StageContext) -> None:
     """The teacher's first generation pass over every training question, without its judge."""
-    from sphuatuo.stages.self_play.teacher_cot import teacher_messages
+    from sphuatuo.stages.self_play.teacher_cot import first_pass_rows, teacher_messages
 
-    questions = ctx.run.read_rows("questions", "train")
-    ctx.record.rows_in = len(questions)
-    rows = [{**q, "key": q["id"], "hinted": False} for q in questions]
+    stage = ctx.recipe.stages.teacher_cot
+    rows = first_pass_rows(ctx.run, stage, ctx.recipe.models.teacher)
+    ctx.record.rows_in = rows.count
     ctx.record.rows_out = generate_pass(ctx, rows, NAME, engine=ctx.recipe.models.teacher,
-                                        request=Request.from_config(ctx.recipe.stages.teacher_cot.sampling),
-                                        messages=lambda row: teacher_messages(ctx, row))
+                                        request=Request.from_config(stage.sampling),
+                                        messages=partial(teacher_messages, stage))
 
 
 def measure(folder: Path, batch_size: int) -> ScaleLine:

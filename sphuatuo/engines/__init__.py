@@ -65,11 +65,6 @@ def row_seed(request: Request, row: dict) -> int | None:
     return None if request.seed is None else request.seed + int(row.get("sample") or 0)
 
 
-# CPUs asked for by the row-wise steps around an engine (prompt building, parsing, writing): small, so
-# that on a 2-core machine they never wait for the cores the engine replicas hold.
-LIGHT_CPUS = 0.1
-
-
 def cpu_runtime_env(engine: EngineConfig) -> dict[str, dict[str, str]]:
     """Environment an engine actor needs on a CPU-only node."""
     # Ray would set OMP_NUM_THREADS to the actor's CPU count rounded down; an engine should use its share.

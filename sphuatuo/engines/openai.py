@@ -21,9 +21,10 @@ import ray
 import ray.data
 from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-from sphuatuo.engines import LIGHT_CPUS, Request, row_seed
+from sphuatuo.engines import Request, row_seed
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store import secrets
+from sphuatuo.store.runtime import LIGHT_CPUS
 
 
 class ChatSession:

@@ -24,8 +24,9 @@ import ray
 import ray.data
 from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
-from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env, row_seed
+from sphuatuo.engines import Request, cpu_runtime_env, row_seed
 from sphuatuo.recipe import EngineConfig
+from sphuatuo.store.runtime import LIGHT_CPUS
 
 log = logging.getLogger("sphuatuo")
 

@@ -8,10 +8,11 @@ from typing import Any
 import ray.data
 from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-from sphuatuo.engines import LIGHT_CPUS, Request, cpu_runtime_env, row_seed
+from sphuatuo.engines import Request, cpu_runtime_env, row_seed
 from sphuatuo.engines.precision import engine_dtype
 from sphuatuo.engines.serving import EngineServices, generate_served
 from sphuatuo.recipe import EngineConfig
+from sphuatuo.store.runtime import LIGHT_CPUS
 
 
 def _sampling_params(request: Request, seed: int | None) -> dict[str, Any]:

@@ -17,16 +17,20 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import ray.data
 import ray.exceptions
 
 from sphuatuo import engines
-from sphuatuo.engines import LIGHT_CPUS, Request
+from sphuatuo.engines import Request
 from sphuatuo.parsing.replies import split_think_answer
 from sphuatuo.passes import PassTarget, Row
 from sphuatuo.prompts import PromptInput
 from sphuatuo.recipe import EngineConfig
+from sphuatuo.store.datasets import FolderRows
 from sphuatuo.store.progress import RowProgress
+from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.runtime import LIGHT_CPUS
 
 log = logging.getLogger("sphuatuo")
 
@@ -52,7 +56,7 @@ def missing_rows(ctx: PassTarget, rows: list[Row], folder: str, key: str = "key"
 
 def generate_pass(
     ctx: PassTarget,
-    rows: list[Row],
+    rows: list[Row] | FolderRows,
     folder: str,
     *,
     engine: EngineConfig,
@@ -60,35 +64,73 @@ def generate_pass(
     messages: Callable[[Row], PromptInput],
     model: str | None = None,
 ) -> int:
-    """Generate a reply for each row not yet in `folder`; return how many rows were written now.
+    """Generate a reply for each row not yet in `folder`; return how many rows went through the engine now.
 
+    `rows`: in the cluster already (`FolderRows`: the driver never holds them), or a list the driver sends there.
     Each row needs a unique `key`. `messages` gives each row's chat, or a raw prompt string that the engine
-    sends without the chat template (all rows of a pass the one or the other). Output rows are the input rows
-    plus the engine's columns (see `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
+    sends without the chat template (all rows of a pass the one or the other); it runs on Ray's workers, so it
+    must pickle. Output rows are the input rows plus the engine's columns (see
+    `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
     """
-    todo = missing_rows(ctx, rows, folder)
-    failed = pa.table({})
-    if todo:
-        failed = _generate_with_retries(ctx, todo, folder, engine, request, messages, model or engine.model)
+    todo, todo_count = _todo(ctx, rows, folder)
+    failed, generated = pa.table({}), 0
+    if todo_count:
+        failed, generated = _generate_with_retries(ctx, todo, todo_count, folder, engine, request, messages,
+                                                   model or engine.model)
     errors = failed.column("engine_error").to_pylist() if failed.num_rows else []
     # Error rows already in the folder count too (kept by an earlier run within a share since lowered, or
     # written by a version that kept them before failing), so a resumed pass never passes unchecked.
     kept = ctx.run.read_rows(folder, where=[("finish_reason", "==", "error")])
-    if kept:
+    if kept and not isinstance(rows, FolderRows):
         keys = {row["key"] for row in rows}
-        errors += [row.get("engine_error") for row in kept if row["key"] in keys]
-    _check_error_share(folder, errors, len(rows), engine)
+        kept = [row for row in kept if row["key"] in keys]
+    errors += [row.get("engine_error") for row in kept]
+    total = rows.count if isinstance(rows, FolderRows) else len(rows)
+    _check_error_share(folder, errors, total, engine)
     if failed.num_rows:
         ctx.run.append_rows(failed, folder)  # kept, with finish_reason "error" and the engine's message
-    return len(todo)
+    return generated
 
 
-def _generate_with_retries(ctx: PassTarget, todo: list[Row], folder: str, engine: EngineConfig, request: Request,
-                           messages: Callable[[Row], PromptInput], model_name: str) -> pa.Table:
+def _todo(ctx: PassTarget, rows: list[Row] | FolderRows, folder: str) -> tuple[ray.data.Dataset | None, int]:
+    """The rows of the pass not yet in `folder`, as a Dataset (None when there are none), and how many."""
+    if not isinstance(rows, FolderRows):
+        todo = missing_rows(ctx, rows, folder)
+        return (ray.data.from_items(todo) if todo else None), len(todo)
+    # Only this pass writes its folder, so the keys there are some of its rows': the count needs no join.
+    written = ctx.run.count_rows(folder)
+    if not written:
+        return rows.rows, rows.count
+    log.info("%s: %d rows already written, %d to go", folder, written, rows.count - written)
+    if written >= rows.count:
+        return None, 0
+    return _keys_filtered(rows.rows, _written_keys.remote(ctx.run, folder), keep=False), rows.count - written
+
+
+@ray.remote(num_cpus=LIGHT_CPUS)
+def _written_keys(run: RunRoot, folder: str) -> pa.Array:
+    """The keys already in `folder`, read on a worker: the driver holds a reference, not the keys."""
+    return pa.array(run.read_column("key", folder), pa.string())
+
+
+def _keys_filtered(rows: ray.data.Dataset, keys: pa.Array | ray.ObjectRef, *, keep: bool) -> ray.data.Dataset:
+    """The rows whose key is in `keys` (`keep`), or those whose key is not: a join executed by Ray's workers."""
+
+    def select(batch: pa.Table) -> pa.Table:
+        found = pc.is_in(batch["key"], value_set=ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys)
+        return batch.filter(found if keep else pc.invert(found))
+
+    return rows.map_batches(select, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+
+
+def _generate_with_retries(ctx: PassTarget, todo: ray.data.Dataset, todo_count: int, folder: str,
+                           engine: EngineConfig, request: Request, messages: Callable[[Row], PromptInput],
+                           model_name: str) -> tuple[pa.Table, int]:
     """Generate `todo` into `folder`, each row tried up to `max_attempts` times; return the rows that never
-    succeeded. Every failed attempt goes to `<folder>_errors`, numbered after those of earlier runs."""
+    succeeded and how many rows went through the engine. Every failed attempt goes to `<folder>_errors`,
+    numbered after those of earlier runs."""
     earlier = Counter(ctx.run.read_column("key", f"{folder}_errors"))
-    progress = RowProgress(folder, total=len(todo))
+    progress = RowProgress(folder, total=todo_count)
     pending, failed = todo, pa.table({})
     for attempt in range(1, engine.max_attempts + 1):
         failed = _generate_once(ctx, pending, folder, engine, request, messages, model_name, progress)
@@ -99,28 +141,33 @@ def _generate_with_retries(ctx: PassTarget, todo: list[Row], folder: str, engine
         if attempt < engine.max_attempts:
             log.warning("%s: %d rows failed in the engine (attempt %d of %d); trying them again", folder,
                         failed.num_rows, attempt, engine.max_attempts)
-            retry = set(failed.column("key").to_pylist())
-            pending = [row for row in todo if row["key"] in retry]
+            pending = _keys_filtered(todo, failed.column("key").combine_chunks(), keep=True)
     progress.update(failed.num_rows)
     done = progress.close()
     passes = ctx.record.details.setdefault("throughput", {})
     passes[folder] = {"rows": done.rows, "seconds": round(done.seconds, 1), "rows_per_s": round(done.rows_per_s, 3),
                       "output_tokens_per_s": round(done.tokens_per_s, 1), "engine_errors": failed.num_rows}
-    return failed
+    return failed, done.rows
 
 
 def _engine_input(row: Row, prompt: PromptInput) -> Row:
     return {**row, "prompt": prompt} if isinstance(prompt, str) else {**row, "messages": prompt}
 
 
-def _generate_once(ctx: PassTarget, rows: list[Row], folder: str, engine: EngineConfig, request: Request,
-                   messages: Callable[[Row], PromptInput], model_name: str, progress: RowProgress) -> pa.Table:
-    """One trip of `rows` through the engine: successful rows are appended to `folder` batch by batch as they
-    stream out (a crash loses only the batches in flight); the rows the engine failed on are returned."""
-    items = [_engine_input(row, messages(row)) for row in rows]
+def _engine_inputs(batch: pa.Table, messages: Callable[[Row], PromptInput], folder: str) -> pa.Table:
+    items = [_engine_input(row, messages(row)) for row in batch.to_pylist()]
     if len({"prompt" in item for item in items}) > 1:
         raise ValueError(f"{folder}: a pass sends chats or raw prompts, not both")
-    ds = ray.data.from_items(items)
+    return pa.Table.from_pylist(items)
+
+
+def _generate_once(ctx: PassTarget, rows: ray.data.Dataset, folder: str, engine: EngineConfig, request: Request,
+                   messages: Callable[[Row], PromptInput], model_name: str, progress: RowProgress) -> pa.Table:
+    """One trip of `rows` through the engine: successful rows are appended to `folder` batch by batch as they
+    stream out (a crash loses only the batches in flight; the driver holds one batch at a time); the rows the
+    engine failed on are returned."""
+    ds = rows.map_batches(_engine_inputs, fn_kwargs={"messages": messages, "folder": folder},
+                          batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     ds = engines.generate(ds, engine, request, model=model_name, services=ctx.engines, folder=folder)
     ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
     failed = []

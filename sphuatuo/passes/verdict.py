@@ -32,6 +32,7 @@ from sphuatuo.passes import PassTarget, Row
 from sphuatuo.passes.generation import generate_pass, missing_rows, parse_reply
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, JudgeConfig, SamplingConfig
+from sphuatuo.store.datasets import FolderRows
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def verdict_pass(target: PassTarget, rows: list[Row], folder: str, judge: JudgeC
 
 def generate_and_judge(
     target: PassTarget,
-    rows: list[Row],
+    rows: list[Row] | FolderRows,
     folder: str,
     *,
     judge: JudgeConfig,

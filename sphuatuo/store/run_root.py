@@ -145,6 +145,14 @@ class RunRoot:
         """One Parquet file of the run (a path from `parquet_files`), read with retries."""
         return self._read(file, lambda: pq.read_table(file, columns=columns, filters=filters, filesystem=self.fs))
 
+    def file_row_counts(self, *parts: str) -> dict[str, int]:
+        """Each Parquet file of a dataset folder with its row count, from the files' footers (no row is read)."""
+        return {file: self._read(file, lambda file=file: pq.read_metadata(file, filesystem=self.fs)).num_rows
+                for file in self.parquet_files(*parts)}
+
+    def count_rows(self, *parts: str) -> int:
+        return sum(self.file_row_counts(*parts).values())
+
     def read_column(self, column: str, *parts: str) -> list[Any]:
         values: list[Any] = []
         for file in self.parquet_files(*parts):

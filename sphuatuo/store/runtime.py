@@ -32,6 +32,10 @@ CPU_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
 }
 
+# CPUs asked for by the row-wise steps around an engine (reading a folder, building prompts, parsing, writing):
+# small, so that on a 2-core machine they never wait for the cores the engine replicas hold.
+LIGHT_CPUS = 0.1
+
 # A local cluster started by sphuatuo (tests, the demo) runs without Ray's token authentication.
 LOCAL_CLUSTER_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled"}
 

@@ -10,6 +10,9 @@ with the reference shown, and those rows are marked `hinted`.
 from __future__ import annotations
 
 import json
+from functools import partial
+
+import pyarrow as pa
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
@@ -17,16 +20,19 @@ from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens, sample_key
 from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import get_prompt, options_block
+from sphuatuo.recipe import EngineConfig, TeacherCotStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.self_play import training_answer
+from sphuatuo.store.datasets import FolderRows, read_folder
+from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.runtime import LIGHT_CPUS
 
 NAME = "teacher_cot"
 CONFIG = ("models.teacher", "models.judge", "stages.teacher_cot")
 READS = ("questions",)
 
 
-def teacher_messages(ctx: StageContext, row: Row) -> list[dict[str, str]]:
-    stage = ctx.recipe.stages.teacher_cot
+def teacher_messages(stage: TeacherCotStage, row: Row) -> list[dict[str, str]]:
     question = Question.from_row(row)
     hint = get_prompt(stage.hint_prompt).render_user(reference=question.answer_text) if row["hinted"] else ""
     return get_prompt(stage.prompt).messages(
@@ -34,22 +40,39 @@ def teacher_messages(ctx: StageContext, row: Row) -> list[dict[str, str]]:
     )
 
 
+def sample_rows(questions: list[Row], stage: TeacherCotStage) -> list[Row]:
+    """Each question `samples_per_question` times, keyed, with the prompt version and sampling that made it."""
+    meta = {"prompt_version": get_prompt(stage.prompt).tag, "sampling": json.dumps(stage.sampling.model_dump())}
+    return [{**q, **meta, "key": sample_key(q["id"], k, stage.samples_per_question), "sample": k,
+             "hinted": stage.reveal_reference}
+            for q in questions for k in range(stage.samples_per_question)]
+
+
+def _sample_batch(questions: pa.Table, stage: TeacherCotStage) -> pa.Table:
+    return pa.Table.from_pylist(sample_rows(questions.to_pylist(), stage))
+
+
+def first_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig) -> FolderRows:
+    """The first pass's rows, made on Ray's workers from the training questions: the driver never holds them.
+    Blocks of one engine batch's questions keep a crash's loss to the batches in flight."""
+    rows_per_block = max(1, teacher.batch_size // stage.samples_per_question)
+    questions = read_folder(run, "questions", "train", rows_per_block=rows_per_block)
+    rows = questions.rows.map_batches(_sample_batch, fn_kwargs={"stage": stage}, batch_format="pyarrow",
+                                      num_cpus=LIGHT_CPUS)
+    return FolderRows(rows, questions.count * stage.samples_per_question)
+
+
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.teacher_cot
     teacher, judge = ctx.recipe.models.teacher, ctx.recipe.models.judge
-    questions = ctx.run.read_rows("questions", "train")
-    ctx.record.rows_in = len(questions)
-    if not questions:
+    ctx.record.rows_in = ctx.run.count_rows("questions", "train")
+    if not ctx.record.rows_in:
         raise StageSkipped("no training questions (the questions stage wrote zero valid rows)")
+    first = first_pass_rows(ctx.run, stage, teacher)
 
-    prompt = get_prompt(stage.prompt)
     request = Request.from_config(stage.sampling)
-    meta = {"prompt_version": prompt.tag, "sampling": json.dumps(stage.sampling.model_dump())}
-    first = [{**q, **meta, "key": sample_key(q["id"], k, stage.samples_per_question), "sample": k,
-              "hinted": stage.reveal_reference}
-             for q in questions for k in range(stage.samples_per_question)]
     generate_and_judge(ctx, first, f"{NAME}/first", judge=judge, engine=teacher, request=request,
-                       messages=lambda row: teacher_messages(ctx, row))
+                       messages=partial(teacher_messages, stage))
 
     def usable(row: Row) -> bool:
         return training_answer(row, stage.answer_from_thought) is not None
@@ -57,11 +80,12 @@ def run(ctx: StageContext) -> None:
     if stage.retry_with_reference and not stage.reveal_reference:
         judged = ctx.run.read_rows(NAME, "first")
         accepted_ids = {row["id"] for row in judged if usable(row)}
-        retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True} for row in first
+        retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True}
+                 for row in sample_rows(ctx.run.read_rows("questions", "train"), stage)
                  if row["id"] not in accepted_ids and row["sample"] == 0]
         ctx.note(f"{len(retry)} rejected questions asked again with the reference shown (hinted)")
         generate_and_judge(ctx, retry, f"{NAME}/hinted", judge=judge, engine=teacher, request=request,
-                           messages=lambda row: teacher_messages(ctx, row))
+                           messages=partial(teacher_messages, stage))
 
     rows = ctx.run.read_rows(NAME, "first") + ctx.run.read_rows(NAME, "hinted")
     accepted = {row["id"] for row in rows if usable(row)}
@@ -75,4 +99,4 @@ def run(ctx: StageContext) -> None:
         accepted_hinted=sum(1 for row in rows if usable(row) and row["hinted"]),
         truncated=sum(1 for row in rows if row["truncated"]),
     )
-    ctx.note(f"{len(accepted)} of {len(questions)} questions have an accepted teacher answer")
+    ctx.note(f"{len(accepted)} of {ctx.record.rows_in} questions have an accepted teacher answer")
