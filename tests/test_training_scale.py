@@ -298,4 +298,8 @@ def test_nodes_without_credentials_get_a_local_copy_of_a_bucket_model_for_their_
     assert credentials.engine_model_path(run, location, "node") == location  # nodes that sign for themselves
     # A model written again (other files) is copied again, to another place.
     run.write_text("{}", "sft", "model", "extra.json")
-    assert credentials.engine_model_path(run, location, "driver") not in (local, location)
+    again = credentials.engine_model_path(run, location, "driver")
+    assert again not in (local, location)
+    # The pipeline's stages see the run root through the relayed filesystem: the same copy, not the bucket.
+    with credentials.shared_filesystem(run, "driver") as relayed:
+        assert credentials.engine_model_path(RunRoot(run.uri, relayed), location, "driver") == again

@@ -247,7 +247,7 @@ def engine_model_path(run: RunRoot, location: str, credentials: str = "node") ->
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if credentials != "driver" or not isinstance(run.fs, pafs.S3FileSystem) or "://" not in location:
+    if credentials != "driver" or not _on_s3(run) or "://" not in location:
         return location
     source = location.split("://", 1)[1]
     files = run.fs.get_file_info(pafs.FileSelector(source, recursive=True))
@@ -260,6 +260,13 @@ def engine_model_path(run: RunRoot, location: str, credentials: str = "node") ->
             filesystem, source, target) for node in nodes])
     log.info("model %s copied to %s on %d node(s) (storage.credentials: driver)", location, target, len(nodes))
     return str(target)
+
+
+def _on_s3(run: RunRoot) -> bool:
+    """An S3 run root, seen directly or (as the pipeline's stages see it) through the relayed filesystem."""
+    fs = run.fs
+    return isinstance(fs, pafs.S3FileSystem) or (isinstance(fs, pafs.PyFileSystem)
+                                                 and isinstance(fs.handler, RelayedS3Handler))
 
 
 def _copy_to_node(filesystem: pafs.FileSystem, source: str, target: Path) -> None:
