@@ -27,7 +27,7 @@ from sphuatuo.parsing.replies import split_think_answer
 from sphuatuo.passes import PassTarget, Row
 from sphuatuo.prompts import PromptInput
 from sphuatuo.recipe import EngineConfig
-from sphuatuo.store.datasets import FolderRows
+from sphuatuo.store.datasets import FolderRows, light_step
 from sphuatuo.store.progress import RowProgress
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import LIGHT_CPUS
@@ -120,7 +120,7 @@ def _keys_filtered(rows: ray.data.Dataset, keys: pa.Array | ray.ObjectRef, *, ke
         found = pc.is_in(batch["key"], value_set=ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys)
         return batch.filter(found if keep else pc.invert(found))
 
-    return rows.map_batches(select, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    return rows.map_batches(select, batch_format="pyarrow", **light_step())
 
 
 def _generate_with_retries(ctx: PassTarget, todo: ray.data.Dataset, todo_count: int, folder: str,
@@ -167,9 +167,9 @@ def _generate_once(ctx: PassTarget, rows: ray.data.Dataset, folder: str, engine:
     stream out (a crash loses only the batches in flight; the driver holds one batch at a time); the rows the
     engine failed on are returned."""
     ds = rows.map_batches(_engine_inputs, fn_kwargs={"messages": messages, "folder": folder},
-                          batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+                          batch_format="pyarrow", **light_step())
     ds = engines.generate(ds, engine, request, model=model_name, services=ctx.engines, folder=folder)
-    ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)
+    ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)  # fuses into the engine's postprocess
     failed = []
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -23,9 +23,8 @@ from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, TeacherCotStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.self_play import training_answer
-from sphuatuo.store.datasets import FolderRows, read_folder
+from sphuatuo.store.datasets import FolderRows, light_step, read_folder
 from sphuatuo.store.run_root import RunRoot
-from sphuatuo.store.runtime import LIGHT_CPUS
 
 NAME = "teacher_cot"
 CONFIG = ("models.teacher", "models.judge", "stages.teacher_cot")
@@ -58,7 +57,7 @@ def first_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig)
     rows_per_block = max(1, teacher.batch_size // stage.samples_per_question)
     questions = read_folder(run, "questions", "train", rows_per_block=rows_per_block)
     rows = questions.rows.map_batches(_sample_batch, fn_kwargs={"stage": stage}, batch_format="pyarrow",
-                                      num_cpus=LIGHT_CPUS)
+                                      **light_step())
     return FolderRows(rows, questions.count * stage.samples_per_question)
 
 
