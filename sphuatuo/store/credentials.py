@@ -247,7 +247,8 @@ def engine_model_path(run: RunRoot, location: str, credentials: str = "node") ->
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if credentials != "driver" or not _on_s3(run) or "://" not in location:
+    # The run root's URI, not its filesystem's type: the pipeline's stages see S3 through the relayed filesystem.
+    if credentials != "driver" or not run.uri.startswith("s3://") or "://" not in location:
         return location
     source = location.split("://", 1)[1]
     files = run.fs.get_file_info(pafs.FileSelector(source, recursive=True))
@@ -260,13 +261,6 @@ def engine_model_path(run: RunRoot, location: str, credentials: str = "node") ->
             filesystem, source, target) for node in nodes])
     log.info("model %s copied to %s on %d node(s) (storage.credentials: driver)", location, target, len(nodes))
     return str(target)
-
-
-def _on_s3(run: RunRoot) -> bool:
-    """An S3 run root, seen directly or (as the pipeline's stages see it) through the relayed filesystem."""
-    fs = run.fs
-    return isinstance(fs, pafs.S3FileSystem) or (isinstance(fs, pafs.PyFileSystem)
-                                                 and isinstance(fs.handler, RelayedS3Handler))
 
 
 def _copy_to_node(filesystem: pafs.FileSystem, source: str, target: Path) -> None:
