@@ -203,7 +203,7 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
     connect_ray(recipe.ray.address, recipe.ray.num_cpus)
     from sphuatuo.engines.serving import EngineServices  # imports Ray's LLM batch API: only once Ray is needed
 
-    services = None if recipe.ray.keep_engines_up is False else EngineServices(cpu=bool(recipe.ray.keep_engines_up))
+    services = EngineServices(host=recipe.ray.engine_host) if recipe.ray.keep_engines_up else None
     try:
         # Ray's workers read and write stage folders too: they get the run root's filesystem as the recipe's
         # storage.credentials says (with `driver`, this driver's credentials relayed to them until the run ends).

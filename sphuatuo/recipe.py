@@ -164,9 +164,10 @@ class EngineConfig(Strict):
                                                            "an error row")
     max_error_share: float = Field(default=0.1, ge=0.0, le=1.0, description="fail a pass when more than this "
                                                                             "share of its rows ends in an error")
-    max_restarts: int = Field(default=3, ge=0, description="vllm, hf: times a pass restarts a replica that died "
-                                                           "(its batches in flight are sent again); one more death "
-                                                           "fails the pass with the replica's error")
+    max_restarts: int = Field(default=3, ge=0, description="vllm, hf: times Ray restarts a replica that died, per "
+                                                           "pass (over the run for an engine kept up; its batches in "
+                                                           "flight are sent again); one more death fails the pass "
+                                                           "with the replica's error")
 
     @field_validator("engine_kwargs")
     @classmethod
@@ -686,12 +687,15 @@ class TrackingConfig(Strict):
 class RayConfig(Strict):
     address: str | None = Field(default=None, description="None: connect to RAY_ADDRESS or start a local cluster")
     num_cpus: int | None = Field(default=None, ge=1, description="only for a local cluster started by sphuatuo")
-    keep_engines_up: bool | None = Field(
-        default=None, description="vLLM engines stay up as Ray Serve LLM apps, shared by every pass and stage that "
-                                  "uses the same model and engine arguments until a training stage needs the devices; "
-                                  "false: each pass starts and stops its own engines; unset: engines on GPUs stay up "
-                                  "(a start costs minutes there), CPU engines do not (measured: a Serve LLM engine "
-                                  "came up in 37-52 s on 2 cores and the demo did not finish sooner)")
+    keep_engines_up: bool = Field(
+        default=True, description="vLLM engines stay up, shared by every pass and stage that uses the same model and "
+                                  "engine arguments until a training stage needs the devices; false: each pass "
+                                  "starts and stops its own engines (Ray Data's vLLM processor)")
+    engine_host: Literal["auto", "serve", "actors"] = Field(
+        default="auto", description="what keeps engines up: Ray Serve LLM apps (autoscaling, tensor parallelism) or "
+                                    "plain Ray actors holding vLLM's engine; auto: Serve on GPUs, actors on CPU "
+                                    "(measured on 2 cores: a Serve LLM engine came up in 37-52 s and ran passes at "
+                                    "half speed)")
 
 
 PROMPT_FAMILIES = {"en": "self_play", "zh": "self_play_zh"}

@@ -1,5 +1,6 @@
-"""An engine replica SIGKILLed in the middle of a pass (a node lost, the OOM killer): Ray Data restarts it and
-sends its batches in flight again, so the pass finishes with every key written exactly once. Restarts are
+"""An engine replica SIGKILLed in the middle of a pass (a node lost, the OOM killer): Ray restarts it and sends its
+batches in flight again, whether the replica belongs to the pass (Ray Data's processor) or is kept up for the run
+(an actor of `EngineServices`), so the pass finishes with every key written exactly once. Restarts are
 bounded by the role's `max_restarts`: one death more fails the pass naming the replica, and keeps the rows
 written before it for the re-run. Real Ray, a real vLLM engine on the tiny model, a real kill."""
 
@@ -17,6 +18,7 @@ from ray.util.state import list_actors
 
 from conftest import tiny_recipe
 from sphuatuo.engines import Request
+from sphuatuo.engines.serving import EngineServices
 from sphuatuo.passes.generation import PassFailed, generate_pass
 from sphuatuo.stages import StageContext
 from sphuatuo.store.manifest import StageRecord
@@ -34,9 +36,9 @@ class ReplicaKiller(threading.Thread):
     """SIGKILLs the pass's engine replica once `after` rows are in the folder (mid-pass: the rest are in flight
     or queued, one at a time)."""
 
-    def __init__(self, root: RunRoot, after: int):
+    def __init__(self, root: RunRoot, after: int, replica_class: str):
         super().__init__(daemon=True)
-        self.root, self.after = root, after
+        self.root, self.after, self.replica_class = root, after, replica_class
         self.rows_at_kill: int | None = None
 
     def run(self) -> None:
@@ -45,7 +47,7 @@ class ReplicaKiller(threading.Thread):
             written = len(self.root.read_column("key", FOLDER))
             if written >= self.after:
                 replicas = [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-                            if "vLLMEngineStage" in actor.class_name]
+                            if self.replica_class in actor.class_name]
                 if replicas:
                     os.kill(replicas[0], signal.SIGKILL)
                     self.rows_at_kill = written
@@ -57,7 +59,7 @@ def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> 
     # One row at a time and a long reply each, so the pass is still running when the killer strikes.
     engine = ctx.recipe.models.teacher.model_copy(update={"batch_size": 1, "max_concurrent_batches": 1,
                                                           "max_restarts": max_restarts})
-    killer = ReplicaKiller(ctx.run, kill_after)
+    killer = ReplicaKiller(ctx.run, kill_after, "EngineReplica" if ctx.engines else "vLLMEngineStage")
     killer.start()
     try:
         generate_pass(ctx, [{"key": key} for key in KEYS], FOLDER, engine=engine,
@@ -65,14 +67,18 @@ def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> 
                       messages=lambda row: [{"role": "user", "content": f"Question {row['key']}"}])
     finally:
         killer.join(timeout=1)
+        if ctx.engines:
+            ctx.engines.release_all()
     return killer
 
 
+@pytest.mark.parametrize("kept_up", [False, True], ids=["engine_of_the_pass", "engine_kept_up"])
 def test_a_killed_engine_replica_is_restarted_every_key_written_once_and_restarts_are_bounded(
-        tmp_path: Path, ray_cluster) -> None:
+        tmp_path: Path, ray_cluster, kept_up: bool) -> None:
     recipe = tiny_recipe(tmp_path / "run")
     assert recipe.models.teacher.backend == "vllm"
-    ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
+    ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(),
+                       engines=EngineServices() if kept_up else None)
 
     # No restart allowed: the death fails the pass, naming the replica; what was written stays.
     with pytest.raises(PassFailed, match=r"answers: an engine replica of builtin:tiny died after 0 restarts "

@@ -1,11 +1,12 @@
-"""Engines that stay up: one Ray Serve LLM app per model and engine arguments, shared by the passes of a run,
-released before training and at the end of the run."""
+"""Engines that stay up: one engine per model and engine arguments, shared by the passes of a run, released before
+training and at the end of the run; hosted by plain Ray actors (the CPU default) or by Ray Serve LLM (GPUs)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from ray.util.state import list_actors
 
 from conftest import tiny_recipe
 from sphuatuo.pipeline import run_pipeline
@@ -17,17 +18,20 @@ from sphuatuo.store.run_root import RunRoot
 pytestmark = pytest.mark.slow
 
 
-def _sphuatuo_apps() -> list[str]:
+def _engines_up() -> list[str]:
     from ray import serve
 
-    return [name for name in serve.status().applications if name.startswith("sphuatuo-")]
+    apps = [name for name in serve.status().applications if name.startswith("sphuatuo-")]
+    replicas = [actor.name for actor in list_actors(filters=[("state", "=", "ALIVE")])
+                if actor.class_name == "EngineReplica"]
+    return apps + replicas
 
 
+@pytest.mark.parametrize("host", ["actors", "serve"])
 def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_run(
-        tmp_path: Path, ray_cluster: dict[str, str]) -> None:
-    # The tiny recipe's teacher and judge are the same model with the same engine arguments; on CPU engines stay
-    # up only when the recipe asks.
-    recipe = tiny_recipe(tmp_path / "run", **{"ray.address": ray_cluster["address"], "ray.keep_engines_up": True})
+        tmp_path: Path, ray_cluster: dict[str, str], host: str) -> None:
+    # The tiny recipe's teacher and judge are the same model with the same engine arguments.
+    recipe = tiny_recipe(tmp_path / "run", **{"ray.address": ray_cluster["address"], "ray.engine_host": host})
     run_pipeline(recipe, stages=(questions, teacher_cot))
 
     run = RunRoot(recipe.run_root)
@@ -38,4 +42,4 @@ def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_
     assert engines["reuses"] >= 1  # the judge pass (and the hinted retry) found the teacher's engine up
     assert rows and all(row["finish_reason"] in ("stop", "length") for row in rows)
     assert all(row["num_generated_tokens"] > 0 and row["generated_text"].startswith("<think>") for row in rows)
-    assert _sphuatuo_apps() == []
+    assert _engines_up() == []

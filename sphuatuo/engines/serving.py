@@ -1,9 +1,11 @@
-"""Engines that stay up: one Ray Serve LLM app per model, shared by every pass that uses it.
+"""Engines that stay up: one per model and engine arguments, shared by every pass of a run that uses it.
 
 A run starts an engine the first time a pass asks for its model and keeps it for the passes and stages that
-follow: the teacher that is also the judge, the student that answers, corrects itself and is evaluated. Passes
-reach it through `ray.data.llm`'s serve-deployment processor, so rows still stream through Ray Data. Engines
+follow: the teacher that is also the judge, the student that answers, corrects itself and is evaluated. Engines
 are keyed by the model and every engine argument; the seed is not part of the key (see `generate_served`).
+Two hosts, both fed by Ray Data so rows still stream: on GPUs a Ray Serve LLM app per engine, reached through
+`ray.data.llm`'s serve-deployment processor (autoscaling between `replicas: [min, max]`); on CPU nodes plain Ray
+actors holding vLLM's engine (`sphuatuo.engines.actors`, which says why). `ray.engine_host` overrides the choice.
 
 Engines hold the devices a trainer needs, so the pipeline releases them all before a training stage and at
 the end of the run, and `EngineServices` evicts the least recently used engine when a new one would not fit
@@ -25,6 +27,7 @@ import ray.data
 from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
 from sphuatuo.engines import Request, cpu_runtime_env, row_seed
+from sphuatuo.engines.actors import alive, generate_on_replicas, start_replicas, stop_replicas
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
 
@@ -42,48 +45,43 @@ class EngineStart:
 
 @dataclass
 class _App:
+    """A Serve app of one engine."""
+
     name: str
     deployment: str
+
+
+@dataclass
+class _KeptEngine:
     model: str
     resources: dict[str, float]
+    app: _App | None = None  # hosted by Ray Serve
+    replicas: list[ray.actor.ActorHandle] = field(default_factory=list)  # hosted by plain actors
 
 
 @dataclass
 class EngineServices:
     """The run's engines, by key; a log of starts and reuses that the pipeline moves into each stage's record.
-    `cpu`: CPU engines stay up too (GPU engines always do)."""
+    `host`: "auto" (Serve on GPUs, actors on CPU), "serve" or "actors"."""
 
-    cpu: bool = True
-    apps: OrderedDict[str, _App] = field(default_factory=OrderedDict)
+    host: str = "auto"
+    engines: OrderedDict[str, _KeptEngine] = field(default_factory=OrderedDict)
     starts: list[EngineStart] = field(default_factory=list)
     reuses: list[str] = field(default_factory=list)
 
-    def deployment(self, engine: EngineConfig, model: str, model_path: str, engine_kwargs: dict[str, Any],
-                   folder: str) -> _App:
-        """The app serving `model_path` with these engine arguments; started (after evicting what would not
-        fit beside it) when no pass of the run has started it yet."""
-        key = _app_key(model_path, engine, engine_kwargs)
-        if key in self.apps:
-            self.apps.move_to_end(key)
-            self.reuses.append(folder)
-            return self.apps[key]
-        resources = _replica_resources(engine)
-        self._make_room(resources)
-        app = _App(name=f"sphuatuo-{key}", deployment=f"engine-{key}", model=model, resources=resources)
-        started = time.perf_counter()
-        _start_app(app, engine, model_path, engine_kwargs)
-        self.starts.append(EngineStart(model=model, folder=folder, seconds=round(time.perf_counter() - started, 1)))
-        log.info("%s: engine for %s up in %.1fs (kept for later passes)", folder, model, self.starts[-1].seconds)
-        self.apps[key] = app
-        return app
-
-    def serves(self, engine: EngineConfig) -> bool:
-        return self.cpu or engine.gpus_per_replica > 0
+    def generate(self, ds: ray.data.Dataset, engine: EngineConfig, request: Request, *, model: str, model_path: str,
+                 engine_kwargs: dict[str, Any], raw: bool, folder: str) -> ray.data.Dataset:
+        """`ds` through the run's engine for `model_path` with these arguments, started (after evicting what would
+        not fit beside it) when no pass of the run has started it yet, or when its replicas died."""
+        kept = self._kept(engine, model, model_path, engine_kwargs, folder)
+        if kept.app is None:
+            return generate_on_replicas(ds, kept.replicas, engine, request)
+        return generate_served(ds, kept.app, engine, request, raw=raw)
 
     def release_all(self) -> None:
         """Shut every engine down (before a trainer needs the devices, and at the end of a run)."""
-        while self.apps:
-            self._release(next(iter(self.apps)))
+        while self.engines:
+            self._release(next(iter(self.engines)))
 
     def take_log(self) -> dict[str, Any]:
         """The starts and reuses since the last call, for a stage's record."""
@@ -91,25 +89,57 @@ class EngineServices:
         self.starts, self.reuses = [], []
         return entry
 
+    def _kept(self, engine: EngineConfig, model: str, model_path: str, engine_kwargs: dict[str, Any],
+              folder: str) -> _KeptEngine:
+        key = _engine_key(model_path, engine, engine_kwargs)
+        if key in self.engines:
+            if self.engines[key].app is not None or alive(self.engines[key].replicas):
+                self.engines.move_to_end(key)
+                self.reuses.append(folder)
+                return self.engines[key]
+            log.warning("%s: the engine kept for %s died (restarts spent); starting a new one", folder, model)
+            self._release(key)
+        resources = _replica_resources(engine)
+        self._make_room(resources)
+        started = time.perf_counter()
+        kept = _KeptEngine(model=model, resources=resources)
+        if self._host(engine) == "serve":
+            kept.app = _App(name=f"sphuatuo-{key}", deployment=f"engine-{key}")
+            _start_app(kept.app, engine, model_path, engine_kwargs)
+        else:
+            kept.replicas = start_replicas(engine, model_path, engine_kwargs, name=f"sphuatuo-{key}")
+        self.starts.append(EngineStart(model=model, folder=folder, seconds=round(time.perf_counter() - started, 1)))
+        log.info("%s: engine for %s up in %.1fs (kept for later passes)", folder, model, self.starts[-1].seconds)
+        self.engines[key] = kept
+        return kept
+
+    def _host(self, engine: EngineConfig) -> str:
+        if self.host != "auto":
+            return self.host
+        return "serve" if engine.gpus_per_replica > 0 else "actors"
+
     def _make_room(self, needed: dict[str, float]) -> None:
         total = ray.cluster_resources()
         # One CPU stays free of engines for the light steps of a pass (prompts, request senders, writes).
         total["CPU"] = total.get("CPU", 0) - 1
-        while self.apps:
-            held = {name: sum(app.resources.get(name, 0) for app in self.apps.values()) for name in needed}
+        while self.engines:
+            held = {name: sum(kept.resources.get(name, 0) for kept in self.engines.values()) for name in needed}
             if all(held[name] + amount <= total.get(name, 0) for name, amount in needed.items()):
                 return
-            self._release(next(iter(self.apps)))  # least recently used first
+            self._release(next(iter(self.engines)))  # least recently used first
 
     def _release(self, key: str) -> None:
-        from ray import serve
+        kept = self.engines.pop(key)
+        if kept.app is not None:
+            from ray import serve
 
-        app = self.apps.pop(key)
-        serve.delete(app.name)
-        log.info("engine for %s shut down", app.model)
+            serve.delete(kept.app.name)
+        else:
+            stop_replicas(kept.replicas)
+        log.info("engine for %s shut down", kept.model)
 
 
-def _app_key(model_path: str, engine: EngineConfig, engine_kwargs: dict[str, Any]) -> str:
+def _engine_key(model_path: str, engine: EngineConfig, engine_kwargs: dict[str, Any]) -> str:
     kwargs = {name: value for name, value in engine_kwargs.items() if name != "seed"}
     placement = (engine.replicas, engine.cpus_per_replica, engine.gpus_per_replica, engine.cpu_threads,
                  engine.accelerator_type)

@@ -10,7 +10,7 @@ from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
 from sphuatuo.engines import Request, cpu_runtime_env, row_seed
 from sphuatuo.engines.precision import engine_dtype
-from sphuatuo.engines.serving import EngineServices, generate_served
+from sphuatuo.engines.serving import EngineServices
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
 
@@ -88,11 +88,11 @@ def processor_config(engine: EngineConfig, model_path: str, seed: int | None,
 def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, model_path: str, *,
                   raw: bool = False, services: EngineServices | None = None, folder: str = "",
                   model_name: str = "") -> ray.data.Dataset:
-    """Through the run's engine that stays up when `services` is given, else through engines of this pass alone."""
-    if services is not None and services.serves(engine):
-        app = services.deployment(engine, model_name or model_path, model_path,
-                                  engine_arguments(engine, request.seed), folder)
-        return generate_served(ds, app, engine, request, raw=raw)
+    """Through the run's engine that stays up when `services` is given, else through engines of this pass alone
+    (Ray Data's vLLM processor)."""
+    if services is not None:
+        return services.generate(ds, engine, request, model=model_name or model_path, model_path=model_path,
+                                 engine_kwargs=engine_arguments(engine, request.seed), raw=raw, folder=folder)
     on_gpu = engine.gpus_per_replica > 0
     max_tokens = request.max_tokens
 

@@ -179,15 +179,27 @@ def _generate_once(ctx: PassTarget, rows: ray.data.Dataset, folder: str, engine:
                 ctx.run.append_rows(ok, folder)
                 progress.update(ok.num_rows, pc.sum(ok["num_generated_tokens"]).as_py() or 0)
             failed.append(batch.filter(error))
-    except ray.exceptions.ActorDiedError as died:
-        reason = next((line for line in str(died).splitlines() if "exit detail" in line), str(died).splitlines()[0])
+    except ray.exceptions.RayError as err:
+        reason = _replica_death(err)
+        if reason is None:
+            raise
         raise PassFailed(
             f"{folder}: an engine replica of {model_name} died after {engine.max_restarts} restarts (max_restarts); "
             f"the {progress.rows} rows written are kept and a re-run generates the rest. Ray: {reason[:500]}"
-        ) from died
+        ) from err
     if not failed:
         return pa.table({"key": pa.array([], pa.string())})
     return pa.concat_tables(failed, promote_options="default")
+
+
+def _replica_death(err: ray.exceptions.RayError) -> str | None:
+    """Ray's reason, when `err` is the death of an engine replica: raised as is by a replica of the pass (Ray
+    Data's processor), or inside the task that sent a batch to a kept engine's replica, where only the error's
+    text survives Ray Data's wrapping (its `UserCodeException` arrives without a cause)."""
+    text = str(err)
+    if not isinstance(err, ray.exceptions.ActorDiedError) and "ray.exceptions.ActorDiedError" not in text:
+        return None
+    return next((line.strip() for line in text.splitlines() if "exit detail" in line), text.splitlines()[0])
 
 
 def _check_error_share(folder: str, errors: list[str | None], total: int, engine: EngineConfig) -> None:

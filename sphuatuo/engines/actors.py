@@ -1,0 +1,146 @@
+"""Engines that stay up as plain Ray actors: one process per replica, holding vLLM's async engine for the run.
+
+The host of the run's kept engines on CPU nodes (`EngineServices`). Ray Serve LLM keeps them up on GPUs; on this
+project's 2-core machines a Serve LLM engine took 37-52 s to come up and ran the teacher's passes at half the
+speed of Ray Data's processor (teacher_cot 432 s against 206), and the processor starts an engine again for every
+pass, 23-29 s each. An actor holding `vllm.AsyncLLMEngine` comes up once, in about the time of one such start;
+a later pass only sends it rows (measured, 12 rows of the tiny model: 1 s a pass against 28).
+
+Rows still stream through Ray Data: light tasks send each batch to a replica and get its replies back, and a
+row the engine fails on comes back as a row with its error. A replica whose process dies is restarted by Ray up
+to the role's `max_restarts` times over its life, and the batches it held are sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.data
+
+from sphuatuo.engines import Request, cpu_runtime_env, row_seed
+from sphuatuo.recipe import EngineConfig
+from sphuatuo.store.runtime import LIGHT_CPUS
+
+REPLY_SCHEMA = pa.schema([("generated_text", pa.string()), ("num_input_tokens", pa.int64()),
+                          ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string()),
+                          ("engine_error", pa.string())])
+
+# Batches in flight per replica: one generating while the other's rows are written keeps a CPU engine busy, and
+# every concurrent sender is a worker process of its own beside the engine.
+BATCHES_IN_FLIGHT = 2
+
+
+@ray.remote
+class EngineReplica:
+    """One vLLM engine. `generate` takes rows with a raw `prompt` or a chat (`messages`, rendered with the model's
+    own chat template, a final assistant turn continued) and their `sampling_params`."""
+
+    def __init__(self, model_path: str, engine_kwargs: dict[str, Any]) -> None:
+        import vllm
+
+        self._engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=model_path, **engine_kwargs))
+        self._tokenizer = self._engine.get_tokenizer()
+        self._request_ids = itertools.count()
+
+    def ready(self) -> bool:
+        return True
+
+    async def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._reply(row) for row in rows)))
+
+    async def _reply(self, row: dict[str, Any]) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            prompt = row["prompt"] if row.get("prompt") is not None else self._chat_prompt(row["messages"])
+            final = None
+            async for final in self._engine.generate(prompt, SamplingParams(**row["sampling_params"]),
+                                                     f"{os.getpid()}-{next(self._request_ids)}"):
+                pass
+            output = final.outputs[0]
+            return {"generated_text": output.text, "num_input_tokens": len(final.prompt_token_ids or ()),
+                    "num_generated_tokens": len(output.token_ids),
+                    "finish_reason": "length" if output.finish_reason == "length" else "stop", "engine_error": None}
+        except EngineDeadError:
+            # The engine's core process is gone while this actor lives: exit, so that Ray restarts the replica
+            # (within max_restarts) and sends the batches it held again.
+            os._exit(1)
+        except Exception as err:  # noqa: BLE001 - one bad row (a prompt over max_model_len) must not fail the pass
+            return {"generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0, "finish_reason": "error",
+                    "engine_error": f"{type(err).__name__}: {err}"}
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        prefilled = messages[-1]["role"] == "assistant"
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not prefilled,
+                                                   continue_final_message=prefilled)
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[str, Any],
+                   name: str) -> list[ray.actor.ActorHandle]:
+    """Start `engine`'s replicas (the low end of an autoscaling range) and wait until each has loaded the model."""
+    if engine.tensor_parallel_size > 1:
+        raise ValueError(f"{engine.model}: engines kept up as actors run one process per replica; tensor_parallel_size "
+                         f"{engine.tensor_parallel_size} needs ray.engine_host: serve")
+    count = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[0]
+    on_gpu = engine.gpus_per_replica > 0
+    options: dict[str, Any] = {
+        "num_cpus": engine.cpus_per_replica, "num_gpus": engine.gpus_per_replica,
+        "max_restarts": engine.max_restarts, "max_task_retries": -1,
+        **({"accelerator_type": engine.accelerator_type} if engine.accelerator_type else {}),
+        **({} if on_gpu else {"runtime_env": cpu_runtime_env(engine)}),
+    }
+    replicas = [EngineReplica.options(name=f"{name}-{index}", **options).remote(model_path, engine_kwargs)
+                for index in range(count)]
+    ray.get([replica.ready.remote() for replica in replicas])
+    return replicas
+
+
+def alive(replicas: list[ray.actor.ActorHandle]) -> bool:
+    try:
+        ray.get([replica.ready.remote() for replica in replicas], timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+    return True
+
+
+def stop_replicas(replicas: list[ray.actor.ActorHandle]) -> None:
+    """Shut the engines down (their core processes with them), then the actors."""
+    try:
+        ray.get([replica.shutdown.remote() for replica in replicas], timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass  # a dead replica has nothing left to shut down; the kill below still frees its resources
+    for replica in replicas:
+        ray.kill(replica)
+
+
+def generate_on_replicas(ds: ray.data.Dataset, replicas: list[ray.actor.ActorHandle], engine: EngineConfig,
+                         request: Request) -> ray.data.Dataset:
+    """Each row with the engine's columns added; a row the engine failed on has `finish_reason` "error"."""
+    params = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_tokens,
+              **({"allowed_token_ids": list(request.allowed_token_ids)} if request.allowed_token_ids else {})}
+    # vLLM-CPU crashes on per-request seeds once a prompt is prefilled in chunks: a CPU engine is seeded when it
+    # starts (`engine_arguments`), so its samples are reproducible per engine start, not per row.
+    per_row_seed = engine.gpus_per_replica > 0 and request.seed is not None
+
+    def send(batch: pa.Table) -> pa.Table:
+        rows = [{"prompt": row.get("prompt"), "messages": row.get("messages"),
+                 "sampling_params": {**params, **({"seed": row_seed(request, row)} if per_row_seed else {})}}
+                for row in batch.to_pylist()]
+        replies = pa.Table.from_pylist(ray.get(random.choice(replicas).generate.remote(rows)), schema=REPLY_SCHEMA)
+        for column in REPLY_SCHEMA.names:
+            batch = batch.append_column(column, replies[column])
+        return batch
+
+    replica_count = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[0]
+    return ds.map_batches(send, batch_size=engine.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
+                          compute=ray.data.TaskPoolStrategy(size=replica_count * BATCHES_IN_FLIGHT))
