@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray.data
 
@@ -63,6 +63,13 @@ def row_seed(request: Request, row: dict) -> int | None:
     """Per-request seed: the sampling seed plus the row's `sample` index, so the n samples of one
     question differ and each is reproducible."""
     return None if request.seed is None else request.seed + int(row.get("sample") or 0)
+
+
+def sampling_params(request: Request, seed: int | None) -> dict[str, Any]:
+    """vLLM's sampling parameters for one row (a `SamplingParams`' fields, or an OpenAI request's on vLLM)."""
+    return {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_tokens,
+            **({"seed": seed} if seed is not None else {}),
+            **({"allowed_token_ids": list(request.allowed_token_ids)} if request.allowed_token_ids else {})}
 
 
 def cpu_runtime_env(engine: EngineConfig) -> dict[str, dict[str, str]]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from sphuatuo.engines import Request, cpu_runtime_env, row_seed
+from sphuatuo.engines import Request, cpu_runtime_env, row_seed, sampling_params
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
 
@@ -91,7 +91,6 @@ def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[st
     if engine.tensor_parallel_size > 1:
         raise ValueError(f"{engine.model}: engines kept up as actors run one process per replica; tensor_parallel_size "
                          f"{engine.tensor_parallel_size} needs ray.engine_host: serve")
-    count = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[0]
     on_gpu = engine.gpus_per_replica > 0
     options: dict[str, Any] = {
         "num_cpus": engine.cpus_per_replica, "num_gpus": engine.gpus_per_replica,
@@ -100,7 +99,7 @@ def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[st
         **({} if on_gpu else {"runtime_env": cpu_runtime_env(engine)}),
     }
     replicas = [EngineReplica.options(name=f"{name}-{index}", **options).remote(model_path, engine_kwargs)
-                for index in range(count)]
+                for index in range(engine.min_replicas)]
     ray.get([replica.ready.remote() for replica in replicas])
     return replicas
 
@@ -126,21 +125,18 @@ def stop_replicas(replicas: list[ray.actor.ActorHandle]) -> None:
 def generate_on_replicas(ds: ray.data.Dataset, replicas: list[ray.actor.ActorHandle], engine: EngineConfig,
                          request: Request) -> ray.data.Dataset:
     """Each row with the engine's columns added; a row the engine failed on has `finish_reason` "error"."""
-    params = {"temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_tokens,
-              **({"allowed_token_ids": list(request.allowed_token_ids)} if request.allowed_token_ids else {})}
     # vLLM-CPU crashes on per-request seeds once a prompt is prefilled in chunks: a CPU engine is seeded when it
     # starts (`engine_arguments`), so its samples are reproducible per engine start, not per row.
-    per_row_seed = engine.gpus_per_replica > 0 and request.seed is not None
+    on_gpu = engine.gpus_per_replica > 0
 
     def send(batch: pa.Table) -> pa.Table:
         rows = [{"prompt": row.get("prompt"), "messages": row.get("messages"),
-                 "sampling_params": {**params, **({"seed": row_seed(request, row)} if per_row_seed else {})}}
+                 "sampling_params": sampling_params(request, row_seed(request, row) if on_gpu else None)}
                 for row in batch.to_pylist()]
         replies = pa.Table.from_pylist(ray.get(random.choice(replicas).generate.remote(rows)), schema=REPLY_SCHEMA)
         for column in REPLY_SCHEMA.names:
             batch = batch.append_column(column, replies[column])
         return batch
 
-    replica_count = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[0]
     return ds.map_batches(send, batch_size=engine.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
-                          compute=ray.data.TaskPoolStrategy(size=replica_count * BATCHES_IN_FLIGHT))
+                          compute=ray.data.TaskPoolStrategy(size=engine.min_replicas * BATCHES_IN_FLIGHT))

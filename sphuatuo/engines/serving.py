@@ -26,7 +26,7 @@ import ray
 import ray.data
 from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
-from sphuatuo.engines import Request, cpu_runtime_env, row_seed
+from sphuatuo.engines import Request, cpu_runtime_env, row_seed, sampling_params
 from sphuatuo.engines.actors import alive, generate_on_replicas, start_replicas, stop_replicas
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
@@ -148,10 +148,9 @@ def _engine_key(model_path: str, engine: EngineConfig, engine_kwargs: dict[str, 
 
 
 def _replica_resources(engine: EngineConfig) -> dict[str, float]:
-    replicas = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[0]
-    resources = {"CPU": engine.cpus_per_replica * replicas}
+    resources = {"CPU": engine.cpus_per_replica * engine.min_replicas}
     if engine.gpus_per_replica:
-        resources["GPU"] = engine.gpus_per_replica * engine.tensor_parallel_size * replicas
+        resources["GPU"] = engine.gpus_per_replica * engine.tensor_parallel_size * engine.min_replicas
     return resources
 
 
@@ -196,11 +195,7 @@ def generate_served(ds: ray.data.Dataset, app: _App, engine: EngineConfig, reque
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
         seed = row_seed(request, row) if on_gpu else None
-        params: dict[str, Any] = {"model": app.deployment, "temperature": request.temperature,
-                                  "top_p": request.top_p, "max_tokens": request.max_tokens, "stream": False,
-                                  **({"seed": seed} if seed is not None else {}),
-                                  **({"allowed_token_ids": list(request.allowed_token_ids)}
-                                     if request.allowed_token_ids else {})}
+        params = {"model": app.deployment, "stream": False, **sampling_params(request, seed)}
         if raw:
             call = {"method": "completions", "dtype": "CompletionRequest",
                     "request_kwargs": {**params, "prompt": row["prompt"]}}
@@ -234,11 +229,10 @@ def generate_served(ds: ray.data.Dataset, app: _App, engine: EngineConfig, reque
         return {**out, "generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
                 "finish_reason": "error", "engine_error": error}
 
-    high = engine.replicas if isinstance(engine.replicas, int) else engine.replicas[1]
     processor = build_processor(
         ServeDeploymentProcessorConfig(
             deployment_name=app.deployment, app_name=app.name, batch_size=engine.batch_size,
-            concurrency=high, should_continue_on_error=True,
+            concurrency=engine.max_replicas, should_continue_on_error=True,
             dtype_mapping={"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest}),
         preprocess=preprocess, postprocess=postprocess,
         preprocess_map_kwargs={"num_cpus": LIGHT_CPUS}, postprocess_map_kwargs={"num_cpus": LIGHT_CPUS})

@@ -8,24 +8,11 @@ from typing import Any
 import ray.data
 from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-from sphuatuo.engines import Request, cpu_runtime_env, row_seed
+from sphuatuo.engines import Request, cpu_runtime_env, row_seed, sampling_params
 from sphuatuo.engines.precision import engine_dtype
 from sphuatuo.engines.serving import EngineServices
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
-
-
-def _sampling_params(request: Request, seed: int | None) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "max_tokens": request.max_tokens,
-    }
-    if seed is not None:
-        params["seed"] = seed
-    if request.allowed_token_ids:
-        params["allowed_token_ids"] = list(request.allowed_token_ids)
-    return params
 
 
 def engine_arguments(engine: EngineConfig, seed: int | None) -> dict[str, Any]:
@@ -97,7 +84,7 @@ def generate_vllm(ds: ray.data.Dataset, engine: EngineConfig, request: Request, 
     max_tokens = request.max_tokens
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, "sampling_params": _sampling_params(request, row_seed(request, row) if on_gpu else None)}
+        return {**row, "sampling_params": sampling_params(request, row_seed(request, row) if on_gpu else None)}
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
         out = {key: value for key, value in row.items() if key in _input_columns}
