@@ -43,3 +43,19 @@ def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_
     assert rows and all(row["finish_reason"] in ("stop", "length") for row in rows)
     assert all(row["num_generated_tokens"] > 0 and row["generated_text"].startswith("<think>") for row in rows)
     assert _engines_up() == []
+
+
+def test_a_teacher_and_a_judge_of_different_engines_both_stay_up_on_two_cores(tmp_path: Path,
+                                                                               ray_cluster: dict[str, str]) -> None:
+    # One engine argument apart, teacher and judge are two engines of one core each, and the session's cluster has
+    # two: the passes take turns (replies, verdicts, hinted replies, verdicts) with both engines up, none evicted.
+    recipe = tiny_recipe(tmp_path / "run", **{"ray.address": ray_cluster["address"],
+                                              "models.judge.engine.max_model_len": 512})
+    run_pipeline(recipe, stages=(questions, teacher_cot))
+
+    run = RunRoot(recipe.run_root)
+    engines = load_manifest(run, recipe).stages["teacher_cot"].details["engines"]
+    assert [start["folder"] for start in engines["starts"]] == ["teacher_cot/first_generated", "teacher_cot/first_raw"]
+    assert engines["reuses"] == 2  # the hinted replies and their verdicts
+    assert "shut down" not in run.read_text("run.log").split("stage teacher_cot: done")[0]
+    assert _engines_up() == []

@@ -3,8 +3,8 @@
 The host of the run's kept engines on CPU nodes (`EngineServices`). Ray Serve LLM keeps them up on GPUs; on this
 project's 2-core machines a Serve LLM engine took 37-52 s to come up and ran the teacher's passes at half the
 speed of Ray Data's processor (teacher_cot 432 s against 206), and the processor starts an engine again for every
-pass, 23-29 s each. An actor holding `vllm.AsyncLLMEngine` comes up once, in about the time of one such start;
-a later pass only sends it rows (measured, 12 rows of the tiny model: 1 s a pass against 28).
+pass, 23-29 s each. An actor holding a vLLM engine comes up once, faster than one such start (12-16 s for the tiny
+model); a later pass only sends it rows (measured, 12 rows of the tiny model: 1 s a pass against 28).
 
 Rows still stream through Ray Data: light tasks send each batch to a replica and get its replies back, and a
 row the engine fails on comes back as a row with its error. A replica whose process dies is restarted by Ray up
@@ -38,43 +38,65 @@ BATCHES_IN_FLIGHT = 2
 
 @ray.remote
 class EngineReplica:
-    """One vLLM engine. `generate` takes rows with a raw `prompt` or a chat (`messages`, rendered with the model's
-    own chat template, a final assistant turn continued) and their `sampling_params`."""
+    """One vLLM engine, in this actor's own process. `generate` takes rows with a raw `prompt` or a chat
+    (`messages`, rendered with the model's own chat template, a final assistant turn continued) and their
+    `sampling_params`.
+
+    The engine is vLLM's `LLMEngine`, stepped here: its async front end runs the engine core in a second process,
+    which imports vLLM and torch again (measured on 2 cores: 22-24 s to come up against 12-16 s in process). Batches
+    that arrive while others generate join the running ones, so the engine batches continuously across them."""
 
     def __init__(self, model_path: str, engine_kwargs: dict[str, Any]) -> None:
         import vllm
 
-        self._engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=model_path, **engine_kwargs))
+        self._engine = vllm.LLMEngine.from_engine_args(vllm.EngineArgs(model=model_path, **engine_kwargs))
         self._tokenizer = self._engine.get_tokenizer()
         self._request_ids = itertools.count()
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._stepping: asyncio.Task | None = None
 
     def ready(self) -> bool:
         return True
 
     async def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self._reply(row) for row in rows)))
+        replies = [self._submit(row) for row in rows]
+        if self._stepping is None or self._stepping.done():
+            self._stepping = asyncio.get_running_loop().create_task(self._step_until_done())
+        return list(await asyncio.gather(*replies))
 
-    async def _reply(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _submit(self, row: dict[str, Any]) -> asyncio.Future:
         from vllm import SamplingParams
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.sampling_params import RequestOutputKind
 
+        reply = asyncio.get_running_loop().create_future()
         try:
             prompt = row["prompt"] if row.get("prompt") is not None else self._chat_prompt(row["messages"])
-            final = None
-            async for final in self._engine.generate(prompt, SamplingParams(**row["sampling_params"]),
-                                                     f"{os.getpid()}-{next(self._request_ids)}"):
-                pass
-            output = final.outputs[0]
-            return {"generated_text": output.text, "num_input_tokens": len(final.prompt_token_ids or ()),
-                    "num_generated_tokens": len(output.token_ids),
-                    "finish_reason": "length" if output.finish_reason == "length" else "stop", "engine_error": None}
-        except EngineDeadError:
-            # The engine's core process is gone while this actor lives: exit, so that Ray restarts the replica
-            # (within max_restarts) and sends the batches it held again.
-            os._exit(1)
+            params = SamplingParams(**row["sampling_params"], output_kind=RequestOutputKind.FINAL_ONLY)
+            request_id = str(next(self._request_ids))
+            self._engine.add_request(request_id, prompt, params)
+            self._waiting[request_id] = reply
         except Exception as err:  # noqa: BLE001 - one bad row (a prompt over max_model_len) must not fail the pass
-            return {"generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0, "finish_reason": "error",
-                    "engine_error": f"{type(err).__name__}: {err}"}
+            reply.set_result({"generated_text": "", "num_input_tokens": 0, "num_generated_tokens": 0,
+                              "finish_reason": "error", "engine_error": f"{type(err).__name__}: {err}"})
+        return reply
+
+    async def _step_until_done(self) -> None:
+        while self._waiting:
+            try:
+                finished = [output for output in self._engine.step() if output.finished]
+            except Exception:  # noqa: BLE001 - the engine's state is unknown after a failed step
+                # Exit, so that Ray restarts the replica (within max_restarts) and sends the batches it held again.
+                os._exit(1)
+            for output in finished:
+                completion = output.outputs[0]
+                self._waiting.pop(output.request_id).set_result({
+                    "generated_text": completion.text, "num_input_tokens": len(output.prompt_token_ids or ()),
+                    "num_generated_tokens": len(completion.token_ids),
+                    "finish_reason": "length" if completion.finish_reason == "length" else "stop",
+                    "engine_error": None})
+            # A step blocks this actor's event loop: yield between steps, so that batches arriving meanwhile are
+            # added to the running ones.
+            await asyncio.sleep(0)
 
     def _chat_prompt(self, messages: list[dict[str, str]]) -> str:
         prefilled = messages[-1]["role"] == "assistant"
@@ -82,7 +104,7 @@ class EngineReplica:
                                                    continue_final_message=prefilled)
 
     def shutdown(self) -> None:
-        self._engine.shutdown()
+        self._engine.engine_core.shutdown()
 
 
 def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[str, Any],
@@ -93,11 +115,18 @@ def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[st
                          f"{engine.tensor_parallel_size} needs ray.engine_host: serve")
     on_gpu = engine.gpus_per_replica > 0
     options: dict[str, Any] = {
-        "num_cpus": engine.cpus_per_replica, "num_gpus": engine.gpus_per_replica,
         "max_restarts": engine.max_restarts, "max_task_retries": -1,
         **({"accelerator_type": engine.accelerator_type} if engine.accelerator_type else {}),
-        **({} if on_gpu else {"runtime_env": cpu_runtime_env(engine)}),
     }
+    if on_gpu:
+        options.update(num_cpus=engine.cpus_per_replica, num_gpus=engine.gpus_per_replica)
+    else:
+        # A CPU engine computes only while a pass sends it rows, and a run's passes take turns: the teacher's
+        # replies, then the judge's verdicts. Held in Ray, an idle engine's cores would force the next engine to
+        # evict it (one start more per pass on a small machine). So it holds none (Ray places an actor without
+        # `num_cpus` on a node with a free CPU, then lets it run on none), the run's own accounting keeps the
+        # engines' cores within the cluster's (`EngineServices`), and replicas spread over the nodes.
+        options.update(runtime_env=cpu_runtime_env(engine), scheduling_strategy="SPREAD")
     replicas = [EngineReplica.options(name=f"{name}-{index}", **options).remote(model_path, engine_kwargs)
                 for index in range(engine.min_replicas)]
     ray.get([replica.ready.remote() for replica in replicas])

@@ -9,7 +9,8 @@ actors holding vLLM's engine (`sphuatuo.engines.actors`, which says why). `ray.e
 
 Engines hold the devices a trainer needs, so the pipeline releases them all before a training stage and at
 the end of the run, and `EngineServices` evicts the least recently used engine when a new one would not fit
-in the cluster beside the engines already up.
+in the cluster beside the engines already up (its cores and devices, counted by the run: CPU replicas on actors
+hold no cores in Ray, see `start_replicas`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class EngineServices:
             log.warning("%s: the engine kept for %s died (restarts spent); starting a new one", folder, model)
             self._release(key)
         resources = _replica_resources(engine)
-        self._make_room(resources)
+        self._make_room(resources, self._host(engine))
         started = time.perf_counter()
         kept = _KeptEngine(model=model, resources=resources)
         if self._host(engine) == "serve":
@@ -118,10 +119,13 @@ class EngineServices:
             return self.host
         return "serve" if engine.gpus_per_replica > 0 else "actors"
 
-    def _make_room(self, needed: dict[str, float]) -> None:
+    def _make_room(self, needed: dict[str, float], host: str) -> None:
         total = ray.cluster_resources()
-        # One CPU stays free of engines for the light steps of a pass (prompts, request senders, writes).
-        total["CPU"] = total.get("CPU", 0) - 1
+        if host == "serve" or "GPU" in needed or any(kept.app is not None or "GPU" in kept.resources
+                                                      for kept in self.engines.values()):
+            # Engines that hold their cores in Ray (Serve's placement groups, GPU replicas) leave one CPU free for
+            # the light steps of a pass (prompts, request senders, writes); CPU replicas on actors hold none.
+            total["CPU"] = total.get("CPU", 0) - 1
         while self.engines:
             held = {name: sum(kept.resources.get(name, 0) for kept in self.engines.values()) for name in needed}
             if all(held[name] + amount <= total.get(name, 0) for name, amount in needed.items()):
