@@ -89,7 +89,6 @@ def test_the_self_play_recipe_runs_in_its_shape(tmp_path: Path, ray_cluster) -> 
     _check_self_play(recipe, run_pipeline(recipe))
 
 
-@pytest.mark.long  # 18 minutes here: every pass of the Self-Play shape run, and checkpoints of every weight to S3
 def test_the_full_fine_tuning_recipes_run_in_their_shape_on_an_object_store(tmp_path: Path, ray_cluster,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """sp_huatuo_7b_multinode as shipped, its run root on a real S3-compatible server under the shipped bucket's
