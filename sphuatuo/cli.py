@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from sphuatuo.data.mapping import ColumnMapping
+from sphuatuo.local_models import BUILTINS
 from sphuatuo.recipe import ProtocolName, Recipe, RecipeError, load_recipe
 from sphuatuo.store.lease import LeaseError
 from sphuatuo.store.secrets import RedactingFilter, declare_recipe, redact, worker_runtime_env
@@ -209,7 +210,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="build the models that ship with no download")
     models.set_defaults(func=models_command)
-    models.add_argument("which", choices=["tiny", "tiny-think", "smollm2"],
+    models.add_argument("which", choices=list(BUILTINS),
                         help="tiny random Qwen2, the tiny model trained to write the Self-Play format (the CPU "
                              "overlay's), or SmolLM2-135M-Instruct")
     return parser
@@ -406,7 +407,7 @@ def plan_command(args: argparse.Namespace) -> int:
 def models_command(args: argparse.Namespace) -> int:
     from sphuatuo.local_models import resolve_model
 
-    print(resolve_model(f"builtin:{'smollm2-135m-instruct' if args.which == 'smollm2' else args.which}"))
+    print(resolve_model(BUILTINS[args.which]))
     return 0
 
 

@@ -100,11 +100,11 @@ class EngineServices:
                 return self.engines[key]
             log.warning("%s: the engine kept for %s died (restarts spent); starting a new one", folder, model)
             self._release(key)
-        resources = _replica_resources(engine)
-        self._make_room(resources, self._host(engine))
+        resources, host = _replica_resources(engine), self._host(engine)
+        self._make_room(resources, host)
         started = time.perf_counter()
         kept = _KeptEngine(model=model, resources=resources)
-        if self._host(engine) == "serve":
+        if host == "serve":
             kept.app = _App(name=f"sphuatuo-{key}", deployment=f"engine-{key}")
             _start_app(kept.app, engine, model_path, engine_kwargs)
         else:
