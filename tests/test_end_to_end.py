@@ -1,6 +1,10 @@
-"""The demo recipe end to end on SmolLM2-135M-Instruct (a real instruct model), at a reduced size:
-every stage through real Ray, vLLM, TRL and DeepSpeed, reporting to MLflow (its SQLite store in the run
-root); then a re-run that must do no work."""
+"""The demo recipes end to end at a reduced size: every stage through real Ray, vLLM, TRL and DeepSpeed, reporting
+to MLflow (its SQLite store in the run root); then a re-run that must do no work.
+
+The Self-Play demo runs with the project's tiny-think model in SmolLM2's place (a size, as the shape runs' CPU
+overlay): it closes every chain with an option letter, so every stage has rows, and it trains and generates in
+seconds where SmolLM2 takes minutes. The o1 demo keeps SmolLM2: what it checks is that SFT teaches a real model
+the o1 format."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from sphuatuo.stages.evaluate import protocol_label
 pytestmark = pytest.mark.slow
 
 SMALL = [
+    "models.teacher.model=builtin:tiny-think",
+    "models.student.model=builtin:tiny-think",
+    "models.judge.engine.model=builtin:tiny-think",
     "data.train.0.limit=24",
     "data.test_fraction=0.25",
     "stages.teacher_cot.sampling.max_tokens=128",

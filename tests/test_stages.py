@@ -295,13 +295,25 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
 
 def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_counted(tmp_path: Path,
                                                                                      ray_cluster) -> None:
+    from sphuatuo.engines.serving import EngineServices
+
+    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128, "models.teacher.max_attempts": 2,
+                                              "models.teacher.max_error_share": 0.25})
+    # The engine stays up across the passes, as in a run: one start where a fresh engine per pass and per retry
+    # took three (half a minute each here); an engine error leaves the kept engine serving.
+    ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=EngineServices())
+    try:
+        _prompt_too_long(ctx, recipe)
+        assert len(ctx.engines.take_log()["starts"]) == 1
+    finally:
+        ctx.engines.release_all()
+
+
+def _prompt_too_long(ctx: StageContext, recipe) -> None:
     from sphuatuo.engines import Request
     from sphuatuo.passes.generation import PassFailed, generate_pass, parse_reply
     from sphuatuo.recipe import EngineConfig
 
-    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128, "models.teacher.max_attempts": 2,
-                                              "models.teacher.max_error_share": 0.25})
-    ctx = _context(recipe)
     rows = [{"key": f"q{i}", "text": "what is scurvy?"} for i in range(3)]
     rows.append({"key": "long", "text": "scurvy " * 400})
 
@@ -311,8 +323,7 @@ def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_cou
                              messages=lambda row: [{"role": "user", "content": row["text"]}])
 
     # Past the role's max_error_share the pass fails, with the counts and the commonest error, and its failed
-    # row stays out of the folder. (Failing first, then resubmitting, covers the failure, the retry within a pass
-    # and the resubmit in three engine starts; each start is half a minute on CPU.)
+    # row stays out of the folder.
     strict = recipe.models.teacher.model_copy(update={"max_attempts": 1, "max_error_share": 0.1})
     with pytest.raises(PassFailed, match=r"probe: 1 of 4 rows failed in the engine after 1 attempts \(25%, more "
                                          r"than max_error_share 10%\); commonest: 1 x .*128"):
