@@ -11,6 +11,7 @@ stage's own test trains and exports one).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from conftest import tiny_recipe
 from sphuatuo.commands.report import write_report
 from sphuatuo.data.questions import Question
+from sphuatuo.engines.serving import EngineServices
 from sphuatuo.parsing.replies import format_cot
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.prompts import get_prompt
@@ -31,8 +33,17 @@ pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent / "fixtures" / "questions"
 
 
-def _context(recipe, stage_name: str = "test") -> StageContext:
-    return StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
+def _context(recipe, engines: EngineServices | None = None) -> StageContext:
+    return StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=engines)
+
+
+@pytest.fixture
+def kept_engines(ray_cluster) -> Iterator[EngineServices]:
+    """Engines kept up across the test's passes, as `sphuatuo run` keeps them (`ray.keep_engines_up`, the default):
+    a model's engine starts once, not once per pass (the engine of a pass has its own tests)."""
+    services = EngineServices()
+    yield services
+    services.release_all()
 
 
 def _accepted_teacher_rows(run: RunRoot) -> list[dict]:
@@ -66,12 +77,13 @@ def test_questions_stage_keeps_good_rows_and_lists_rejects(tmp_path: Path) -> No
         questions.run(_context(strict))
 
 
-def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp_path: Path, ray_cluster) -> None:
+def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp_path: Path,
+                                                                            kept_engines: EngineServices) -> None:
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 4}],
                                               "data.test_fraction": 0.0,
                                               "stages.teacher_cot.retry_with_reference": False})
     questions.run(_context(recipe))
-    ctx = _context(recipe)
+    ctx = _context(recipe, kept_engines)
     teacher_cot.run(ctx)
     rows = ctx.run.read_rows("teacher_cot", "first")
     assert sorted(r["id"] for r in rows) == sorted(q["id"] for q in ctx.run.read_rows("questions", "train"))
@@ -85,7 +97,7 @@ def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp
     assert ctx.record.input_tokens > 0 and ctx.record.rows_out == 0
 
     files_before = ctx.run.parquet_files("teacher_cot", "first_generated")
-    teacher_cot.run(_context(recipe))
+    teacher_cot.run(_context(recipe, kept_engines))
     assert ctx.run.parquet_files("teacher_cot", "first_generated") == files_before
 
 
@@ -142,7 +154,8 @@ def test_sft_stage_trains_with_deepspeed_and_exports_a_model(tmp_path: Path, ray
 STRATEGIES = ["self_correction", "answer_correction", "teacher_correction", "sampled"]
 
 
-def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(tmp_path: Path, ray_cluster,
+def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(tmp_path: Path,
+                                                                               kept_engines: EngineServices,
                                                                                tiny_model: str) -> None:
     # An ablation of all four pair strategies. The rule judge: only answers with the right option letters count.
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 8}],
@@ -155,7 +168,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
     # The SFT model the stages below start from: the tiny model itself (the SFT stage has its own test).
     run.replace_dir(tiny_model, "sft", "model")
 
-    answers = _context(recipe)
+    answers = _context(recipe, kept_engines)
     student_answers.run(answers)
     rows = run.read_rows("student_answers", "judged")
     ids = [q["id"] for q in run.read_rows("questions", "train")]
@@ -168,7 +181,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
     # real student would, so that `sampled` has pairs and the corrections have wrong answers to fix.
     run.fs.delete_dir_contents(run.fs_path("student_answers", "judged"))
     run.write_rows(_judged_samples(run), "student_answers", "judged")
-    pairs_ctx = _context(recipe)
+    pairs_ctx = _context(recipe, kept_engines)
     preference_pairs.run(pairs_ctx)
     counts = pairs_ctx.record.details["strategies"]
     pairs = run.read_rows("preference_pairs", "pairs")
@@ -192,6 +205,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
 
     # The random corrections are never verified: add gold self-correction pairs, so two DPO models train.
     run.write_rows(pairs + _pairs(run), "preference_pairs", "pairs")
+    kept_engines.release_all()  # as a run does before training
     dpo_ctx = _context(recipe)
     dpo.run(dpo_ctx)
     runs = dpo_ctx.record.details["runs"]
@@ -203,7 +217,7 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
         assert any("rewards/margins" in entry for entry in log)
         assert run.exists(name, "model", "model.safetensors") and runs[name]["start_model"].endswith("sft/model")
 
-    eval_ctx = _context(recipe)
+    eval_ctx = _context(recipe, kept_engines)
     evaluate.run(eval_ctx)
     models = eval_ctx.record.details["models"]
     assert list(models) == ["base", "sft", *trained]
@@ -293,20 +307,13 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
     assert "stage evaluate: done in" in run_log and "output tok/s" in run_log
 
 
-def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_counted(tmp_path: Path,
-                                                                                     ray_cluster) -> None:
-    from sphuatuo.engines.serving import EngineServices
-
+def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_counted(
+        tmp_path: Path, kept_engines: EngineServices) -> None:
     recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128, "models.teacher.max_attempts": 2,
                                               "models.teacher.max_error_share": 0.25})
-    # The engine stays up across the passes, as in a run: one start where a fresh engine per pass and per retry
-    # took three (half a minute each here); an engine error leaves the kept engine serving.
-    ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=EngineServices())
-    try:
-        _prompt_too_long(ctx, recipe)
-        assert len(ctx.engines.take_log()["starts"]) == 1
-    finally:
-        ctx.engines.release_all()
+    _prompt_too_long(_context(recipe, kept_engines), recipe)
+    # The engine stays up across the passes and their retries: an engine error leaves it serving.
+    assert len(kept_engines.take_log()["starts"]) == 1
 
 
 def _prompt_too_long(ctx: StageContext, recipe) -> None:
