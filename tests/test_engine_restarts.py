@@ -63,7 +63,7 @@ def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> 
     killer.start()
     try:
         generate_pass(ctx, [{"key": key} for key in KEYS], FOLDER, engine=engine,
-                      request=Request(temperature=0.0, top_p=1.0, max_tokens=256),
+                      request=Request(temperature=0.0, top_p=1.0, max_tokens=128),
                       messages=lambda row: [{"role": "user", "content": f"Question {row['key']}"}])
     finally:
         killer.join(timeout=1)

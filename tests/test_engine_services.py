@@ -30,8 +30,11 @@ def _engines_up() -> list[str]:
 @pytest.mark.parametrize("host", ["actors", "serve"])
 def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_run(
         tmp_path: Path, ray_cluster: dict[str, str], host: str) -> None:
-    # The tiny recipe's teacher and judge are the same model with the same engine arguments.
-    recipe = tiny_recipe(tmp_path / "run", **{"ray.address": ray_cluster["address"], "ray.engine_host": host})
+    # The tiny recipe's teacher and judge are the same model with the same engine arguments. Two passes (replies,
+    # verdicts) on four questions: a Serve LLM engine on CPU runs them at half the speed of an actor's.
+    recipe = tiny_recipe(tmp_path / "run", **{"ray.address": ray_cluster["address"], "ray.engine_host": host,
+                                              "data.train": [{"path": "builtin:sample_bank", "limit": 4}],
+                                              "stages.teacher_cot.retry_with_reference": False})
     run_pipeline(recipe, stages=(questions, teacher_cot))
 
     run = RunRoot(recipe.run_root)
@@ -39,7 +42,7 @@ def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_
     rows = run.read_rows("teacher_cot", "first")
     assert [start["model"] for start in engines["starts"]] == ["builtin:tiny"]
     assert engines["starts"][0]["seconds"] > 0
-    assert engines["reuses"] >= 1  # the judge pass (and the hinted retry) found the teacher's engine up
+    assert engines["reuses"] == 1  # the judge pass found the teacher's engine up
     assert rows and all(row["finish_reason"] in ("stop", "length") for row in rows)
     assert all(row["num_generated_tokens"] > 0 and row["generated_text"].startswith("<think>") for row in rows)
     assert _engines_up() == []
