@@ -112,8 +112,10 @@ def test_o1_sft_trains_on_verified_paths_in_the_o1_format(tmp_path: Path, ray_cl
 
 
 def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
+    # One verdict for the LLM: the transformers back-end answers it in seconds, where a vLLM engine takes a start.
     recipe = tiny_o1_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 2}],
-                                                 "data.test": []})
+                                                 "data.test": [],
+                                                 "models.judge.engine": {"backend": "hf", "model": "builtin:tiny"}})
     run = RunRoot(recipe.run_root)
     ctx = StageContext(recipe, run, StageRecord())
     questions.run(ctx)
