@@ -64,6 +64,10 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
         assert trained == (c["paired"] > 0) == (f"dpo_{strategy}" in stages["evaluate"]["details"]["models"])
     evaluated = stages["evaluate"]["details"]["models"]
     assert {"base", "sft"} <= set(evaluated) and all(m["n"] == 6 for m in evaluated.values())
+    # Their engines (one core each) start two at a time, side by side: one start per model, in pairs.
+    starts = [start["seconds"] for start in stages["evaluate"]["details"]["engines"]["starts"]]
+    assert len(starts) == len(evaluated) and starts[0] == starts[1]
+    assert run.read_text("run.log").count(" up side by side in ") == len(evaluated) // 2
 
     assert "| sft | done |" in report and "![sft loss](sft_loss.png)" in report
     assert run.exists("sft_loss.png") and run.exists("sft", "model", "model.safetensors")

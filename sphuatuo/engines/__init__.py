@@ -105,3 +105,18 @@ def generate(
     from sphuatuo.engines.hf import generate_hf
 
     return generate_hf(ds, engine, request, model_path)
+
+
+def start_ahead(engine: EngineConfig, passes: list[tuple[str, str]], request: Request,
+                services: EngineServices | None) -> None:
+    """Start the run's kept vLLM engines for the coming passes of `engine`, one per (model, folder) in the order
+    they run, side by side (`EngineServices.start_ahead`); each pass then finds its engine up. Nothing to do
+    without kept engines or for the other back-ends."""
+    if services is None or engine.backend != "vllm":
+        return
+    from sphuatuo.engines.serving import PlannedEngine
+    from sphuatuo.engines.vllm import engine_arguments
+
+    services.start_ahead([PlannedEngine(engine=engine, model=model, model_path=resolve_model(model),
+                                        engine_kwargs=engine_arguments(engine, request.seed), folder=folder)
+                          for model, folder in passes])

@@ -110,6 +110,14 @@ class EngineReplica:
 def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[str, Any],
                    name: str) -> list[ray.actor.ActorHandle]:
     """Start `engine`'s replicas (the low end of an autoscaling range) and wait until each has loaded the model."""
+    replicas = launch_replicas(engine, model_path, engine_kwargs, name)
+    ray.get([replica.ready.remote() for replica in replicas])
+    return replicas
+
+
+def launch_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[str, Any],
+                    name: str) -> list[ray.actor.ActorHandle]:
+    """Create `engine`'s replicas; each loads its model in the background (`ready` answers once it has)."""
     if engine.tensor_parallel_size > 1:
         raise ValueError(f"{engine.model}: engines kept up as actors run one process per replica; tensor_parallel_size "
                          f"{engine.tensor_parallel_size} needs ray.engine_host: serve")
@@ -127,10 +135,8 @@ def start_replicas(engine: EngineConfig, model_path: str, engine_kwargs: dict[st
         # `num_cpus` on a node with a free CPU, then lets it run on none), the run's own accounting keeps the
         # engines' cores within the cluster's (`EngineServices`), and replicas spread over the nodes.
         options.update(runtime_env=cpu_runtime_env(engine), scheduling_strategy="SPREAD")
-    replicas = [EngineReplica.options(name=f"{name}-{index}", **options).remote(model_path, engine_kwargs)
-                for index in range(engine.min_replicas)]
-    ray.get([replica.ready.remote() for replica in replicas])
-    return replicas
+    return [EngineReplica.options(name=f"{name}-{index}", **options).remote(model_path, engine_kwargs)
+            for index in range(engine.min_replicas)]
 
 
 def alive(replicas: list[ray.actor.ActorHandle]) -> bool:

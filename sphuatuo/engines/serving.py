@@ -28,7 +28,7 @@ import ray.data
 from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
 from sphuatuo.engines import Request, cpu_runtime_env, row_seed, sampling_params
-from sphuatuo.engines.actors import alive, generate_on_replicas, start_replicas, stop_replicas
+from sphuatuo.engines.actors import alive, generate_on_replicas, launch_replicas, start_replicas, stop_replicas
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
 
@@ -45,6 +45,17 @@ class EngineStart:
 
 
 @dataclass
+class PlannedEngine:
+    """The engine a pass to come will ask for (the arguments of `EngineServices.generate`)."""
+
+    engine: EngineConfig
+    model: str
+    model_path: str
+    engine_kwargs: dict[str, Any]
+    folder: str
+
+
+@dataclass
 class _App:
     """A Serve app of one engine."""
 
@@ -56,6 +67,7 @@ class _App:
 class _KeptEngine:
     model: str
     resources: dict[str, float]
+    used: bool = False  # an engine started ahead counts its first pass as its start, not as a reuse
     app: _App | None = None  # hosted by Ray Serve
     replicas: list[ray.actor.ActorHandle] = field(default_factory=list)  # hosted by plain actors
 
@@ -79,6 +91,43 @@ class EngineServices:
             return generate_on_replicas(ds, kept.replicas, engine, request)
         return generate_served(ds, kept.app, engine, request, raw=raw)
 
+    def start_ahead(self, planned: list[PlannedEngine]) -> None:
+        """Start the engines of the passes to come (`planned`, in the order they run) side by side, as many as fit
+        in the cluster at once, evicting only engines no planned pass needs. On CPU an engine's start is mostly
+        single-threaded imports, so two starts on two cores take the time of one. Engines on Serve or on GPUs
+        start at their first pass, as before."""
+        wanted: OrderedDict[str, PlannedEngine] = OrderedDict()
+        for plan in planned:
+            wanted.setdefault(_engine_key(plan.model_path, plan.engine, plan.engine_kwargs), plan)
+        if any(self._host(plan.engine) != "actors" or plan.engine.gpus_per_replica for plan in wanted.values()):
+            return
+        total, held = ray.cluster_resources().get("CPU", 0), sum(k.resources["CPU"] for k in self.engines.values())
+        chosen: list[tuple[str, PlannedEngine]] = []
+        for key, plan in wanted.items():
+            if key in self.engines:
+                continue
+            needed = _replica_resources(plan.engine)["CPU"]
+            while held + needed > total and (spare := [k for k in self.engines if k not in wanted]):
+                held -= self.engines[spare[0]].resources["CPU"]
+                self._release(spare[0])
+            if held + needed > total:
+                break
+            chosen.append((key, plan))
+            held += needed
+        if len(chosen) < 2:
+            return  # one engine starts as fast at its first pass
+        started = time.perf_counter()
+        launched = {key: launch_replicas(plan.engine, plan.model_path, plan.engine_kwargs, name=f"sphuatuo-{key}")
+                    for key, plan in chosen}
+        ray.get([replica.ready.remote() for replicas in launched.values() for replica in replicas])
+        seconds = round(time.perf_counter() - started, 1)
+        for key, plan in chosen:
+            self.engines[key] = _KeptEngine(model=plan.model, resources=_replica_resources(plan.engine),
+                                            replicas=launched[key])
+            self.starts.append(EngineStart(model=plan.model, folder=plan.folder, seconds=seconds))
+        log.info("engines for %s up side by side in %.1fs (kept for later passes)",
+                 ", ".join(plan.model for _, plan in chosen), seconds)
+
     def release_all(self) -> None:
         """Shut every engine down (before a trainer needs the devices, and at the end of a run)."""
         while self.engines:
@@ -94,16 +143,19 @@ class EngineServices:
               folder: str) -> _KeptEngine:
         key = _engine_key(model_path, engine, engine_kwargs)
         if key in self.engines:
-            if self.engines[key].app is not None or alive(self.engines[key].replicas):
+            kept = self.engines[key]
+            if kept.app is not None or alive(kept.replicas):
                 self.engines.move_to_end(key)
-                self.reuses.append(folder)
-                return self.engines[key]
+                if kept.used:
+                    self.reuses.append(folder)
+                kept.used = True
+                return kept
             log.warning("%s: the engine kept for %s died (restarts spent); starting a new one", folder, model)
             self._release(key)
         resources, host = _replica_resources(engine), self._host(engine)
         self._make_room(resources, host)
         started = time.perf_counter()
-        kept = _KeptEngine(model=model, resources=resources)
+        kept = _KeptEngine(model=model, resources=resources, used=True)
         if host == "serve":
             kept.app = _App(name=f"sphuatuo-{key}", deployment=f"engine-{key}")
             _start_app(kept.app, engine, model_path, engine_kwargs)
