@@ -309,18 +309,13 @@ def test_eval_command_scores_a_model_directory_on_a_question_file(tmp_path: Path
 
 def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_counted(
         tmp_path: Path, kept_engines: EngineServices) -> None:
-    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128, "models.teacher.max_attempts": 2,
-                                              "models.teacher.max_error_share": 0.25})
-    _prompt_too_long(_context(recipe, kept_engines), recipe)
-    # The engine stays up across the passes and their retries: an engine error leaves it serving.
-    assert len(kept_engines.take_log()["starts"]) == 1
-
-
-def _prompt_too_long(ctx: StageContext, recipe) -> None:
     from sphuatuo.engines import Request
     from sphuatuo.passes.generation import PassFailed, generate_pass, parse_reply
     from sphuatuo.recipe import EngineConfig
 
+    recipe = tiny_recipe(tmp_path / "run", **{"models.teacher.max_model_len": 128, "models.teacher.max_attempts": 2,
+                                              "models.teacher.max_error_share": 0.25})
+    ctx = _context(recipe, kept_engines)
     rows = [{"key": f"q{i}", "text": "what is scurvy?"} for i in range(3)]
     rows.append({"key": "long", "text": "scurvy " * 400})
 
@@ -349,3 +344,5 @@ def _prompt_too_long(ctx: StageContext, recipe) -> None:
     attempts = ctx.run.read_rows("probe_errors")
     assert sorted((row["key"], row["attempt"]) for row in attempts) == [("long", 1), ("long", 2), ("long", 3)]
     assert ctx.record.details["throughput"]["probe"]["engine_errors"] == 1
+    # One engine for both passes and the retries: an engine error leaves it serving.
+    assert len(kept_engines.take_log()["starts"]) == 1
