@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,19 +102,16 @@ class EngineServices:
             wanted.setdefault(_engine_key(plan.model_path, plan.engine, plan.engine_kwargs), plan)
         if any(self._host(plan.engine) != "actors" or plan.engine.gpus_per_replica for plan in wanted.values()):
             return
-        total, held = ray.cluster_resources().get("CPU", 0), sum(k.resources["CPU"] for k in self.engines.values())
         chosen: list[tuple[str, PlannedEngine]] = []
+        promised = {"CPU": 0.0}
         for key, plan in wanted.items():
             if key in self.engines:
                 continue
-            needed = _replica_resources(plan.engine)["CPU"]
-            while held + needed > total and (spare := [k for k in self.engines if k not in wanted]):
-                held -= self.engines[spare[0]].resources["CPU"]
-                self._release(spare[0])
-            if held + needed > total:
+            needed = _replica_resources(plan.engine)
+            if not self._make_room(needed, "actors", keep=wanted, promised=promised):
                 break
             chosen.append((key, plan))
-            held += needed
+            promised["CPU"] += needed["CPU"]
         if len(chosen) < 2:
             return  # one engine starts as fast at its first pass
         started = time.perf_counter()
@@ -171,18 +169,26 @@ class EngineServices:
             return self.host
         return "serve" if engine.gpus_per_replica > 0 else "actors"
 
-    def _make_room(self, needed: dict[str, float], host: str) -> None:
+    def _make_room(self, needed: dict[str, float], host: str, keep: Collection[str] = (),
+                   promised: dict[str, float] | None = None) -> bool:
+        """Evict the least recently used engines, never those in `keep`, until `needed` fits in the cluster beside
+        the engines left and the resources `promised` to engines about to start; whether it fits."""
         total = ray.cluster_resources()
         if host == "serve" or "GPU" in needed or any(kept.app is not None or "GPU" in kept.resources
                                                       for kept in self.engines.values()):
             # Engines that hold their cores in Ray (Serve's placement groups, GPU replicas) leave one CPU free for
             # the light steps of a pass (prompts, request senders, writes); CPU replicas on actors hold none.
             total["CPU"] = total.get("CPU", 0) - 1
-        while self.engines:
-            held = {name: sum(kept.resources.get(name, 0) for kept in self.engines.values()) for name in needed}
+        promised = promised or {}
+        while True:
+            held = {name: sum(kept.resources.get(name, 0) for kept in self.engines.values()) + promised.get(name, 0)
+                    for name in needed}
             if all(held[name] + amount <= total.get(name, 0) for name, amount in needed.items()):
-                return
-            self._release(next(iter(self.engines)))  # least recently used first
+                return True
+            spare = [key for key in self.engines if key not in keep]
+            if not spare:
+                return False
+            self._release(spare[0])  # least recently used first
 
     def _release(self, key: str) -> None:
         kept = self.engines.pop(key)
