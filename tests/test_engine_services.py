@@ -52,6 +52,7 @@ def test_a_teacher_and_a_judge_of_different_engines_both_stay_up_on_two_cores(tm
                                                                                ray_cluster: dict[str, str]) -> None:
     # One engine argument apart, teacher and judge are two engines of one core each, and the session's cluster has
     # two: the passes take turns (replies, verdicts, hinted replies, verdicts) with both engines up, none evicted.
+    # Both start side by side before the first pass: every new reply goes to the LLM judge.
     recipe = tiny_recipe(tmp_path / "run", **{"ray.address": ray_cluster["address"],
                                               "models.judge.engine.max_model_len": 512})
     run_pipeline(recipe, stages=(questions, teacher_cot))
@@ -59,6 +60,8 @@ def test_a_teacher_and_a_judge_of_different_engines_both_stay_up_on_two_cores(tm
     run = RunRoot(recipe.run_root)
     engines = load_manifest(run, recipe).stages["teacher_cot"].details["engines"]
     assert [start["folder"] for start in engines["starts"]] == ["teacher_cot/first_generated", "teacher_cot/first_raw"]
+    assert engines["starts"][0]["seconds"] == engines["starts"][1]["seconds"]
+    assert run.read_text("run.log").count(" up side by side in ") == 1
     assert engines["reuses"] == 2  # the hinted replies and their verdicts
     assert "shut down" not in run.read_text("run.log").split("stage teacher_cot: done")[0]
     assert _engines_up() == []

@@ -107,16 +107,27 @@ def generate(
     return generate_hf(ds, engine, request, model_path)
 
 
-def start_ahead(engine: EngineConfig, passes: list[tuple[str, str]], request: Request,
-                services: EngineServices | None) -> None:
-    """Start the run's kept vLLM engines for the coming passes of `engine`, one per (model, folder) in the order
-    they run, side by side (`EngineServices.start_ahead`); each pass then finds its engine up. Nothing to do
-    without kept engines or for the other back-ends."""
-    if services is None or engine.backend != "vllm":
+@dataclass(frozen=True)
+class ComingPass:
+    """A pass still to run, as `generate` will be called for it: its engine, request and folder, and the model
+    when not the engine's own."""
+
+    engine: EngineConfig
+    request: Request
+    folder: str
+    model: str | None = None
+
+
+def start_ahead(passes: Sequence[ComingPass], services: EngineServices | None) -> None:
+    """Start the run's kept vLLM engines for the coming `passes`, in the order they run, side by side
+    (`EngineServices.start_ahead`); each pass then finds its engine up. Nothing to do without kept engines;
+    passes on the other back-ends start nothing."""
+    if services is None:
         return
     from sphuatuo.engines.serving import PlannedEngine
     from sphuatuo.engines.vllm import engine_arguments
 
-    services.start_ahead([PlannedEngine(engine=engine, model=model, model_path=resolve_model(model),
-                                        engine_kwargs=engine_arguments(engine, request.seed), folder=folder)
-                          for model, folder in passes])
+    services.start_ahead([PlannedEngine(engine=p.engine, model=p.model or p.engine.model,
+                                        model_path=resolve_model(p.model or p.engine.model),
+                                        engine_kwargs=engine_arguments(p.engine, p.request.seed), folder=p.folder)
+                          for p in passes if p.engine.backend == "vllm"])

@@ -24,7 +24,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from sphuatuo.data.questions import Question
-from sphuatuo.engines import Request
+from sphuatuo.engines import ComingPass, Request, start_ahead
 from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing.o1 import parse_true_false
 from sphuatuo.parsing.replies import extract_answer, letters_text, parse_judge_verdict
@@ -150,6 +150,12 @@ def generate_and_judge(
     """Generate a `<think>/<answer>` reply per row into `<folder>_generated`, split it, judge it into
     `folder`; return all judged rows of `folder`."""
     generated = f"{folder}_generated"
+    total = rows.count if isinstance(rows, FolderRows) else len(rows)
+    if judge.kind == "llm" and judge.engine is not None and target.run.count_rows(generated) < total:
+        # Every new reply goes to the LLM judge: its engine starts beside the generator's, not after the pass.
+        start_ahead([ComingPass(engine, request, generated, model),
+                     ComingPass(judge.engine, verdict_request(judge, answer_judge(judge.prompt)), f"{folder}_raw")],
+                    target.engines)
     generate_pass(target, rows, generated, engine=engine, request=request, messages=messages, model=model)
     parsed = [parse_reply(row) for row in target.run.read_rows(generated)]
     verdict_pass(target, parsed, folder, judge, answer_judge(judge.prompt))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sphuatuo.data.questions import Question
-from sphuatuo.engines import Request, start_ahead
+from sphuatuo.engines import ComingPass, Request, start_ahead
 from sphuatuo.parsing.replies import CATEGORIES, COMMITTED, NO_ANSWER, answer_commitment
 from sphuatuo.passes import Row
 from sphuatuo.passes.generation import count_tokens
@@ -235,11 +235,12 @@ def run(ctx: StageContext) -> None:
         except StageSkipped as missing:
             ctx.note(f"not evaluating {name}: {missing}")
     first = Request.from_config(PROTOCOLS[stage.protocols[0]].sampling_for(stage.sampling, stage.max_protocol_tokens))
-    coming = [(model, protocol_folder(name, stage.protocols[0])) for name, model in models.items()]
+    coming = [ComingPass(ctx.recipe.models.student, first, protocol_folder(name, stage.protocols[0]), model)
+              for name, model in models.items()]
     all_rows: list[Row] = []
     for index, (name, model) in enumerate(models.items()):
         # The engines of the models still to evaluate start side by side, as many as fit, not one per model.
-        start_ahead(ctx.recipe.models.student, coming[index:], first, ctx.engines)
+        start_ahead(coming[index:], ctx.engines)
         for protocol_name in stage.protocols:
             protocol = PROTOCOLS[protocol_name]
             log.info("evaluating %s (%s) on %d questions under protocol %s", name, model, len(questions),
