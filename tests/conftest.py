@@ -92,10 +92,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A local Ray head on 127.0.0.1 with the job server; stopped at the end of the session."""
     port, dashboard_port = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
-    # Job drivers inherit the head's environment: put this venv's `sphuatuo` first on their PATH, and this
-    # checkout's package first on every process's import path (a worker's setup hook imports it before Ray adds
-    # the driver's directory).
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    # Job drivers inherit the head's environment: this venv's `sphuatuo` is first on their PATH (set by
+    # apply_cpu_environment above), and this checkout's package first on every process's import path (a worker's
+    # setup hook imports it before Ray adds the driver's directory).
+    env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            NODE_SECRET_VARIABLE: NODE_SECRET}
     subprocess.run(
