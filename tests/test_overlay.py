@@ -36,7 +36,7 @@ def test_the_cpu_overlay_changes_only_sizes_and_the_result_fits_a_cpu_machine(re
         if engine.backend == "openai":  # keeps its name; served by whatever listens at the overlay's base_url
             assert engine.model == "gpt-4o" and engine.base_url == "http://127.0.0.1:8000/v1"
         else:
-            assert engine.model == ("builtin:tiny" if role == "judge" else "builtin:tiny-think")
+            assert engine.model == ("builtin:tiny-judge" if role == "judge" else "builtin:tiny-think")
             assert engine.gpus_per_replica == 0 and engine.tensor_parallel_size == 1
     for name in ("sft", "dpo", "rl"):
         stage = getattr(recipe.stages, name, None)
