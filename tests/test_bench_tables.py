@@ -43,3 +43,19 @@ def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_w
     assert ratios == ["1.00", "1.00", "0.50", "0.50", "1.00", "2.00"] * 2
     assert [row[-2] for row in rows[6:8]] == ["40.0", "200.0"]
     assert table[-1].startswith("vs base: against the first line of the same kind and workload")
+
+
+def test_bench_train_summary_sets_each_line_against_the_one_that_differs_in_one_thing() -> None:
+    from sphuatuo.commands.bench_train import TrainBenchLine, format_train_bench
+
+    def line(launcher: str, workers: int, steady: float) -> TrainBenchLine:
+        return TrainBenchLine(launcher, f"{launcher}, {workers}", workers, 6, 2, 600, 10.0, 20.0, steady)
+
+    table = format_train_bench([line("bare", 1, 100.0), line("torchrun", 1, 80.0), line("ray", 1, 72.0),
+                                line("torchrun", 2, 40.0), line("ray", 2, 30.0)]).splitlines()
+    assert [row.split()[-1] for row in table[1:6]] == ["1.00", "0.80", "0.72", "0.40", "0.30"]  # steady vs bare
+    assert table[6:] == ["Ray Train, 1 worker vs bare TRL (steady): 0.72",
+                         "DeepSpeed cost (torchrun 1 worker vs bare, steady): 0.80",
+                         "Ray cost at 1 worker (Ray Train vs torchrun, steady): 0.90",
+                         "Ray cost at 2 workers (Ray Train vs torchrun, steady): 0.75",
+                         "distribution without Ray (2 torchrun workers vs 1, per worker, steady): 0.50"]

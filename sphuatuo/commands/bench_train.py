@@ -4,11 +4,13 @@ Same model, same examples (the student prompt over the sample bank, its explanat
 thought), same Trainer arguments and the same global batch and steps on every line, in one run:
 1. bare TRL: one `SFTTrainer` in this process, no DeepSpeed, as many compute threads as one worker, the W
    workers' micro batches accumulated;
-2. the SFT stage's own launch with 1 Ray Train worker (accumulating as 1): what Ray and DeepSpeed cost alone;
-3. the same trainer and DeepSpeed config under `torchrun` with W processes over gloo, no Ray
-   (`sphuatuo.train.bare`): against bare, what distribution costs (on one machine, W workers also share its
-   cores);
-4. the SFT stage's launch with W Ray Train workers: against the torchrun line, what Ray costs at W workers.
+2. the same trainer and DeepSpeed config under `torchrun` with 1 process, no Ray (`sphuatuo.train.bare`):
+   against bare, what DeepSpeed (over gloo, with one rank) costs;
+3. the SFT stage's own launch with 1 Ray Train worker: against line 2, what Ray costs alone; against bare,
+   what Ray and DeepSpeed cost together;
+4. torchrun with W processes: against line 2, what distribution costs without Ray (on one machine, W workers
+   also share its cores);
+5. the SFT stage's launch with W Ray Train workers: against line 4, what Ray costs at W workers.
 Every line counts the same tokens (the tokenized training set times the epochs) over the Trainer's own
 train_runtime, and gives the steady state apart: the median of the per-step rates after the warm-up steps,
 recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed; for torchrun its
@@ -139,9 +141,9 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
 
 def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage: int, max_length: int,
                 cpus_per_worker: float, warmup_steps: int = 2) -> list[TrainBenchLine]:
-    """Bare TRL, Ray Train with 1 worker, torchrun with `workers` and Ray Train with `workers` (when more than
-    1), all at the same global batch (the fewer processes accumulate more micro batches) and so the same steps
-    over the same examples."""
+    """Bare TRL, then torchrun and Ray Train with 1 worker, then with `workers` (when more than 1), all at the
+    same global batch (the fewer processes accumulate more micro batches) and so the same steps over the same
+    examples."""
     from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
@@ -155,19 +157,20 @@ def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage
                                  "cpus_per_worker": cpus_per_worker})
 
     threads = max(1, int(cpus_per_worker))
-    bare = _bare_trl(path, stage(1), rows, threads=threads, warmup_steps=warmup_steps)
-    torchrun = _torchrun(path, stage(workers), rows, threads=threads, warmup_steps=warmup_steps)
+    counts = [1, workers] if workers > 1 else [1]
+    lines = [_bare_trl(path, stage(1), rows, threads=threads, warmup_steps=warmup_steps)]
+    torchrun = {count: _torchrun(path, stage(count), rows, threads=threads, warmup_steps=warmup_steps)
+                for count in counts}
     connect_ray()
-    lines = [bare, _ray_train(path, stage(1), rows, bare.tokens, warmup_steps), torchrun]
-    if workers > 1:
-        lines.append(_ray_train(path, stage(workers), rows, bare.tokens, warmup_steps))
+    for count in counts:
+        lines += [torchrun[count], _ray_train(path, stage(count), rows, lines[0].tokens, warmup_steps)]
     return lines
 
 
 def format_train_bench(lines: list[TrainBenchLine]) -> str:
     """Whole-run and steady-state tokens/s per worker, each against the bare line (the first), and the costs in
-    steady state: Ray alone (Ray Train with 1 worker vs bare), Ray at W workers (Ray Train vs torchrun, both with
-    W) and distribution (W Ray Train workers vs 1; W torchrun workers vs bare, without Ray)."""
+    steady state, each the ratio of two lines that differ in one thing: DeepSpeed (torchrun with 1 worker vs
+    bare), Ray (Ray Train vs torchrun, at 1 worker and at W) and distribution (W torchrun workers vs 1)."""
     bare = lines[0]
     out = [f"{'trainer':<46} {'workers':>7} {'batch':>5} {'steps':>5} {'tokens':>7} {'train s':>7} {'wall s':>7} "
            f"{'tok/s/worker':>12} {'steady':>7} {'vs bare':>7} {'steady vs bare':>14}"]
@@ -177,16 +180,19 @@ def format_train_bench(lines: list[TrainBenchLine]) -> str:
                    f"{line.steady_tokens_per_s_per_worker:>7.1f} "
                    f"{line.tokens_per_s_per_worker / bare.tokens_per_s_per_worker:>7.2f} "
                    f"{line.steady_tokens_per_s_per_worker / bare.steady_tokens_per_s_per_worker:>14.2f}")
-    ray = {line.workers: line.steady_tokens_per_s_per_worker for line in lines if line.launcher == "ray"}
-    torchrun = next((line for line in lines if line.launcher == "torchrun"), None)
-    if 1 in ray:
-        summary = f"Ray cost alone (1 worker vs bare, steady): {ray[1] / bare.steady_tokens_per_s_per_worker:.2f}"
-        if max(ray) > 1:
-            summary += f"; distribution ({max(ray)} workers vs 1, per worker, steady): {ray[max(ray)] / ray[1]:.2f}"
-        out.append(summary)
-    if torchrun is not None and torchrun.workers > 1 and torchrun.workers in ray:
-        steady = torchrun.steady_tokens_per_s_per_worker
-        out.append(f"Ray cost at {torchrun.workers} workers (Ray Train vs torchrun, steady): "
-                   f"{ray[torchrun.workers] / steady:.2f}; distribution without Ray ({torchrun.workers} torchrun "
-                   f"workers vs bare, per worker, steady): {steady / bare.steady_tokens_per_s_per_worker:.2f}")
+    steady = {(line.launcher, line.workers): line.steady_tokens_per_s_per_worker for line in lines[1:]}
+    if ("ray", 1) in steady:
+        out.append(f"Ray Train, 1 worker vs bare TRL (steady): "
+                   f"{steady['ray', 1] / bare.steady_tokens_per_s_per_worker:.2f}")
+    if ("torchrun", 1) in steady:
+        out.append(f"DeepSpeed cost (torchrun 1 worker vs bare, steady): "
+                   f"{steady['torchrun', 1] / bare.steady_tokens_per_s_per_worker:.2f}")
+    for workers in sorted({count for _, count in steady}):
+        if ("ray", workers) in steady and ("torchrun", workers) in steady:
+            out.append(f"Ray cost at {workers} worker{'s' if workers > 1 else ''} (Ray Train vs torchrun, steady): "
+                       f"{steady['ray', workers] / steady['torchrun', workers]:.2f}")
+    many = max((count for launcher, count in steady if launcher == "torchrun"), default=1)
+    if many > 1 and ("torchrun", 1) in steady:
+        out.append(f"distribution without Ray ({many} torchrun workers vs 1, per worker, steady): "
+                   f"{steady['torchrun', many] / steady['torchrun', 1]:.2f}")
     return "\n".join(out)
