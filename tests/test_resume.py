@@ -19,6 +19,8 @@ from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 
+QUESTIONS = 30
+
 
 # The pass the driver dies in, and the judge that makes it so: the rule judge has no pass of its own; the LLM
 # judge (the tiny model through transformers, one row per batch) answers after the teacher's pass is written.
@@ -33,7 +35,7 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
                                                                        killed_in: str) -> None:
     pass_name, judge = KILLED_IN[killed_in]
     run_root = tmp_path / "run"
-    recipe = tiny_recipe(run_root, **{"data.train": [{"path": "builtin:sample_bank", "limit": 60}],
+    recipe = tiny_recipe(run_root, **{"data.train": [{"path": "builtin:sample_bank", "limit": QUESTIONS}],
                                       "data.test_fraction": 0.0,
                                       "models.teacher.backend": "hf", "models.teacher.batch_size": 1,
                                       "models.judge": judge,
@@ -58,19 +60,19 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
 
     before = {Path(f).name: os.path.getmtime(f) for f in run.parquet_files(*folder)}
     written_before = set(run.read_column("key", *folder))
-    assert 4 <= len(written_before) < 60, "the kill should land mid-stage"
+    assert 4 <= len(written_before) < QUESTIONS, "the kill should land mid-stage"
 
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     keys = run.read_column("key", *folder)
-    assert sorted(keys) == sorted(set(keys)) and len(keys) == 60  # every question exactly once
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == QUESTIONS  # every question exactly once
     after = {Path(f).name: os.path.getmtime(f) for f in run.parquet_files(*folder)}
     assert all(after.get(name) == mtime for name, mtime in before.items())  # kept, untouched
-    assert f"{len(written_before)} rows already written, {60 - len(written_before)} to go" in finished.stderr
+    assert f"{len(written_before)} rows already written, {QUESTIONS - len(written_before)} to go" in finished.stderr
     judged = run.read_column("id", "teacher_cot", "first")
-    assert sorted(judged) == sorted(set(judged)) and len(judged) == 60
+    assert sorted(judged) == sorted(set(judged)) and len(judged) == QUESTIONS
     # The run keeps its own log (saved after each stage): the re-run's pass and stage throughput are in it.
     run_log = run.read_text("run.log")
-    assert f"teacher_cot/{pass_name}: {60 - len(written_before)} rows in " in run_log
+    assert f"teacher_cot/{pass_name}: {QUESTIONS - len(written_before)} rows in " in run_log
     assert "stage teacher_cot: done in" in run_log and "output tok/s" in run_log
