@@ -169,8 +169,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled)")
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--workers", type=int, default=2,
-                       help="W: lines for bare TRL, torchrun and Ray Train with 1 worker, torchrun with W and Ray Train with W, "
-                            "all at the same global batch")
+                       help="W: lines for bare TRL, torchrun and Ray Train with 1 worker, torchrun and Ray Train "
+                            "with W, all at the same global batch")
     train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2)
     train.add_argument("--max-length", type=int, default=512)
     train.add_argument("--cpus-per-worker", type=float, default=1)

@@ -1,5 +1,6 @@
-"""The demo recipes end to end at a reduced size: every stage through real Ray, vLLM, TRL and DeepSpeed, reporting
-to MLflow (its SQLite store in the run root); then a re-run that must do no work.
+"""The demo recipes end to end at a reduced size: every stage through real Ray, vLLM and TRL (the demos train on one
+Ray Train worker without DeepSpeed, the faster choice on 2 cores; ZeRO over two workers runs in the shape tests),
+reporting to MLflow (its SQLite store in the run root); then a re-run that must do no work.
 
 The Self-Play demo runs with the project's tiny-think model in SmolLM2's place (a size, as the shape runs' CPU
 overlay): it closes every chain with an option letter, so every stage has rows, and it trains and generates in

@@ -162,7 +162,9 @@ def test_student_samples_every_pair_strategy_one_dpo_per_strategy_and_evaluate(t
                                               "data.test_fraction": 0.25, "models.judge.kind": "rule",
                                               "models.teacher.backend": "hf",
                                               "stages.student_answers.samples_per_question": 2,
-                                              "stages.preference_pairs.strategies": STRATEGIES})
+                                              "stages.preference_pairs.strategies": STRATEGIES,
+                                              # DeepSpeed's DPO runs in the shape tests; here one worker each
+                                              "stages.dpo.scaling": {"num_workers": 1, "zero_stage": 0}})
     run = RunRoot(recipe.run_root)
     questions.run(_context(recipe))
     # The SFT model the stages below start from: the tiny model itself (the SFT stage has its own test).
