@@ -149,14 +149,13 @@ def generate_and_judge(
 ) -> list[Row]:
     """Generate a `<think>/<answer>` reply per row into `<folder>_generated`, split it, judge it into
     `folder`; return all judged rows of `folder`."""
-    generated = f"{folder}_generated"
+    generated, spec = f"{folder}_generated", answer_judge(judge.prompt)
     total = rows.count if isinstance(rows, FolderRows) else len(rows)
     if judge.kind == "llm" and judge.engine is not None and target.run.count_rows(generated) < total:
         # Every new reply goes to the LLM judge: its engine starts beside the generator's, not after the pass.
         start_ahead([ComingPass(engine, request, generated, model),
-                     ComingPass(judge.engine, verdict_request(judge, answer_judge(judge.prompt)), f"{folder}_raw")],
-                    target.engines)
+                     ComingPass(judge.engine, verdict_request(judge, spec), f"{folder}_raw")], target.engines)
     generate_pass(target, rows, generated, engine=engine, request=request, messages=messages, model=model)
     parsed = [parse_reply(row) for row in target.run.read_rows(generated)]
-    verdict_pass(target, parsed, folder, judge, answer_judge(judge.prompt))
+    verdict_pass(target, parsed, folder, judge, spec)
     return target.run.read_rows(folder)
