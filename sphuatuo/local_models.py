@@ -164,8 +164,8 @@ def build_tiny_judge_model(cache_dir: Path | None = None) -> Path:
     from sphuatuo.prompts import get_prompt
 
     base = build_tiny_model(cache_dir)
-    prompts = [f"{get_prompt(f'{family}/judge').system}\n{get_prompt(f'{family}/judge').user}"
-               for family in _JUDGE_FAMILIES]
+    judges = [get_prompt(f"{family}/judge") for family in _JUDGE_FAMILIES]
+    prompts = [f"{judge.system}\n{judge.user}" for judge in judges]
     digest = _digest(_RECIPE_VERSION, base.name, _THINK_REPLY, *_JUDGE_WORDS, *prompts)
     target = _cache_root(cache_dir) / f"tiny-judge-{_RECIPE_VERSION}-{digest}"
     return build_cached(target, lambda d: _write_tiny_judge(d, base))
