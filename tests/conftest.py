@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from sphuatuo.recipe import Recipe
-from sphuatuo.store.runtime import apply_cpu_environment
+from sphuatuo.store.runtime import apply_cpu_environment, apply_driver_environment
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -33,6 +33,7 @@ NODE_SECRET = "node-" + secrets.token_hex(8)
 """Set in the session head's environment only (as a Kubernetes Secret sets it on every node), made at run time."""
 
 apply_cpu_environment()
+apply_driver_environment()
 
 
 def _free_port() -> int:

@@ -40,6 +40,13 @@ LIGHT_CPUS = 0.1
 # A local cluster started by sphuatuo (tests, the demo) runs without Ray's token authentication.
 LOCAL_CLUSTER_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled"}
 
+# The driver process. Ray Data's usage collector starts a thread there that queries Prometheus every 10 s and logs
+# each failed query with its traceback. On CPython 3.11 before 3.11.8, formatting a traceback parses source with
+# interpreter-wide state that parsing on the main thread shares (gh-106905): an import on the main thread at that
+# moment failed with "AST constructor recursion depth mismatch" (wandb's, under TRL, in CI). Nothing here reads
+# those metrics.
+DRIVER_ENVIRONMENT = {"RAY_DATA_USAGE_DISABLED": "1"}
+
 
 def process_environment(on_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment variables for an engine actor or a training worker (a Ray `runtime_env`'s env_vars)."""
@@ -61,6 +68,12 @@ def apply_cpu_environment() -> None:
         os.environ["PATH"] = os.pathsep.join([tools, path]) if path else tools
 
 
+def apply_driver_environment() -> None:
+    """Set the driver's environment in this process before its first Ray Data execution; values already set win."""
+    for key, value in DRIVER_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
 def _local_gpus() -> int:
     import torch
 
@@ -72,6 +85,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     sized to this machine (with the CPU environment when it has no GPU). Either way the job's workers mask
     the secrets declared so far in their logs (`secrets.worker_runtime_env`); a program that started Ray
     itself passes that runtime environment to its own `ray.init`."""
+    apply_driver_environment()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
