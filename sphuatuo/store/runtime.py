@@ -56,10 +56,9 @@ def process_environment(on_gpu: bool, extra: dict[str, str] | None = None) -> di
 
 def apply_cpu_environment() -> None:
     """Set the CPU environment in this process, before a local Ray starts, so every worker inherits it; and put
-    this interpreter's bin folder first on PATH, as an activated virtual environment does. DeepSpeed compiles its
-    CPU communication op with the first `ninja` on PATH: when some processes find the environment's ninja and
-    others a system one of another version, each invalidates the other's build log, and the op is rebuilt (about
-    35 s) at every switch."""
+    this interpreter's bin folder first on PATH, as an activated virtual environment does: every tool a worker or a
+    job's driver finds by name (`sphuatuo`, `ray`, `ninja`) is then this environment's, not another installed
+    version."""
     for key, value in {**CPU_ENVIRONMENT, **LOCAL_CLUSTER_ENVIRONMENT}.items():
         os.environ.setdefault(key, value)
     tools = os.path.dirname(sys.executable)

@@ -220,10 +220,17 @@ def prepare_worker(config: dict[str, Any], stage_type: type[TrainStage]) -> Work
 
 def init_cpu_distributed(stage: TrainStage) -> None:
     """DeepSpeed over gloo for a CPU stage under ZeRO, in every worker (Ray Train's or torchrun's) before any
-    Trainer config: ZeRO-3 on gloo otherwise miscounts the world size."""
+    Trainer config: ZeRO-3 on gloo otherwise miscounts the world size.
+
+    DeepSpeed's CPU back-end would first JIT-compile its shared-memory all-reduce (`deepspeed_shm_comm`): 40-60 s
+    on each new machine or environment, and again whenever a process finds another `ninja`. That op serves only
+    DeepSpeed's inference all-reduce; training reduces through the process group. So it is marked incompatible
+    and never built."""
     if stage.scaling.zero_stage and not stage.scaling.use_gpu:
         import deepspeed
+        import deepspeed.ops
 
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo")
 
 
