@@ -211,7 +211,7 @@ def _run_stages(recipe: Recipe, stages: tuple[ModuleType, ...], run: RunRoot, ru
             _run_planned(recipe, planned, RunRoot(run.uri, filesystem), run_log, lease, manifest, services)
     finally:
         if services is not None:
-            services.release_all()
+            services.close()
     return run
 
 

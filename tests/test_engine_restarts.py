@@ -68,7 +68,7 @@ def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> 
     finally:
         killer.join(timeout=1)
         if ctx.engines:
-            ctx.engines.release_all()
+            ctx.engines.close()
     return killer
 
 

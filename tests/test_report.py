@@ -90,7 +90,9 @@ def self_play_run(tmp_path: Path) -> RunRoot:
                                                     "reuses": 3}}),
         "sft": _record(55, 41, 316, 181.0, details={"global_batch": 8, "workers": 2, "zero_stage": 2, "steps": 15,
                                                     "first_loss": 1.89, "last_loss": 0.43}),
-        "student_answers": _record(48, 96, 495, 75.3, details={"correct": 58, "wrong": 38}),
+        "student_answers": _record(48, 96, 495, 75.3, details={"correct": 58, "wrong": 38, "engines": {"starts": [
+            {"model": "sft", "folder": "student_answers/replies", "seconds": 2.5, "kept_process": True}],
+            "reuses": 0}}),
         "preference_pairs": _record(96, 12, 571, 60.0, details={"strategies": {
             "self_correction": {"wrong": 38, "corrected": 38, "verified": 0, "paired": 0},
             "sampled": {"wrong": 38, "corrected": None, "verified": 58, "paired": 12}}}),
@@ -156,8 +158,9 @@ def o1_report(tmp_path_factory: pytest.TempPathFactory) -> RunRoot:
 def test_report_counts_the_engines_each_stage_started(sp_report) -> None:
     run, _ = sp_report
     report = run.read_text("report.md")
-    assert "| teacher_cot | builtin:smollm2-135m-instruct | 1 | 21.4 |" in report
-    assert "| teacher_cot | (passes on an engine already up) | 3 | 0.0 |" in report
+    assert "| teacher_cot | builtin:smollm2-135m-instruct | 1 | 0 | 21.4 |" in report
+    assert "| teacher_cot | (passes on an engine already up) | 3 | – | 0.0 |" in report
+    assert "| student_answers | sft | 1 | 1 | 2.5 |" in report  # in the process the teacher's engine left
     assert "<h2>Engines</h2>" in run.read_text("report.html")
 
 

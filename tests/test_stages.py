@@ -43,7 +43,7 @@ def kept_engines(ray_cluster) -> Iterator[EngineServices]:
     a model's engine starts once, not once per pass (the engine of a pass has its own tests)."""
     services = EngineServices()
     yield services
-    services.release_all()
+    services.close()
 
 
 def _accepted_teacher_rows(run: RunRoot) -> list[dict]:

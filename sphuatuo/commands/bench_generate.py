@@ -125,7 +125,7 @@ def _three_passes(engine: EngineConfig, prompts: list[Messages], sampling: Sampl
     for label, services in (("engines per pass", None), ("one engine kept up", EngineServices())):
         passes = [_ray_pass(engine, prompts, step, services) for step in (sampling, judge, sampling)]
         if services is not None:
-            services.release_all()
+            services.close()
         lines.append(passes_line(label, workload, passes))
     return lines
 

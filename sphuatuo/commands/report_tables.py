@@ -97,21 +97,22 @@ def stage_table(manifest: Manifest) -> Table:
 
 
 def engine_table(manifest: Manifest) -> Table | None:
-    """Per stage and model: engines started (and the seconds they took to come up), and passes that found one
-    already up."""
+    """Per stage and model: engines started (how many in the kept process of a released one, and the seconds they
+    took to come up), and passes that found one already up."""
     rows = []
     for name, record in manifest.stages.items():
         engines = record.details.get("engines")
         if not engines:
             continue
-        starts: dict[str, list[float]] = {}
+        starts: dict[str, list[dict]] = {}
         for start in engines["starts"]:
-            starts.setdefault(start["model"], []).append(start["seconds"])
-        rows += [[name, model, str(len(seconds)), f"{sum(seconds):.1f}"] for model, seconds in starts.items()]
-        rows.append([name, "(passes on an engine already up)", str(engines["reuses"]), "0.0"])
+            starts.setdefault(start["model"], []).append(start)
+        rows += [[name, model, str(len(each)), str(sum(start.get("kept_process", False) for start in each)),
+                  f"{sum(start['seconds'] for start in each):.1f}"] for model, each in starts.items()]
+        rows.append([name, "(passes on an engine already up)", str(engines["reuses"]), "–", "0.0"])
     if not rows:
         return None
-    return Table(["stage", "model", "engines started", "start time (s)"], rows, "llrr")
+    return Table(["stage", "model", "engines started", "in a kept process", "start time (s)"], rows, "llrrr")
 
 
 def pairs_table(manifest: Manifest) -> Table | None:

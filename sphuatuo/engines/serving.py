@@ -7,10 +7,11 @@ Two hosts, both fed by Ray Data so rows still stream: on GPUs a Ray Serve LLM ap
 `ray.data.llm`'s serve-deployment processor (autoscaling between `replicas: [min, max]`); on CPU nodes plain Ray
 actors holding vLLM's engine (`sphuatuo.engines.actors`, which says why). `ray.engine_host` overrides the choice.
 
-Engines hold the devices a trainer needs, so the pipeline releases them all before a training stage and at
-the end of the run, and `EngineServices` evicts the least recently used engine when a new one would not fit
-in the cluster beside the engines already up (its cores and devices, counted by the run: CPU replicas on actors
-hold no cores in Ray, see `start_replicas`).
+Engines hold the devices a trainer needs, so the pipeline releases them all before a training stage, and
+`EngineServices` evicts the least recently used engine when a new one would not fit in the cluster beside the
+engines already up (its cores and devices, counted by the run: CPU replicas on actors hold no cores in Ray, see
+`host_options`). A released CPU replica keeps its process, vLLM imported, for the run's next engine of the same
+host options (`sphuatuo.engines.actors` measures it); the run closes them all at its end.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ import ray.data
 from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
 
 from sphuatuo.engines import Request, cpu_runtime_env, row_seed, sampling_params
-from sphuatuo.engines.actors import alive, generate_on_replicas, launch_replicas, start_replicas, stop_replicas
+from sphuatuo.engines.actors import (
+    EngineSpec,
+    alive,
+    generate_on_replicas,
+    host_options,
+    launch_replicas,
+    start_replicas,
+    stop_replicas,
+    unload_replicas,
+)
 from sphuatuo.recipe import EngineConfig
 from sphuatuo.store.runtime import LIGHT_CPUS
 
@@ -43,6 +53,7 @@ class EngineStart:
     model: str
     folder: str
     seconds: float
+    kept_process: bool = False  # loaded into the process of a released replica, not a new one
 
 
 @dataclass
@@ -71,6 +82,8 @@ class _KeptEngine:
     used: bool = False  # an engine started ahead counts its first pass as its start, not as a reuse
     app: _App | None = None  # hosted by Ray Serve
     replicas: list[ray.actor.ActorHandle] = field(default_factory=list)  # hosted by plain actors
+    spec: EngineSpec | None = None  # what the actors hold
+    host: str = ""  # their host options (`_host_key`): a released CPU replica hosts later engines of equal ones
 
 
 @dataclass
@@ -82,6 +95,7 @@ class EngineServices:
     engines: OrderedDict[str, _KeptEngine] = field(default_factory=OrderedDict)
     starts: list[EngineStart] = field(default_factory=list)
     reuses: list[str] = field(default_factory=list)
+    released: dict[str, list[ray.actor.ActorHandle]] = field(default_factory=dict)  # kept processes, by host options
 
     def generate(self, ds: ray.data.Dataset, engine: EngineConfig, request: Request, *, model: str, model_path: str,
                  engine_kwargs: dict[str, Any], raw: bool, folder: str) -> ray.data.Dataset:
@@ -89,7 +103,7 @@ class EngineServices:
         not fit beside it) when no pass of the run has started it yet, or when its replicas died."""
         kept = self._kept(engine, model, model_path, engine_kwargs, folder)
         if kept.app is None:
-            return generate_on_replicas(ds, kept.replicas, engine, request)
+            return generate_on_replicas(ds, kept.replicas, kept.spec, engine, request)
         return generate_served(ds, kept.app, engine, request, raw=raw)
 
     def start_ahead(self, planned: list[PlannedEngine]) -> None:
@@ -115,21 +129,31 @@ class EngineServices:
         if len(chosen) < 2:
             return  # one engine starts as fast at its first pass
         started = time.perf_counter()
-        launched = {key: launch_replicas(plan.engine, plan.model_path, plan.engine_kwargs, name=f"sphuatuo-{key}")
-                    for key, plan in chosen}
-        ray.get([replica.ready.remote() for replicas in launched.values() for replica in replicas])
+        specs = {key: EngineSpec(key, plan.model_path, plan.engine_kwargs) for key, plan in chosen}
+        kept = {key: self._take_released(plan.engine) for key, plan in chosen}
+        launched = {key: launch_replicas(plan.engine, specs[key], kept[key]) for key, plan in chosen}
+        ray.get([loading for _, refs in launched.values() for loading in refs])
         seconds = round(time.perf_counter() - started, 1)
         for key, plan in chosen:
             self.engines[key] = _KeptEngine(model=plan.model, resources=_replica_resources(plan.engine),
-                                            replicas=launched[key])
-            self.starts.append(EngineStart(model=plan.model, folder=plan.folder, seconds=seconds))
-        log.info("engines for %s up side by side in %.1fs (kept for later passes)",
-                 ", ".join(plan.model for _, plan in chosen), seconds)
+                                            replicas=launched[key][0], spec=specs[key], host=_host_key(plan.engine))
+            self.starts.append(EngineStart(model=plan.model, folder=plan.folder, seconds=seconds,
+                                           kept_process=bool(kept[key])))
+        reused = sum(bool(processes) for processes in kept.values())
+        log.info("engines for %s up side by side in %.1fs (kept for later passes; %d in kept processes)",
+                 ", ".join(plan.model for _, plan in chosen), seconds, reused)
 
     def release_all(self) -> None:
-        """Shut every engine down (before a trainer needs the devices, and at the end of a run)."""
+        """Shut every engine down (before a trainer needs the devices); CPU replicas keep their processes."""
         while self.engines:
             self._release(next(iter(self.engines)))
+
+    def close(self) -> None:
+        """Shut every engine down and end every replica process (at the end of a run)."""
+        self.release_all()
+        for replicas in self.released.values():
+            stop_replicas(replicas)
+        self.released.clear()
 
     def take_log(self) -> dict[str, Any]:
         """The starts and reuses since the last call, for a stage's record."""
@@ -154,13 +178,18 @@ class EngineServices:
         self._make_room(resources, host)
         started = time.perf_counter()
         kept = _KeptEngine(model=model, resources=resources, used=True)
+        processes: list[ray.actor.ActorHandle] = []
         if host == "serve":
             kept.app = _App(name=f"sphuatuo-{key}", deployment=f"engine-{key}")
             _start_app(kept.app, engine, model_path, engine_kwargs)
         else:
-            kept.replicas = start_replicas(engine, model_path, engine_kwargs, name=f"sphuatuo-{key}")
-        self.starts.append(EngineStart(model=model, folder=folder, seconds=round(time.perf_counter() - started, 1)))
-        log.info("%s: engine for %s up in %.1fs (kept for later passes)", folder, model, self.starts[-1].seconds)
+            kept.spec, kept.host = EngineSpec(key, model_path, engine_kwargs), _host_key(engine)
+            processes = self._take_released(engine)
+            kept.replicas = start_replicas(engine, kept.spec, processes)
+        self.starts.append(EngineStart(model=model, folder=folder, seconds=round(time.perf_counter() - started, 1),
+                                       kept_process=bool(processes)))
+        log.info("%s: engine for %s up in %.1fs (kept for later passes%s)", folder, model, self.starts[-1].seconds,
+                 "; in a kept process" if processes else "")
         self.engines[key] = kept
         return kept
 
@@ -196,9 +225,25 @@ class EngineServices:
             from ray import serve
 
             serve.delete(kept.app.name)
+        elif "GPU" in kept.resources:
+            stop_replicas(kept.replicas)  # a new process per engine: GPU memory is surely freed with it
         else:
-            stop_replicas(kept.replicas)
+            self.released.setdefault(kept.host, []).extend(unload_replicas(kept.replicas))
         log.info("engine for %s shut down", kept.model)
+
+    def _take_released(self, engine: EngineConfig) -> list[ray.actor.ActorHandle]:
+        """Processes of released CPU replicas that can host `engine`'s replicas (as many as it starts)."""
+        if engine.gpus_per_replica:
+            return []
+        pool = self.released.get(_host_key(engine), [])
+        taken = []
+        while pool and len(taken) < engine.min_replicas:
+            replica = pool.pop()
+            if alive([replica]):
+                taken.append(replica)
+            else:
+                ray.kill(replica)
+        return taken
 
 
 def _engine_key(model_path: str, engine: EngineConfig, engine_kwargs: dict[str, Any]) -> str:
@@ -207,6 +252,10 @@ def _engine_key(model_path: str, engine: EngineConfig, engine_kwargs: dict[str, 
                  engine.accelerator_type)
     text = json.dumps([model_path, kwargs, placement], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _host_key(engine: EngineConfig) -> str:
+    return json.dumps(host_options(engine), sort_keys=True, default=str)
 
 
 def _replica_resources(engine: EngineConfig) -> dict[str, float]:
