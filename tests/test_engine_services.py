@@ -3,6 +3,7 @@ training and at the end of the run; hosted by plain Ray actors (the CPU default)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,46 @@ def test_a_teacher_and_a_judge_of_different_engines_both_stay_up_on_two_cores(tm
     assert engines["reuses"] == 2  # the hinted replies and their verdicts
     assert "shut down" not in run.read_text("run.log").split("stage teacher_cot: done")[0]
     assert _engines_up() == []
+
+
+def test_a_released_cpu_replica_hosts_the_next_engine_in_its_process_and_the_run_ends_it(
+        tmp_path: Path, ray_cluster: dict[str, str]) -> None:
+    """Released before training, a CPU replica drops its engine and keeps its process; the next model's engine loads
+    there (no new actor, no imports) and answers as that model; closing the services ends the process."""
+    from sphuatuo.engines import Request
+    from sphuatuo.engines.serving import EngineServices
+    from sphuatuo.passes.generation import generate_pass
+    from sphuatuo.stages import StageContext
+    from sphuatuo.store.manifest import StageRecord
+
+    recipe = tiny_recipe(tmp_path / "run")
+    services = EngineServices()
+    ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=services)
+    rows = [{"key": f"q{i}"} for i in range(4)]
+    request = Request(temperature=0.0, top_p=1.0, max_tokens=16)
+    try:
+        for folder, model in (("tiny", "builtin:tiny"), ("think", "builtin:tiny-think")):
+            engine = recipe.models.teacher.model_copy(update={"model": model})
+            generate_pass(ctx, rows, folder, engine=engine, request=request,
+                          messages=lambda row: [{"role": "user", "content": f"Question {row['key']}"}])
+            if folder == "tiny":
+                (first,) = _replica_pids()
+                services.release_all()  # as a run does before a training stage
+                assert _replica_pids() == [first]  # the engine is gone, its process is not
+        assert _replica_pids() == [first]
+        starts = services.take_log()["starts"]
+        assert [(start["model"], start["kept_process"]) for start in starts] == [
+            ("builtin:tiny", False), ("builtin:tiny-think", True)]
+        think, tiny = (ctx.run.read_column("generated_text", folder) for folder in ("think", "tiny"))
+        assert all(text.startswith("<think>") for text in think) and tiny != think
+    finally:
+        services.close()
+    deadline = time.monotonic() + 30  # Ray's state API sees a killed actor a moment later
+    while _replica_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _replica_pids() == []
+
+
+def _replica_pids() -> list[int]:
+    return [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            if actor.class_name == "EngineReplica"]
