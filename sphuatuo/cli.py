@@ -176,6 +176,27 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpus-per-worker", type=float, default=1)
     train.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state rate")
 
+    gpu = bench_commands.add_parser("gpu", help="on one GPU, no Ray or vLLM needed: the SFT trainer's MFU and "
+                                                "transformers' generation rate, Qwen2.5 shapes, random weights")
+    gpu.set_defaults(func=bench_gpu_command)
+    gpu.add_argument("--shapes", nargs="+", choices=["toy", "1.5b", "3b"], default=["1.5b", "3b"],
+                     help="Qwen2.5 model shapes, in this order (toy: a CPU check of the command)")
+    gpu.add_argument("--max-length", type=int, default=4096, help="tokens per packed training row")
+    gpu.add_argument("--micro-batch", type=int, default=4, help="rows per training step")
+    gpu.add_argument("--steps", type=int, default=30, help="optimizer steps per shape")
+    gpu.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the steady-state rate")
+    gpu.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                     help="keep activations (the 7B recipes checkpoint them; MFU counts 6 FLOPs per parameter "
+                          "either way)")
+    gpu.add_argument("--liger", action="store_true", help="Liger's fused kernels (the recipes' use_liger_kernel; "
+                                                          "needs the liger-kernel package)")
+    gpu.add_argument("--batches", type=int, nargs="*", default=[1, 64],
+                     help="generation batch sizes (none: no generation lines)")
+    gpu.add_argument("--prompt-tokens", type=int, default=256)
+    gpu.add_argument("--new-tokens", type=int, default=256)
+    gpu.add_argument("--deadline", type=float, default=360, help="seconds after which no further shape starts")
+    gpu.add_argument("--record", type=Path, default=None, help="also write the lines as JSON here")
+
     scale = bench_commands.add_parser("scale", help="questions stage + one 1-token generation pass at growing "
                                                     "question counts: rows/s and driver peak RSS vs the smallest")
     scale.set_defaults(func=bench_scale_command)
@@ -343,20 +364,33 @@ def export_command(args: argparse.Namespace) -> int:
 
 def bench_generate_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.bench_generate import bench_engine, bench_generate, bench_header, format_bench
+    from sphuatuo.store.runtime import leave_ray
 
     engine = bench_engine(args.model, args.dtype, args.batch_size, args.cpus, args.cpu_threads, args.device)
     lines = bench_generate(engine, args.prompts, args.max_tokens, with_hf=not args.no_hf,
                            multi_pass=not args.no_multi_pass, workloads=tuple(args.workloads))
+    leave_ray()
     print(format_bench(lines, bench_header(engine)))
     return 0
 
 
 def bench_train_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.bench_train import bench_train, format_train_bench
+    from sphuatuo.store.runtime import leave_ray
 
-    print(format_train_bench(bench_train(args.model, args.examples, args.epochs, args.workers,
-                                         args.zero_stage, args.max_length, args.cpus_per_worker,
-                                         args.warmup_steps)))
+    lines = bench_train(args.model, args.examples, args.epochs, args.workers, args.zero_stage, args.max_length,
+                        args.cpus_per_worker, args.warmup_steps)
+    leave_ray()
+    print(format_train_bench(lines))
+    return 0
+
+
+def bench_gpu_command(args: argparse.Namespace) -> int:
+    from sphuatuo.commands.bench_gpu import bench_gpu
+
+    bench_gpu(args.shapes, args.max_length, args.micro_batch, args.steps, args.warmup_steps,
+              args.gradient_checkpointing, args.liger, args.batches, args.prompt_tokens, args.new_tokens, args.deadline,
+              args.record)
     return 0
 
 

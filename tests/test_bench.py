@@ -3,6 +3,7 @@ its ratio table, each line against the baseline of its own kind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,31 @@ def test_bench_scale_runs_the_stages_in_a_fresh_driver_and_prints_its_line(ray_h
     assert row[:2] == ["50", "50"]  # every question's reply written
     assert float(row[3]) > 0 and float(row[4]) > 0 and row[5:] == ["1.00", "1.00"]
     assert lines[3].startswith("target: driver peak RSS at 50 questions within 1.2x of that at 50: ")
+
+
+def test_bench_gpu_trains_and_generates_a_random_qwen2_shape_on_cpu_at_toy_size(tmp_path) -> None:
+    # The GPU path (bf16, NCCL, MFU against the GPU's peak) runs only on a GPU machine (README: measured on an H200);
+    # here the same command runs the toy shape: the SFT trainer under torchrun and ZeRO-3 on packed rows, then
+    # transformers' generate, and its record.
+    record = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphuatuo.cli", "bench", "gpu", "--shapes", "toy", "--max-length", "128",
+         "--micro-batch", "2", "--steps", "4", "--warmup-steps", "1", "--batches", "1", "2", "--prompt-tokens", "8",
+         "--new-tokens", "8", "--record", str(record)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("device: CPU"))
+    assert lines[header].endswith("gradient checkpointing on, Liger kernels off")
+    measured = json.loads(record.read_text())
+    (trainer,) = measured["trainers"]
+    # Qwen's vocabulary (tied embedding) and two layers of width 64: q, k, v with biases, o, the MLP, two norms.
+    layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert trainer["parameters"] == 151_936 * 64 + 2 * layer + 64
+    assert trainer["steps"] == 4 and trainer["tokens_per_step"] == 256
+    assert trainer["steady_tokens_per_s"] > 0 and trainer["mfu"] is None  # no peak to divide by off GPU
+    assert [(line["batch"], line["new_tokens"]) for line in measured["generations"]] == [(1, 8), (2, 8)]
+    assert all(line["tokens_per_s"] > 0 for line in measured["generations"])
+    single = lines[-2].split()
+    assert single[:3] == ["toy", "1", "8"] and single[4] == "1.00"  # batch 1 is the generation lines' baseline

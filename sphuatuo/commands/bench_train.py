@@ -96,18 +96,19 @@ def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threa
                           time.perf_counter() - started, steady_rate(record["log"], warmup_steps))
 
 
-def _torchrun(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
-              warmup_steps: int) -> TrainBenchLine:
+def torchrun_line(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
+                  warmup_steps: int, on_gpu: bool = False) -> TrainBenchLine:
     """`stage.scaling.num_workers` processes under torchrun, no Ray: the stage's trainer and DeepSpeed config
-    over gloo (`sphuatuo.train.bare`), each process with one worker's compute threads."""
+    (`sphuatuo.train.bare`) over gloo, or over NCCL with one GPU each, each process with one worker's compute
+    threads."""
     workers = stage.scaling.num_workers
     with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-torchrun-") as folder:
         spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
         spec.write_text(json.dumps({"model": model, "stage": stage.model_dump(mode="json"), "examples": examples,
-                                    "threads": threads}))
-        # The workers' environment (DS_ACCELERATOR=cpu, ...) and their thread count, which torchrun would
-        # otherwise set to 1 per process.
-        env = {**os.environ, **process_environment(on_gpu=False), "OMP_NUM_THREADS": str(threads)}
+                                    "threads": threads, "on_gpu": on_gpu}))
+        # The workers' environment (on CPU DS_ACCELERATOR=cpu, ...) and their thread count, which torchrun
+        # would otherwise set to 1 per process.
+        env = {**os.environ, **process_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
         started = time.perf_counter()
         # The training logs go to stderr: stdout carries the table.
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -159,7 +160,7 @@ def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage
     threads = max(1, int(cpus_per_worker))
     counts = [1, workers] if workers > 1 else [1]
     lines = [_bare_trl(path, stage(1), rows, threads=threads, warmup_steps=warmup_steps)]
-    torchrun = {count: _torchrun(path, stage(count), rows, threads=threads, warmup_steps=warmup_steps)
+    torchrun = {count: torchrun_line(path, stage(count), rows, threads=threads, warmup_steps=warmup_steps)
                 for count in counts}
     connect_ray()
     for count in counts:

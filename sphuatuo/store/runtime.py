@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-import ray
-
 from sphuatuo.store.secrets import worker_runtime_env
 
 # Every engine and trainer process, on any node: readable worker logs, no tokenizer thread pools
@@ -84,6 +82,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     sized to this machine (with the CPU environment when it has no GPU). Either way the job's workers mask
     the secrets declared so far in their logs (`secrets.worker_runtime_env`); a program that started Ray
     itself passes that runtime environment to its own `ray.init`."""
+    import ray  # here, so the trainer, which reads this module's environments, also runs where Ray is not installed
+
     apply_driver_environment()
     if ray.is_initialized():
         return
@@ -95,3 +95,12 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         apply_cpu_environment()
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2,
              runtime_env=worker_runtime_env())
+
+
+def leave_ray() -> None:
+    """Leave the cluster (and end a local one this process started). On the way out Ray prints the workers'
+    log lines it still holds back to group repeats, so whatever the caller prints next, a benchmark's table,
+    comes after them instead of being split by them."""
+    import ray
+
+    ray.shutdown()

@@ -1,11 +1,11 @@
-"""The SFT stage's trainer without Ray, for `sphuatuo bench train`'s baselines.
+"""The SFT stage's trainer without Ray, for `sphuatuo bench train`'s baselines and `sphuatuo bench gpu`.
 
 `train_sft` builds TRL's SFTTrainer from the stage's own Trainer arguments (`training_arguments`, DeepSpeed
 config included) with the stage's recording of throughput (`RecordedTrainerMixin`), as `sft_worker` does
 under Ray Train. The bench calls it in its own process without DeepSpeed (the bare TRL line) and, as one rank
 each, under `torchrun --nproc-per-node W -m sphuatuo.train.bare SPEC RECORD` with the stage's DeepSpeed over
-gloo (the line that isolates what Ray Train costs). SPEC and RECORD are JSON files: the bench writes the
-first, rank 0 the second.
+gloo (the line that isolates what Ray Train costs); `bench gpu` runs the same on a GPU, where it needs
+neither Ray nor vLLM. SPEC and RECORD are JSON files: the bench writes the first, rank 0 the second.
 """
 
 from __future__ import annotations
@@ -23,32 +23,35 @@ from sphuatuo.train.launcher import init_cpu_distributed, parameter_counts, trai
 
 
 def train_sft(model: str, stage: SftStage, examples: list[dict[str, Any]], *, threads: int,
-              use_deepspeed: bool) -> dict[str, Any]:
-    """Fine-tune `model` on `examples` on CPU with `threads` compute threads; return rank 0's record: steps,
-    tokens (the tokenized training set times the epochs), the Trainer's train_runtime and its step log."""
+              use_deepspeed: bool, on_gpu: bool = False) -> dict[str, Any]:
+    """Fine-tune `model` on `examples` with `threads` compute threads, on the CPU or on this process's GPU;
+    return rank 0's record: steps, tokens (the tokenized training set, packed rows when the stage packs, times
+    the epochs), the Trainer's train_runtime and its step log (with `mfu` on a GPU of known peak)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sphuatuo.train.recording import RecordedTrainerMixin
+    from sphuatuo.train.recording import PackedIdsMixin, RecordedTrainerMixin, gpu_peak_flops
 
     torch.set_num_threads(threads)
     output_dir = tempfile.mkdtemp(prefix="sphuatuo-bench-")
-    arguments = {**training_arguments(stage, output_dir, on_gpu=False), "save_strategy": "no", "report_to": "none"}
+    arguments = {**training_arguments(stage, output_dir, on_gpu=on_gpu), "save_strategy": "no", "report_to": "none"}
     if not use_deepspeed:
         arguments["deepspeed"] = None
-    args = SFTConfig(**arguments, completion_only_loss=True)
+    args = SFTConfig(**arguments, completion_only_loss=True, packing=stage.packing, packing_strategy="bfd")
     # After the config, as in the Ray workers: under ZeRO-3 it makes transformers build the model partitioned.
     model_object = AutoModelForCausalLM.from_pretrained(
-        model, dtype="bfloat16" if stage.precision == "bf16" else "float32")
-    trainer_class = type("RecordedSFTTrainer", (RecordedTrainerMixin, SFTTrainer), {})
+        model, dtype="bfloat16" if stage.precision == "bf16" else "float32",
+        **({"attn_implementation": stage.attn_implementation} if stage.attn_implementation else {}))
+    trainer_class = type("RecordedSFTTrainer", (RecordedTrainerMixin, PackedIdsMixin, SFTTrainer), {})
     trainer = trainer_class(model=model_object, args=args, train_dataset=Dataset.from_list(examples),
                             processing_class=AutoTokenizer.from_pretrained(model),
-                            model_parameters=parameter_counts(model_object)[1], peak_flops=None)
+                            model_parameters=parameter_counts(model_object)[1],
+                            peak_flops=gpu_peak_flops(stage.scaling.peak_tflops_per_gpu) if on_gpu else None)
     output = trainer.train()
     shutil.rmtree(output_dir, ignore_errors=True)
-    return {"steps": output.global_step,
+    return {"steps": output.global_step, "model_parameters": parameter_counts(model_object)[1],
             "tokens": sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * int(stage.epochs),
             "train_seconds": output.metrics["train_runtime"], "log": trainer.state.log_history}
 
@@ -58,7 +61,8 @@ def main(spec_path: str, record_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     stage = SftStage.model_validate(spec["stage"])
     init_cpu_distributed(stage)
-    record = train_sft(spec["model"], stage, spec["examples"], threads=spec["threads"], use_deepspeed=True)
+    record = train_sft(spec["model"], stage, spec["examples"], threads=spec["threads"], use_deepspeed=True,
+                       on_gpu=spec["on_gpu"])
     if int(os.environ["RANK"]) == 0:
         Path(record_path).write_text(json.dumps(record))
 
