@@ -192,11 +192,12 @@ def alive(replicas: list[ray.actor.ActorHandle]) -> bool:
 
 
 def unload_replicas(replicas: list[ray.actor.ActorHandle]) -> list[ray.actor.ActorHandle]:
-    """Shut the replicas' engines down and keep their processes; returns the replicas that answered."""
+    """Shut the replicas' engines down, all at once, and keep their processes; returns the replicas that answered."""
+    unloads = [(replica, replica.unload.remote()) for replica in replicas]
     answered = []
-    for replica in replicas:
+    for replica, unload in unloads:
         try:
-            ray.get(replica.unload.remote(), timeout=60)
+            ray.get(unload, timeout=60)
             answered.append(replica)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             ray.kill(replica)  # dead or stuck: nothing to keep

@@ -152,7 +152,8 @@ class EngineServices:
         """Shut every engine down and end every replica process (at the end of a run)."""
         self.release_all()
         for replicas in self.released.values():
-            stop_replicas(replicas)
+            for replica in replicas:
+                ray.kill(replica)  # idle: its engine was shut down when it was released
         self.released.clear()
 
     def take_log(self) -> dict[str, Any]:
