@@ -89,7 +89,7 @@ def trainer_line(shape: str, model: Path, parameters: int, max_length: int, micr
                      precision="bf16" if on_gpu else "fp32", attn_implementation="sdpa",
                      gradient_checkpointing=gradient_checkpointing, use_liger_kernel=liger,
                      scaling={"num_workers": 1, "zero_stage": 3, "use_gpu": on_gpu})
-    # Enough examples to fill every step's rows (a sample-bank example is 150-400 tokens here).
+    # Enough examples to fill every step's rows: a sample-bank example is over 100 tokens.
     examples = bench_examples(steps * micro_batch * max_length // 100)
     started = time.perf_counter()
     line = torchrun_line(str(model), stage, examples, threads=8 if on_gpu else 1, warmup_steps=warmup_steps,
