@@ -66,6 +66,8 @@ def write_random_model(shape: str, out: Path) -> int:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    from sphuatuo.train.launcher import parameter_counts
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny"))
     config = Qwen2Config(vocab_size=QWEN25_VOCAB, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                          tie_word_embeddings=True, bos_token_id=tokenizer.pad_token_id,
@@ -76,13 +78,13 @@ def write_random_model(shape: str, out: Path) -> int:
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return sum(parameter.numel() for parameter in model.parameters())
+    return parameter_counts(model)[1]
 
 
 def trainer_line(shape: str, model: Path, parameters: int, max_length: int, micro_batch: int, steps: int,
                  warmup_steps: int, gradient_checkpointing: bool, liger: bool, on_gpu: bool) -> TrainerLine:
     """`steps` optimizer steps of the SFT trainer under ZeRO-3 on rows packed to `max_length` tokens."""
-    from sphuatuo.train.recording import gpu_peak_flops
+    from sphuatuo.train.recording import gpu_peak_flops, model_flops_utilisation
 
     stage = SftStage(finetuning="full", epochs=1, max_steps=steps, micro_batch_size=micro_batch,
                      grad_accumulation=1, max_length=max_length, packing=True, learning_rate=1e-5,
@@ -95,8 +97,7 @@ def trainer_line(shape: str, model: Path, parameters: int, max_length: int, micr
     line = torchrun_line(str(model), stage, examples, threads=8 if on_gpu else 1, warmup_steps=warmup_steps,
                          on_gpu=on_gpu)
     peak = gpu_peak_flops(None) if on_gpu else None
-    # The recording's own `mfu`, from the steady rate: a forward and backward pass is 6 FLOPs per parameter.
-    mfu = 6 * parameters * line.steady_tokens_per_s_per_worker / peak if peak else None
+    mfu = model_flops_utilisation(parameters, line.steady_tokens_per_s_per_worker, peak) if peak else None
     return TrainerLine(shape, parameters, line.steps, micro_batch * max_length, line.steady_tokens_per_s_per_worker,
                        mfu, time.perf_counter() - started)
 

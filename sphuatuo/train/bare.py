@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sphuatuo.recipe import SftStage
-from sphuatuo.train.launcher import init_cpu_distributed, parameter_counts, training_arguments
+from sphuatuo.train.launcher import init_cpu_distributed, model_loading_arguments, parameter_counts, training_arguments
 
 
 def train_sft(model: str, stage: SftStage, examples: list[dict[str, Any]], *, threads: int,
@@ -30,20 +30,19 @@ def train_sft(model: str, stage: SftStage, examples: list[dict[str, Any]], *, th
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from sphuatuo.train.recording import PackedIdsMixin, RecordedTrainerMixin, gpu_peak_flops
+    from sphuatuo.train.sft import sft_config
 
     torch.set_num_threads(threads)
     output_dir = tempfile.mkdtemp(prefix="sphuatuo-bench-")
     arguments = {**training_arguments(stage, output_dir, on_gpu=on_gpu), "save_strategy": "no", "report_to": "none"}
     if not use_deepspeed:
         arguments["deepspeed"] = None
-    args = SFTConfig(**arguments, completion_only_loss=True, packing=stage.packing, packing_strategy="bfd")
+    args = sft_config(arguments, stage)
     # After the config, as in the Ray workers: under ZeRO-3 it makes transformers build the model partitioned.
-    model_object = AutoModelForCausalLM.from_pretrained(
-        model, dtype="bfloat16" if stage.precision == "bf16" else "float32",
-        **({"attn_implementation": stage.attn_implementation} if stage.attn_implementation else {}))
+    model_object = AutoModelForCausalLM.from_pretrained(model, **model_loading_arguments(stage))
     trainer_class = type("RecordedSFTTrainer", (RecordedTrainerMixin, PackedIdsMixin, SFTTrainer), {})
     trainer = trainer_class(model=model_object, args=args, train_dataset=Dataset.from_list(examples),
                             processing_class=AutoTokenizer.from_pretrained(model),
@@ -51,7 +50,7 @@ def train_sft(model: str, stage: SftStage, examples: list[dict[str, Any]], *, th
                             peak_flops=gpu_peak_flops(stage.scaling.peak_tflops_per_gpu) if on_gpu else None)
     output = trainer.train()
     shutil.rmtree(output_dir, ignore_errors=True)
-    return {"steps": output.global_step, "model_parameters": parameter_counts(model_object)[1],
+    return {"steps": output.global_step,
             "tokens": sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * int(stage.epochs),
             "train_seconds": output.metrics["train_runtime"], "log": trainer.state.log_history}
 

@@ -129,10 +129,8 @@ class WorkerSetup:
 
         if self.stage.scaling.zero_stage == 3 and not is_deepspeed_zero3_enabled():
             raise RuntimeError("ZeRO-3 needs the trainer config built before the model is loaded")
-        model = AutoModelForCausalLM.from_pretrained(
-            self.config["model"], dtype="bfloat16" if self.stage.precision == "bf16" else "float32",
-            trust_remote_code=self.config["trust_remote_code"],
-            **({"attn_implementation": self.stage.attn_implementation} if self.stage.attn_implementation else {}))
+        model = AutoModelForCausalLM.from_pretrained(self.config["model"], **model_loading_arguments(self.stage),
+                                                     trust_remote_code=self.config["trust_remote_code"])
         local, total = parameter_counts(model)
         if ray.train.get_context().get_world_rank() == 0:
             world = ray.train.get_context().get_world_size()
@@ -232,6 +230,12 @@ def init_cpu_distributed(stage: TrainStage) -> None:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo")
+
+
+def model_loading_arguments(stage: TrainStage) -> dict[str, Any]:
+    """`from_pretrained` arguments from the stage: its precision and, where it names one, its attention kernel."""
+    attention = {"attn_implementation": stage.attn_implementation} if stage.attn_implementation else {}
+    return {"dtype": "bfloat16" if stage.precision == "bf16" else "float32", **attention}
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

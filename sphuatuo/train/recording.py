@@ -49,6 +49,11 @@ def gpu_peak_flops(override_tflops: float | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
+def model_flops_utilisation(parameters: int, tokens_per_s: float, peak_flops: float) -> float:
+    """MFU from the 6·N·tokens estimate of a forward and backward pass (attention's own FLOPs not counted)."""
+    return 6 * parameters * tokens_per_s / peak_flops
+
+
 def _gather(value: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
@@ -141,8 +146,7 @@ class RecordedTrainerMixin:
             per_worker = sum(tokens) / len(tokens) / seconds
             logs["tokens_per_second_per_worker"] = round(per_worker, 2)
             if self._peak_flops:
-                # MFU from the 6·N·tokens estimate of a forward and backward pass.
-                logs["mfu"] = round(6 * self._model_parameters * per_worker / self._peak_flops, 4)
+                logs["mfu"] = round(model_flops_utilisation(self._model_parameters, per_worker, self._peak_flops), 4)
             self._window_tokens, self._window_start = 0, time.perf_counter()
         super().log(logs, *args, **kwargs)
 

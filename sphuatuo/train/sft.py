@@ -12,19 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 
+def sft_config(arguments: dict[str, Any], stage: Any) -> Any:
+    """TRL's SFTConfig from the stage's Trainer arguments: loss on the completion only, best-fit packing."""
+    from trl import SFTConfig
+
+    return SFTConfig(**arguments, completion_only_loss=True, packing=stage.packing, packing_strategy="bfd")
+
+
 def sft_worker(config: dict[str, Any]) -> None:
     from sphuatuo.recipe import SftStage
     from sphuatuo.train.launcher import prepare_worker
 
     setup = prepare_worker(config, SftStage)
     # Imported after prepare_worker, which runs in this worker's environment (DS_ACCELERATOR on CPU).
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from sphuatuo.train.recording import PackedIdsMixin
 
     dataset = setup.dataset(["prompt", "completion"], completions=("completion",))
-    args = SFTConfig(**setup.arguments, completion_only_loss=True, packing=setup.stage.packing,
-                     packing_strategy="bfd")
+    args = sft_config(setup.arguments, setup.stage)
     trainer_class = type("PackedIdsSFTTrainer", (PackedIdsMixin, SFTTrainer), {})
     trainer = setup.trainer(trainer_class, args=args, train_dataset=dataset)
     setup.train_and_export(trainer)
