@@ -197,7 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--deadline", type=float, default=360, help="seconds after which no further shape starts")
     gpu.add_argument("--record", type=Path, default=None, help="also write the lines as JSON here")
 
-    scale = bench_commands.add_parser("scale", help="questions stage + one 1-token generation pass at growing "
+    scale = bench_commands.add_parser("scale", help="questions stage + one judged 1-token generation pass at growing "
                                                     "question counts: rows/s and driver peak RSS vs the smallest")
     scale.set_defaults(func=bench_scale_command)
     scale.add_argument("--questions", type=int, nargs="+", default=[5000, 50000],

@@ -89,11 +89,12 @@ def test_bench_scale_runs_the_stages_in_a_fresh_driver_and_prints_its_line(ray_h
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()  # the driver's own output went to stderr
-    assert lines[0].startswith("every size: questions stage + one teacher generation pass, builtin:tiny on vLLM")
+    assert lines[0].startswith("every size: questions stage + one teacher pass, generated (builtin:tiny on vLLM, "
+                               "1-token replies) and judged (rule)")
     assert lines[1].split() == ["questions", "rows", "seconds", "rows/s", "peak", "RSS", "MiB", "RSS", "vs", "base",
                                 "rows/s", "vs", "base"]
     row = lines[2].split()
-    assert row[:2] == ["50", "50"]  # every question's reply written
+    assert row[:2] == ["50", "50"]  # every question's reply written and judged
     assert float(row[3]) > 0 and float(row[4]) > 0 and row[5:] == ["1.00", "1.00"]
     assert lines[3].startswith("target: driver peak RSS at 50 questions within 1.2x of that at 50: ")
 

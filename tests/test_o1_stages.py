@@ -111,22 +111,26 @@ def test_o1_sft_trains_on_verified_paths_in_the_o1_format(tmp_path: Path, ray_cl
     assert run.exists("sft", "model", "model.safetensors")
 
 
-def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
-    # One verdict for the LLM: the transformers back-end answers it in seconds, where a vLLM engine takes a start.
-    recipe = tiny_o1_recipe(tmp_path / "run", **{"data.train": [{"path": "builtin:sample_bank", "limit": 2}],
-                                                 "data.test": [],
-                                                 "models.judge.engine": {"backend": "hf", "model": "builtin:tiny"}})
-    run = RunRoot(recipe.run_root)
-    ctx = StageContext(recipe, run, StageRecord())
+def _verification_context(run_root: Path) -> tuple[StageContext, dict, dict]:
+    """Two questions of the sample bank: a multiple-choice one and one made open-ended. The LLM verifier is the
+    transformers back-end, which answers a few verdicts in seconds where a vLLM engine takes a start."""
+    recipe = tiny_o1_recipe(run_root, **{"data.train": [{"path": "builtin:sample_bank", "limit": 2}], "data.test": [],
+                                         "models.judge.engine": {"backend": "hf", "model": "builtin:tiny"}})
+    ctx = StageContext(recipe, RunRoot(recipe.run_root), StageRecord())
     questions.run(ctx)
-    mc = run.read_rows("questions", "train")
-    gold = [dict(o)["text"] for o in mc[0]["options"] if dict(o)["letter"] in mc[0]["answer"]][0]
-    open_ended = {**mc[1], "options": [], "answer": [], "id": "open-1"}
+    mc = ctx.run.read_rows("questions", "train")
+    return ctx, mc[0], {**mc[1], "options": [], "answer": [], "id": "open-1"}
+
+
+def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
+    ctx, mc, open_ended = _verification_context(tmp_path / "run")
+    run = ctx.run
+    gold = [dict(o)["text"] for o in mc["options"] if dict(o)["letter"] in mc["answer"]][0]
     rows = [
-        {**mc[0], "key": "right", "conclusion": f"So the drug is {gold}.", "ground_truth": gold},
-        {**mc[0], "key": "wrong", "conclusion": "Atropine is the antidote.", "ground_truth": gold},
-        {**mc[0], "key": "unparsed", "conclusion": None, "ground_truth": gold},
-        {**open_ended, "key": "llm", "conclusion": "Oxytocin", "ground_truth": mc[1]["reference"]},
+        {**mc, "key": "right", "conclusion": f"So the drug is {gold}.", "ground_truth": gold},
+        {**mc, "key": "wrong", "conclusion": "Atropine is the antidote.", "ground_truth": gold},
+        {**mc, "key": "unparsed", "conclusion": None, "ground_truth": gold},
+        {**open_ended, "key": "llm", "conclusion": "Oxytocin", "ground_truth": open_ended["reference"]},
     ]
     verdict_pass(ctx, rows, "verify/verdicts", ctx.recipe.models.judge, conclusion_verifier("huatuo_o1/verify"))
     verdicts = {row["key"]: row for row in run.read_rows("verify", "verdicts")}
@@ -137,6 +141,30 @@ def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
     # "True" is several tokens in the tiny vocabulary: the verifier writes freely and its reply is read.
     assert llm["decided_by"] == "llm:builtin:tiny" and llm["verdict"] in (True, False, None)
     assert [r["key"] for r in run.read_rows("verify", "verdicts_raw")] == ["llm"]
+
+
+def test_a_verdict_pass_cut_short_before_the_llm_resumes_with_every_key_once(tmp_path: Path, ray_cluster) -> None:
+    ctx, mc, open_ended = _verification_context(tmp_path / "run")
+    run, recipe = ctx.run, ctx.recipe
+    rows = [{**mc, "key": "by-rule", "conclusion": "Atropine.", "ground_truth": "x"},
+            *({**open_ended, "key": f"llm-{i}", "conclusion": "Oxytocin", "ground_truth": "y"} for i in range(3))]
+    spec, judge = conclusion_verifier("huatuo_o1/verify"), recipe.models.judge
+    # The judge's engine cannot start: the rule's verdict is written, the LLM's rows wait in `_pending`.
+    missing = judge.model_copy(update={"engine": judge.engine.model_copy(update={"model": str(tmp_path / "gone")})})
+    with pytest.raises(Exception):  # noqa: B017 - whatever the back-end raises for a missing model
+        verdict_pass(ctx, rows, "verdicts", missing, spec)
+    assert [row["key"] for row in run.read_rows("verdicts")] == ["by-rule"]
+    assert sorted(row["key"] for row in run.read_rows("verdicts_pending")) == ["llm-0", "llm-1", "llm-2"]
+    rule_files = run.parquet_files("verdicts")
+
+    verdict_pass(ctx, rows, "verdicts", judge, spec)
+    verdicts = run.read_rows("verdicts")
+    assert sorted(row["key"] for row in verdicts) == ["by-rule", "llm-0", "llm-1", "llm-2"]
+    assert {row["decided_by"] for row in verdicts if row["key"] != "by-rule"} == {"llm:builtin:tiny"}
+    assert set(rule_files) < set(run.parquet_files("verdicts"))  # the rule's file was kept, not rewritten
+    files = run.parquet_files("verdicts")
+    verdict_pass(ctx, rows, "verdicts", judge, spec)  # nothing left to decide: nothing written
+    assert run.parquet_files("verdicts") == files and len(run.read_rows("verdicts_raw")) == 3
 
 
 def test_rloo_trains_through_ray_train(tmp_path: Path, ray_cluster) -> None:

@@ -141,6 +141,18 @@ def test_writes_leave_only_complete_files(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_rows_put_again_by_a_retried_task_replace_their_file_instead_of_adding_a_copy(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    run = RunRoot(str(tmp_path))
+    rows = pa.Table.from_pylist([{**row, "key": f"k{i}"} for i, row in enumerate(ROWS)])
+    run.put_rows(rows, "stage", "rows")
+    run.put_rows(rows, "stage", "rows")  # the same task run again after a crash
+    run.put_rows(rows.slice(0, 1), "stage", "rows")  # other rows: a file of their own
+    assert len(run.parquet_files("stage", "rows")) == 2
+    assert sorted(row["key"] for row in run.read_rows("stage", "rows")) == ["k0", "k0", "k1"]
+
+
 def test_missing_dataset_folder_reads_as_empty(tmp_path: Path) -> None:
     run = RunRoot(str(tmp_path))
     assert run.parquet_files("stage", "none") == []

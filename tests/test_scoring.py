@@ -47,7 +47,8 @@ def test_score_counts_first_and_last_matches_unparsable_and_breakdowns() -> None
     assert low < 0.5 < high
 
 
-def test_multiple_choice_items_are_scored_by_their_letters_even_under_an_llm_judge(tmp_path) -> None:
+@pytest.mark.slow
+def test_multiple_choice_items_are_scored_by_their_letters_even_under_an_llm_judge(tmp_path, ray_cluster) -> None:
     from sphuatuo.passes.verdict import answer_judge, verdict_pass
     from sphuatuo.recipe import EngineConfig, JudgeConfig
     from sphuatuo.stages import StageContext
@@ -59,7 +60,7 @@ def test_multiple_choice_items_are_scored_by_their_letters_even_under_an_llm_jud
     assert scoring_judge(llm).kind == "auto" and scoring_judge(JudgeConfig(kind="rule")).kind == "rule"
     rows = [{**_row(reply, False), "key": f"k{i}"} for i, reply in enumerate(["The answer is B.", "Answer: C"])]
     target = StageContext(recipe=None, run=RunRoot(str(tmp_path)), record=StageRecord())  # type: ignore[arg-type]
-    # No engine is started: every item has options, so the letters decide.
+    # No engine is started: every item has options, so the letters decide (on Ray's workers).
     verdict_pass(target, rows, "judged", scoring_judge(llm), answer_judge("self_play/judge"))
     judged = {row["key"]: row for row in target.run.read_rows("judged")}
     assert (judged["k0"]["verdict"], judged["k1"]["verdict"]) == (True, False)

@@ -96,9 +96,9 @@ def test_teacher_cot_on_vllm_with_the_llm_judge_resumes_without_regenerating(tmp
         assert row["truncated"] and row["parse_error"] == "truncated at max_tokens"
     assert ctx.record.input_tokens > 0 and ctx.record.rows_out == 0
 
-    files_before = ctx.run.parquet_files("teacher_cot", "first_generated")
+    files_before = {folder: ctx.run.parquet_files("teacher_cot", folder) for folder in ("first_generated", "first")}
     teacher_cot.run(_context(recipe, kept_engines))
-    assert ctx.run.parquet_files("teacher_cot", "first_generated") == files_before
+    assert {folder: ctx.run.parquet_files("teacher_cot", folder) for folder in files_before} == files_before
 
 
 def test_teacher_cot_on_hf_draws_n_samples_and_retries_rejected_questions_hinted(tmp_path: Path,

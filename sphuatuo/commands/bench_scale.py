@@ -2,8 +2,9 @@
 
 For each question count N: N synthetic multiple-choice questions in the native JSONL format, then the
 pipeline as a run drives it (`run_pipeline`: lease, manifest, Ray connection) over two stages, the real
-questions stage and one generation pass of the teacher as `teacher_cot` makes it (its prompt, the vLLM
-back-end, the tiny model, 1-token replies). This module is that second stage (NAME, CONFIG, READS, run).
+questions stage and the teacher's first pass as `teacher_cot` makes it (its prompt, the vLLM back-end, the
+tiny model, 1-token replies), judged by the rule judge (option letters) as the SP recipes judge multiple-choice
+items. This module is that second stage (NAME, CONFIG, READS, run).
 Each N runs in a process of its own, since a process's peak RSS only grows: every size gets a fresh driver,
 against the cluster in RAY_ADDRESS if set, else a local one it starts. Each line gives rows/s and the driver's
 peak RSS, each against the smallest size's. Target (issue 12): peak RSS at the largest size within 1.2x of
@@ -23,12 +24,12 @@ from functools import partial
 from pathlib import Path
 
 from sphuatuo.engines import Request
-from sphuatuo.passes.generation import generate_pass
+from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.recipe import Recipe
 from sphuatuo.stages import StageContext
 
 NAME = "generation"
-CONFIG = ("models.teacher", "stages.teacher_cot")
+CONFIG = ("models.teacher", "models.judge", "stages.teacher_cot")
 READS = ("questions",)
 RSS_TARGET = 1.2
 LETTERS = "ABCD"
@@ -37,7 +38,7 @@ LETTERS = "ABCD"
 @dataclass(frozen=True)
 class ScaleLine:
     questions: int
-    rows: int  # rows the generation pass wrote, counted in its folder
+    rows: int  # rows the judged pass wrote, counted in its folder
     seconds: float  # the two stages, engine start included (Ray's start or connection is not)
     peak_rss_mib: float
 
@@ -68,15 +69,15 @@ def scale_recipe(questions_path: str, run_root: str, batch_size: int) -> Recipe:
 
 
 def run(ctx: StageContext) -> None:
-    """The teacher's first generation pass over every training question, without its judge."""
+    """The teacher's first pass over every training question, generated and judged."""
     from sphuatuo.stages.self_play.teacher_cot import first_pass_rows, teacher_messages
 
-    stage = ctx.recipe.stages.teacher_cot
-    rows = first_pass_rows(ctx.run, stage, ctx.recipe.models.teacher)
+    stage, teacher = ctx.recipe.stages.teacher_cot, ctx.recipe.models.teacher
+    rows = first_pass_rows(ctx.run, stage, teacher)
     ctx.record.rows_in = rows.count
-    ctx.record.rows_out = generate_pass(ctx, rows, NAME, engine=ctx.recipe.models.teacher,
-                                        request=Request.from_config(stage.sampling),
-                                        messages=partial(teacher_messages, stage))
+    ctx.record.rows_out = generate_and_judge(ctx, rows, NAME, judge=ctx.recipe.models.judge, engine=teacher,
+                                             request=Request.from_config(stage.sampling),
+                                             messages=partial(teacher_messages, stage)).rows
 
 
 def measure(folder: Path, batch_size: int) -> ScaleLine:
@@ -89,7 +90,7 @@ def measure(folder: Path, batch_size: int) -> ScaleLine:
     run_root = run_pipeline(recipe, (questions, sys.modules[__name__]))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; read before the count below
     stages = read_manifest(run_root).stages
-    return ScaleLine(stages[questions.NAME].rows_out, len(run_root.read_column("key", NAME)),
+    return ScaleLine(stages[questions.NAME].rows_out, run_root.count_rows(NAME),
                      stages[questions.NAME].seconds + stages[NAME].seconds, peak_kib / 1024)
 
 
@@ -111,7 +112,8 @@ def bench_scale(sizes: list[int], batch_size: int) -> list[ScaleLine]:
 
 def format_scale_bench(lines: list[ScaleLine], batch_size: int) -> str:
     base = lines[0]
-    out = [f"every size: questions stage + one teacher generation pass, builtin:tiny on vLLM, 1-token replies, "
+    out = [f"every size: questions stage + one teacher pass, generated (builtin:tiny on vLLM, 1-token replies) and "
+           f"judged (rule), "
            f"batch size {batch_size}, a fresh driver process; seconds: both stages, engine start included",
            f"{'questions':>9} {'rows':>7} {'seconds':>8} {'rows/s':>8} {'peak RSS MiB':>12} {'RSS vs base':>11} "
            f"{'rows/s vs base':>14}"]

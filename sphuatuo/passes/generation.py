@@ -27,9 +27,8 @@ from sphuatuo.parsing.replies import split_think_answer
 from sphuatuo.passes import PassTarget, Row
 from sphuatuo.prompts import PromptInput
 from sphuatuo.recipe import EngineConfig
-from sphuatuo.store.datasets import FolderRows, light_step
+from sphuatuo.store.datasets import FolderRows, keep_keys, keys_in, light_step
 from sphuatuo.store.progress import RowProgress
-from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import LIGHT_CPUS
 
 log = logging.getLogger("sphuatuo")
@@ -104,23 +103,7 @@ def _todo(ctx: PassTarget, rows: list[Row] | FolderRows, folder: str) -> tuple[r
     log.info("%s: %d rows already written, %d to go", folder, written, rows.count - written)
     if written >= rows.count:
         return None, 0
-    return _keys_filtered(rows.rows, _written_keys.remote(ctx.run, folder), keep=False), rows.count - written
-
-
-@ray.remote(num_cpus=LIGHT_CPUS)
-def _written_keys(run: RunRoot, folder: str) -> pa.Array:
-    """The keys already in `folder`, read on a worker: the driver holds a reference, not the keys."""
-    return pa.array(run.read_column("key", folder), pa.string())
-
-
-def _keys_filtered(rows: ray.data.Dataset, keys: pa.Array | ray.ObjectRef, *, keep: bool) -> ray.data.Dataset:
-    """The rows whose key is in `keys` (`keep`), or those whose key is not: a join executed by Ray's workers."""
-
-    def select(batch: pa.Table) -> pa.Table:
-        found = pc.is_in(batch["key"], value_set=ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys)
-        return batch.filter(found if keep else pc.invert(found))
-
-    return rows.map_batches(select, batch_format="pyarrow", **light_step())
+    return keep_keys(rows.rows, keys_in(ctx.run, [(folder,)]), keep=False), rows.count - written
 
 
 def _generate_with_retries(ctx: PassTarget, todo: ray.data.Dataset, todo_count: int, folder: str,
@@ -141,7 +124,7 @@ def _generate_with_retries(ctx: PassTarget, todo: ray.data.Dataset, todo_count: 
         if attempt < engine.max_attempts:
             log.warning("%s: %d rows failed in the engine (attempt %d of %d); trying them again", folder,
                         failed.num_rows, attempt, engine.max_attempts)
-            pending = _keys_filtered(todo, failed.column("key").combine_chunks(), keep=True)
+            pending = keep_keys(todo, failed.column("key").combine_chunks(), keep=True)
     progress.update(failed.num_rows)
     done = progress.close()
     passes = ctx.record.details.setdefault("throughput", {})

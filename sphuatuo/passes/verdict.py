@@ -17,10 +17,14 @@ False / None when unreadable or not judged), `decided_by` ("rule", "llm:<model>"
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
 from transformers import AutoTokenizer
 
 from sphuatuo.data.questions import Question
@@ -32,7 +36,18 @@ from sphuatuo.passes import PassTarget, Row
 from sphuatuo.passes.generation import generate_pass, missing_rows, parse_reply
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, JudgeConfig, SamplingConfig
-from sphuatuo.store.datasets import FolderRows
+from sphuatuo.store.datasets import (
+    FolderRows,
+    add_up,
+    column_summary,
+    counts_row,
+    folder_columns,
+    keep_keys,
+    keys_in,
+    light_step,
+    read_folder,
+)
+from sphuatuo.store.run_root import RunRoot
 
 
 @dataclass(frozen=True)
@@ -102,14 +117,44 @@ def verdict_request(judge: JudgeConfig, spec: VerdictSpec) -> Request:
                    verdict_via=judge.constraint)
 
 
-def verdict_pass(target: PassTarget, rows: list[Row], folder: str, judge: JudgeConfig, spec: VerdictSpec) -> None:
-    """Decide every row of `rows` (question columns, a `key` and the spec's reply column) not yet in `folder`,
-    and write them there with their verdicts; the LLM's raw replies stay in `<folder>_raw`."""
-    todo = missing_rows(target, rows, folder)
-    if not todo:
-        return
+@dataclass(frozen=True)
+class JudgedCounts:
+    """What a judged folder holds, counted on a worker: the driver's whole view of a judged pass."""
+
+    rows: int = 0
+    right: int = 0
+    wrong: int = 0
+    parse_errors: int = 0
+    truncated: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    COLUMNS: ClassVar[list[str]] = ["verdict", "parse_error", "truncated", "num_input_tokens", "num_generated_tokens"]
+
+    @classmethod
+    def of(cls, table: pa.Table) -> JudgedCounts:
+        verdicts = table["verdict"].cast(pa.bool_())
+        return cls(rows=table.num_rows,
+                   right=pc.sum(pc.equal(verdicts, True)).as_py() or 0,
+                   wrong=pc.sum(pc.equal(verdicts, False)).as_py() or 0,
+                   parse_errors=pc.sum(pc.is_valid(table["parse_error"])).as_py() or 0,
+                   truncated=pc.sum(table["truncated"].cast(pa.bool_())).as_py() or 0,
+                   input_tokens=pc.sum(table["num_input_tokens"].cast(pa.int64())).as_py() or 0,
+                   output_tokens=pc.sum(table["num_generated_tokens"].cast(pa.int64())).as_py() or 0)
+
+    def __add__(self, other: JudgedCounts) -> JudgedCounts:
+        return JudgedCounts(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
+
+    @classmethod
+    def of_folders(cls, run: RunRoot, *folders: str) -> JudgedCounts:
+        return column_summary(run, [(folder,) for folder in folders], cls.COLUMNS, cls.of)
+
+
+def _decide_by_rule(batch: pa.Table, run: RunRoot, folder: str, judge: JudgeConfig, spec: VerdictSpec) -> pa.Table:
+    """On a worker: write the rows that the option letters (or a missing reply) decide to `folder`, and those
+    the LLM must decide to `<folder>_pending`."""
     decided, by_llm = [], []
-    for row in todo:
+    for row in batch.to_pylist():
         question = Question.from_row(row)
         if row[spec.reply_column] is None:
             decided.append({**row, "verdict": None, "decided_by": "none", "verdict_raw": ""})
@@ -118,22 +163,76 @@ def verdict_pass(target: PassTarget, rows: list[Row], folder: str, judge: JudgeC
         else:
             by_llm.append(row)
     if decided:
-        target.run.append_rows(decided, folder)
-    if not by_llm:
+        run.put_rows(pa.Table.from_pylist(decided), folder)
+    if by_llm:
+        run.put_rows(pa.Table.from_pylist(by_llm), f"{folder}_pending")
+    return counts_row(by_rule=len(decided), for_llm=len(by_llm))
+
+
+def _judge_prompt_fields(batch: pa.Table, spec: VerdictSpec) -> pa.Table:
+    # The judge sees only what its prompt needs; its own token counts stay out of the judged rows.
+    return pa.Table.from_pylist([{"key": row["key"], **spec.prompt_fields(row)} for row in batch.to_pylist()])
+
+
+def _decide_by_llm(batch: pa.Table, run: RunRoot, folder: str, replies: ray.ObjectRef, spec: VerdictSpec,
+                   judge_model: str) -> pa.Table:
+    """On a worker: the LLM's raw reply to each row becomes its verdict, written to `folder`."""
+    raw = ray.get(replies)
+    texts = pc.take(raw["generated_text"], pc.index_in(batch["key"], raw["key"])).to_pylist()
+    judged = [{**row, "verdict": spec.parse(text), "decided_by": f"llm:{judge_model}", "verdict_raw": text}
+              for row, text in zip(batch.to_pylist(), texts, strict=True) if text is not None]
+    if judged:
+        run.put_rows(pa.Table.from_pylist(judged), folder)
+    return counts_row(by_llm=len(judged))
+
+
+def _rows_to_decide(target: PassTarget, rows: list[Row] | FolderRows, folder: str) -> ray.data.Dataset | None:
+    """The rows in neither `folder` (decided) nor `<folder>_pending` (waiting for the LLM)."""
+    pending = f"{folder}_pending"
+    if isinstance(rows, FolderRows):
+        if target.run.count_rows(folder) >= rows.count:  # a pass's own folder holds only its rows' keys
+            return None
+        return keep_keys(rows.rows, keys_in(target.run, [(folder,), (pending,)]), keep=False)
+    todo = missing_rows(target, missing_rows(target, rows, folder), pending)
+    return ray.data.from_items(todo) if todo else None
+
+
+def verdict_pass(target: PassTarget, rows: list[Row] | FolderRows, folder: str, judge: JudgeConfig,
+                 spec: VerdictSpec) -> None:
+    """Decide every row of `rows` (question columns, a `key` and the spec's reply column) not yet in `folder`,
+    and write them there with their verdicts; the rows stay on Ray's workers. Rows for the LLM wait in
+    `<folder>_pending` while it answers, and its raw replies stay in `<folder>_raw`, so a pass cut short
+    resumes where it stopped."""
+    run = target.run
+    undecided = _rows_to_decide(target, rows, folder)
+    if undecided is not None:
+        add_up(undecided.map_batches(_decide_by_rule, fn_kwargs={"run": run, "folder": folder, "judge": judge,
+                                                                  "spec": spec},
+                                     batch_format="pyarrow", **light_step()))
+    pending = f"{folder}_pending"
+    if not run.count_rows(pending):
         return
 
     engine = judge.engine
     assert engine is not None  # the recipe validator guarantees it for kind llm/auto
     prompt = get_prompt(spec.prompt)
-    # The judge sees only what its prompt needs; its own token counts stay out of the judged rows.
-    inputs = [{"key": row["key"], **spec.prompt_fields(row)} for row in by_llm]
     raw_folder = folder + "_raw"
-    generate_pass(target, inputs, raw_folder, engine=engine, request=verdict_request(judge, spec),
+    asked = read_folder(run, pending, rows_per_block=engine.batch_size)
+    inputs = asked.rows.map_batches(_judge_prompt_fields, fn_kwargs={"spec": spec}, batch_format="pyarrow",
+                                    **light_step())
+    generate_pass(target, FolderRows(inputs, asked.count), raw_folder, engine=engine,
+                  request=verdict_request(judge, spec),
                   messages=lambda row: prompt.messages(**{name: row[name] for name in prompt.fields}))
-    raw = {row["key"]: row["generated_text"] for row in target.run.read_rows(raw_folder)}
-    judged = [{**row, "verdict": spec.parse(raw[row["key"]]), "decided_by": f"llm:{engine.model}",
-               "verdict_raw": raw[row["key"]]} for row in by_llm]
-    target.run.append_rows(judged, folder)
+    waiting = keep_keys(read_folder(run, pending, rows_per_block=engine.batch_size).rows,
+                        keys_in(run, [(folder,)]), keep=False)
+    replies = folder_columns(run, [(raw_folder,)], ["key", "generated_text"])
+    add_up(waiting.map_batches(_decide_by_llm, fn_kwargs={"run": run, "folder": folder, "replies": replies,
+                                                          "spec": spec, "judge_model": engine.model},
+                               batch_format="pyarrow", **light_step()))
+
+
+def _parsed_replies(batch: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist([parse_reply(row) for row in batch.to_pylist()])
 
 
 def generate_and_judge(
@@ -146,9 +245,9 @@ def generate_and_judge(
     request: Request,
     messages: Callable[[Row], Messages],
     model: str | None = None,
-) -> list[Row]:
+) -> JudgedCounts:
     """Generate a `<think>/<answer>` reply per row into `<folder>_generated`, split it, judge it into
-    `folder`; return all judged rows of `folder`."""
+    `folder`; return the counts of `folder` (its rows stay in the cluster)."""
     generated, spec = f"{folder}_generated", answer_judge(judge.prompt)
     total = rows.count if isinstance(rows, FolderRows) else len(rows)
     if judge.kind == "llm" and judge.engine is not None and target.run.count_rows(generated) < total:
@@ -156,6 +255,7 @@ def generate_and_judge(
         start_ahead([ComingPass(engine, request, generated, model),
                      ComingPass(judge.engine, verdict_request(judge, spec), f"{folder}_raw")], target.engines)
     generate_pass(target, rows, generated, engine=engine, request=request, messages=messages, model=model)
-    parsed = [parse_reply(row) for row in target.run.read_rows(generated)]
-    verdict_pass(target, parsed, folder, judge, spec)
-    return target.run.read_rows(folder)
+    replies = read_folder(target.run, generated, rows_per_block=engine.batch_size)
+    parsed = replies.rows.map_batches(_parsed_replies, batch_format="pyarrow", **light_step())
+    verdict_pass(target, FolderRows(parsed, replies.count), folder, judge, spec)
+    return JudgedCounts.of_folders(target.run, folder)

@@ -246,9 +246,11 @@ def run(ctx: StageContext) -> None:
             log.info("evaluating %s (%s) on %d questions under protocol %s", name, model, len(questions),
                      protocol_name)
             asked = [shuffle_options(q, ctx.recipe.seed) for q in questions] if protocol.shuffle_options else questions
-            rows = answer_questions(ctx, asked, protocol_folder(name, protocol_name), model, stage.prompt,
-                                    protocol.sampling_for(stage.sampling, stage.max_protocol_tokens), judge=judge,
-                                    chat_template=protocol.chat_template)
+            folder = protocol_folder(name, protocol_name)
+            answer_questions(ctx, asked, folder, model, stage.prompt,
+                             protocol.sampling_for(stage.sampling, stage.max_protocol_tokens), judge=judge,
+                             chat_template=protocol.chat_template)
+            rows = ctx.run.read_rows(folder)
             result = by_protocol[protocol_name]["models"][name] = score(rows, protocol.scoring)
             if protocol_name == stage.protocols[0]:
                 results[name] = result

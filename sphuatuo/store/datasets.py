@@ -8,16 +8,24 @@ footers (for the row counts) and nothing else; each slice of a file is one block
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 import ray.data
 
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import LIGHT_CPUS
 
 STEPS_AT_ONCE = 2
+
+T = TypeVar("T")
+
+Folder = tuple[str, ...]  # the parts of a dataset folder under the run root
 
 
 def light_step() -> dict[str, Any]:
@@ -53,3 +61,57 @@ def read_folder(run: RunRoot, *parts: str, rows_per_block: int) -> FolderRows:
     rows = listing.map_batches(_read_slices, fn_kwargs={"run": run}, batch_size=1, batch_format="pyarrow",
                                **light_step())
     return FolderRows(rows, sum(slice["length"] for slice in slices))
+
+
+def folder_columns(run: RunRoot, folders: Sequence[Folder], columns: list[str],
+                   apply: Callable[[pa.Table], Any] | None = None) -> ray.ObjectRef:
+    """A reference to `columns` of the rows of `folders` (or to `apply` of them), read on one of Ray's workers
+    that reads only those columns: the driver never holds them."""
+    return _column_applied.remote(run, list(folders), columns, apply)
+
+
+def keys_in(run: RunRoot, folders: Sequence[Folder], column: str = "key") -> ray.ObjectRef:
+    """A reference to the values of `column` in `folders`, read on a worker."""
+    return folder_columns(run, folders, [column], lambda table: table.column(column).cast(pa.string()).combine_chunks())
+
+
+def keep_keys(rows: ray.data.Dataset, keys: pa.Array | ray.ObjectRef, *, keep: bool,
+              column: str = "key") -> ray.data.Dataset:
+    """The rows whose `column` is in `keys` (`keep`), or those whose is not: a join executed by Ray's workers."""
+
+    def select(batch: pa.Table) -> pa.Table:
+        found = pc.is_in(batch[column], value_set=ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys)
+        return batch.filter(found if keep else pc.invert(found))
+
+    return rows.map_batches(select, batch_format="pyarrow", **light_step())
+
+
+def column_summary(run: RunRoot, folders: Sequence[Folder], columns: list[str],
+                   summarise: Callable[[pa.Table], T]) -> T:
+    """`summarise` of the rows of `folders`, run on one of Ray's workers that reads only `columns`: the driver
+    gets the summary (counts), never the rows."""
+    return ray.get(folder_columns(run, folders, columns, summarise))
+
+
+@ray.remote(num_cpus=LIGHT_CPUS)
+def _column_applied(run: RunRoot, folders: list[Folder], columns: list[str],
+                    apply: Callable[[pa.Table], Any] | None) -> Any:
+    tables = [run.read_parquet_file(file, columns) for parts in folders for file in run.parquet_files(*parts)]
+    table = (pa.concat_tables(tables, promote_options="default") if tables
+             else pa.table({column: pa.array([], pa.null()) for column in columns}))
+    return table if apply is None else apply(table)
+
+
+def counts_row(**counts: int) -> pa.Table:
+    """The one-row result of a step that writes its rows itself and hands on only how many (see `add_up`)."""
+    return pa.table({name: [value] for name, value in counts.items()})
+
+
+def add_up(counts: ray.data.Dataset) -> Counter[str]:
+    """Run a dataset whose steps write their rows and return one row of counts per block (on Ray's workers);
+    the driver adds the counts up."""
+    totals: Counter[str] = Counter()
+    for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            totals.update(row)
+    return totals

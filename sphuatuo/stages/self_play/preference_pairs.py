@@ -168,7 +168,7 @@ def run(ctx: StageContext) -> None:
             corrected = None
         else:
             teacher = strategy not in STUDENT_CORRECTIONS
-            corrections = generate_and_judge(
+            generate_and_judge(
                 ctx, correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
                 f"{NAME}/{strategy}",
                 judge=ctx.recipe.models.judge,
@@ -176,6 +176,7 @@ def run(ctx: StageContext) -> None:
                 request=Request.from_config(stage.sampling), model=None if teacher else sft_model,
                 messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),
             )
+            corrections = ctx.run.read_rows(NAME, strategy)
             generated += corrections
             found = correction_pairs(strategy, student_prompt, corrections, stage.answer_from_thought)
             verified, corrected = len(found), len(corrections)

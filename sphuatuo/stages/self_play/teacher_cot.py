@@ -17,13 +17,13 @@ import pyarrow as pa
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import count_tokens, sample_key
+from sphuatuo.passes.generation import sample_key
 from sphuatuo.passes.verdict import generate_and_judge
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, TeacherCotStage
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.self_play import training_answer
-from sphuatuo.store.datasets import FolderRows, light_step, read_folder
+from sphuatuo.stages.self_play import ACCEPTANCE_COLUMNS, accepted
+from sphuatuo.store.datasets import FolderRows, column_summary, folder_columns, keep_keys, light_step, read_folder
 from sphuatuo.store.run_root import RunRoot
 
 NAME = "teacher_cot"
@@ -51,6 +51,11 @@ def _sample_batch(questions: pa.Table, stage: TeacherCotStage) -> pa.Table:
     return pa.Table.from_pylist(sample_rows(questions.to_pylist(), stage))
 
 
+def _hinted_batch(questions: pa.Table, stage: TeacherCotStage) -> pa.Table:
+    return pa.Table.from_pylist([{**row, "key": f"{row['id']}:hinted", "hinted": True}
+                                 for row in sample_rows(questions.to_pylist(), stage) if row["sample"] == 0])
+
+
 def first_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig) -> FolderRows:
     """The first pass's rows, made on Ray's workers from the training questions: the driver never holds them.
     Blocks of one engine batch's questions keep a crash's loss to the batches in flight."""
@@ -61,41 +66,60 @@ def first_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig)
     return FolderRows(rows, questions.count * stage.samples_per_question)
 
 
+def hinted_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig) -> FolderRows:
+    """The retry's rows: each question with no accepted answer in the first pass, once, with the reference shown.
+    The accepted ids are found on a worker, and the questions filtered by Ray's workers."""
+    first, columns = [(NAME, "first")], ["id", *ACCEPTANCE_COLUMNS]
+    from_thought = stage.answer_from_thought
+    accepted_ids = folder_columns(run, first, columns, partial(_accepted_ids, answer_from_thought=from_thought))
+    accepted_count = column_summary(run, first, columns, partial(_accepted_count, answer_from_thought=from_thought))
+    questions = read_folder(run, "questions", "train", rows_per_block=teacher.batch_size)
+    rejected = keep_keys(questions.rows, accepted_ids, keep=False, column="id")
+    rows = rejected.map_batches(_hinted_batch, fn_kwargs={"stage": stage}, batch_format="pyarrow", **light_step())
+    return FolderRows(rows, questions.count - accepted_count)
+
+
+def _accepted_ids(table: pa.Table, answer_from_thought: bool) -> pa.Array:
+    return pa.array(sorted({row["id"] for row in table.to_pylist() if accepted(row, answer_from_thought)}), pa.string())
+
+
+def _accepted_count(table: pa.Table, answer_from_thought: bool) -> int:
+    return len(_accepted_ids(table, answer_from_thought))
+
+
+def _acceptance_counts(table: pa.Table, answer_from_thought: bool) -> dict[str, int]:
+    rows = [row for row in table.to_pylist() if accepted(row, answer_from_thought)]
+    return {"questions": len({row["id"] for row in rows}),
+            "unhinted": sum(1 for row in rows if not row["hinted"]),
+            "hinted": sum(1 for row in rows if row["hinted"])}
+
+
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.teacher_cot
     teacher, judge = ctx.recipe.models.teacher, ctx.recipe.models.judge
     ctx.record.rows_in = ctx.run.count_rows("questions", "train")
     if not ctx.record.rows_in:
         raise StageSkipped("no training questions (the questions stage wrote zero valid rows)")
-    first = first_pass_rows(ctx.run, stage, teacher)
 
     request = Request.from_config(stage.sampling)
-    generate_and_judge(ctx, first, f"{NAME}/first", judge=judge, engine=teacher, request=request,
-                       messages=partial(teacher_messages, stage))
-
-    def usable(row: Row) -> bool:
-        return training_answer(row, stage.answer_from_thought) is not None
-
+    counts = generate_and_judge(ctx, first_pass_rows(ctx.run, stage, teacher), f"{NAME}/first", judge=judge,
+                                engine=teacher, request=request, messages=partial(teacher_messages, stage))
     if stage.retry_with_reference and not stage.reveal_reference:
-        judged = ctx.run.read_rows(NAME, "first")
-        accepted_ids = {row["id"] for row in judged if usable(row)}
-        retry = [{**row, "key": f"{row['id']}:hinted", "hinted": True}
-                 for row in sample_rows(ctx.run.read_rows("questions", "train"), stage)
-                 if row["id"] not in accepted_ids and row["sample"] == 0]
-        ctx.note(f"{len(retry)} rejected questions asked again with the reference shown (hinted)")
-        generate_and_judge(ctx, retry, f"{NAME}/hinted", judge=judge, engine=teacher, request=request,
-                           messages=partial(teacher_messages, stage))
+        retry = hinted_pass_rows(ctx.run, stage, teacher)
+        ctx.note(f"{retry.count} rejected questions asked again with the reference shown (hinted)")
+        counts += generate_and_judge(ctx, retry, f"{NAME}/hinted", judge=judge, engine=teacher, request=request,
+                                     messages=partial(teacher_messages, stage))
 
-    rows = ctx.run.read_rows(NAME, "first") + ctx.run.read_rows(NAME, "hinted")
-    accepted = {row["id"] for row in rows if usable(row)}
-    ctx.record.rows_out = len(accepted)
-    ctx.record.rows_failed = sum(1 for row in rows if row["parse_error"])
-    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(rows)
+    acceptance = column_summary(ctx.run, [(NAME, "first"), (NAME, "hinted")], ["id", "hinted", *ACCEPTANCE_COLUMNS],
+                                partial(_acceptance_counts, answer_from_thought=stage.answer_from_thought))
+    ctx.record.rows_out = acceptance["questions"]
+    ctx.record.rows_failed = counts.parse_errors
+    ctx.record.input_tokens, ctx.record.output_tokens = counts.input_tokens, counts.output_tokens
     ctx.record.details.update(
-        samples=len(rows),
+        samples=counts.rows,
         samples_per_question=stage.samples_per_question,
-        accepted_unhinted=sum(1 for row in rows if usable(row) and not row["hinted"]),
-        accepted_hinted=sum(1 for row in rows if usable(row) and row["hinted"]),
-        truncated=sum(1 for row in rows if row["truncated"]),
+        accepted_unhinted=acceptance["unhinted"],
+        accepted_hinted=acceptance["hinted"],
+        truncated=counts.truncated,
     )
-    ctx.note(f"{len(accepted)} of {ctx.record.rows_in} questions have an accepted teacher answer")
+    ctx.note(f"{acceptance['questions']} of {ctx.record.rows_in} questions have an accepted teacher answer")
