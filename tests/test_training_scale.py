@@ -5,6 +5,7 @@ vLLM, and the run root in an S3-compatible object store on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -247,7 +248,8 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
     renewer = threading.Thread(target=renew_then_revoke, daemon=True)
     renewer.start()
     dpo_ctx = StageContext(recipe=recipe, run=run, record=StageRecord())
-    dpo.run(dpo_ctx)  # ZeRO-3, from the SFT export in the bucket
+    with credentials.shared_filesystem(run, "driver") as filesystem:  # as a pipeline run hands stages the run root
+        dpo.run(dataclasses.replace(dpo_ctx, run=RunRoot(run.uri, filesystem)))  # ZeRO-3, from the bucket's SFT
     renewer.join(timeout=60)
     assert revoked, "the first DPO checkpoint never reached the bucket"
     assert dpo_ctx.record.details["runs"]["dpo"]["start_model"] == f"s3://{bucket}/run/sft/model"
@@ -278,7 +280,8 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
 
     # A second launch finds the finished run's checkpoint in the bucket and trains no step again
     # (a retrained step would carry the new workers' pids).
-    dpo.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
+    with credentials.shared_filesystem(run, "driver") as filesystem:
+        dpo.run(StageContext(recipe=recipe, run=RunRoot(run.uri, filesystem), record=StageRecord()))
     assert [json.loads(line) for line in run.read_text("dpo", "sample_order.jsonl").splitlines()] == first_order
 
 

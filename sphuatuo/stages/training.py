@@ -10,7 +10,13 @@ from sphuatuo.local_models import resolve_model
 from sphuatuo.recipe import TrainStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.store.credentials import engine_model_path
+from sphuatuo.store.datasets import on_worker
+from sphuatuo.store.run_root import RunRoot
 from sphuatuo.train.launcher import fit
+
+Examples = list[dict[str, Any]]
+# A training set the driver holds already, or how one of Ray's workers makes it from the run root.
+ExampleSource = Examples | Callable[[RunRoot], Examples]
 
 
 def model_of(ctx: StageContext, name: str) -> str:
@@ -27,26 +33,39 @@ def engine_model_of(ctx: StageContext, name: str) -> str:
     return engine_model_path(ctx.run, model_of(ctx, name), ctx.recipe.storage.credentials)
 
 
+def write_examples(run: RunRoot, name: str, examples: ExampleSource) -> int:
+    """Write a training set to `<name>/data` and return its size. A builder runs on one of Ray's workers, which
+    reads the earlier stages' rows and writes the set: they never pass through the driver."""
+    if callable(examples):
+        return on_worker(_write_built_examples, run, name, examples)
+    if examples:
+        run.write_rows(examples, name, "data")
+    return len(examples)
+
+
+def _write_built_examples(run: RunRoot, name: str, build: Callable[[RunRoot], Examples]) -> int:
+    return write_examples(run, name, build(run))
+
+
 def train_stage(
     ctx: StageContext,
     name: str,
     stage: TrainStage,
-    examples: list[dict[str, Any]],
+    examples: ExampleSource,
     worker_fn: Callable[[dict[str, Any]], None],
     start_model: str,
 ) -> None:
     """Write `examples` to `<name>/data`, then fine-tune `start_model` on them into `<name>/model`."""
-    ctx.record.rows_out = len(examples)
-    if not examples:
+    count = ctx.record.rows_out = write_examples(ctx.run, name, examples)
+    if not count:
         raise StageSkipped(f"zero training examples for {name}; nothing to train")
     scaling = stage.scaling
     global_batch = stage.micro_batch_size * stage.grad_accumulation * scaling.num_workers
     ctx.record.details.update(global_batch=global_batch, workers=scaling.num_workers, zero_stage=scaling.zero_stage,
                               finetuning=stage.finetuning, start_model=start_model)
-    if global_batch > len(examples):
-        ctx.note(f"global batch {global_batch} is larger than the {len(examples)} examples: "
+    if global_batch > count:
+        ctx.note(f"global batch {global_batch} is larger than the {count} examples: "
                  "each epoch is a single optimizer step")
-    ctx.run.write_rows(examples, name, "data")
     # The trainer reports to the recipe's trackers and the stage's own; under a pipeline run, as part of it.
     trackers = ctx.recipe.trackers(stage)
     stage = stage.model_copy(update={"report_to": trackers})

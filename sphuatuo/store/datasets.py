@@ -102,6 +102,12 @@ def _column_applied(run: RunRoot, folders: list[Folder], columns: list[str],
     return table if apply is None else apply(table)
 
 
+def on_worker(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` as a task on one of Ray's workers, for a step that needs a stage's rows whole (grouping them by
+    question, say): the rows are read and used there, and only `fn`'s result (counts) comes back to the driver."""
+    return ray.get(ray.remote(num_cpus=LIGHT_CPUS)(fn).remote(*args))
+
+
 def counts_row(**counts: int) -> pa.Table:
     """The one-row result of a step that writes its rows itself and hands on only how many (see `add_up`)."""
     return pa.table({name: [value] for name, value in counts.items()})

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from functools import partial
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import Request
 from sphuatuo.parsing.replies import format_cot
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import count_tokens
-from sphuatuo.passes.verdict import generate_and_judge
+from sphuatuo.passes.verdict import JudgedCounts, generate_and_judge
 from sphuatuo.prompts import Messages, PromptTemplate, get_prompt, options_block
 from sphuatuo.recipe import PairStrategy, PreferencePairsStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.self_play import training_answer
 from sphuatuo.stages.training import engine_model_of
+from sphuatuo.store.datasets import on_worker, read_folder
+from sphuatuo.store.run_root import RunRoot
 
 NAME = "preference_pairs"
 CONFIG = ("models.student", "models.teacher", "models.judge", "stages.preference_pairs",
@@ -143,52 +145,74 @@ def is_wrong(row: Row) -> bool:
     return row["verdict"] is False and bool(row["generated_text"].strip())
 
 
+def survey_answers(run: RunRoot, stage: PreferencePairsStage) -> dict[str, int]:
+    """On a worker: count the student's judged answers and the wrong ones, and write each correcting strategy's
+    requests to `<strategy>_requests` (the first `pairs_per_question` wrong answers of each question)."""
+    answers = run.read_rows("student_answers", "judged")
+    wrong = sorted((row for row in answers if is_wrong(row)), key=lambda r: r["key"])
+    for strategy in stage.strategies:
+        if strategy != "sampled" and wrong:
+            run.write_rows(correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
+                           NAME, f"{strategy}_requests")
+    return {"answers": len(answers), "wrong": len(wrong)}
+
+
+def write_pairs(run: RunRoot, stage: PreferencePairsStage, prompt_name: str) -> dict[str, dict[str, int | None]]:
+    """On a worker: every strategy's pairs from the judged answers and corrections, written to `pairs`; returns the
+    counts per strategy."""
+    answers = run.read_rows("student_answers", "judged")
+    wrong = sum(1 for row in answers if is_wrong(row))
+    prompt = get_prompt(prompt_name)
+    counts: dict[str, dict[str, int | None]] = {}
+    pairs: list[Row] = []
+    for strategy in stage.strategies:
+        if strategy == "sampled":
+            found = sampled_pairs(prompt, answers, stage.answer_from_thought)
+            verified = sum(1 for row in answers if training_answer(row, stage.answer_from_thought) is not None)
+            corrected = None
+        else:
+            corrections = run.read_rows(NAME, strategy)
+            found = correction_pairs(strategy, prompt, corrections, stage.answer_from_thought)
+            verified, corrected = len(found), len(corrections)
+        kept = limit_pairs(found, stage.pairs_per_question, stage.max_pairs)
+        pairs += kept
+        counts[strategy] = {"wrong": wrong, "corrected": corrected, "verified": verified, "paired": len(kept)}
+    run.write_rows(pairs, NAME, "pairs")
+    return counts
+
+
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.preference_pairs
-    answers = ctx.run.read_rows("student_answers", "judged")
-    ctx.record.rows_in = len(answers)
-    if not answers:
+    found = on_worker(survey_answers, ctx.run, stage)
+    ctx.record.rows_in = found["answers"]
+    if not found["answers"]:
         raise StageSkipped("no student answers to correct (the student_answers stage wrote none)")
-    wrong = sorted((row for row in answers if is_wrong(row)), key=lambda r: r["key"])
-    if not wrong:
+    if not found["wrong"]:
         raise StageSkipped("the SFT student answered no training question wrongly: nothing to pair")
 
-    student_prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
     # Resolved once for every strategy the student corrects in: under driver credentials on an object store,
     # resolving copies the model to each node.
     student_corrects = set(stage.strategies) & set(STUDENT_CORRECTIONS)
     sft_model = engine_model_of(ctx, "sft") if student_corrects else None
-    counts: dict[str, dict[str, int | None]] = {}
-    pairs: list[Row] = []
-    generated: list[Row] = []
+    generated = JudgedCounts()
     for strategy in stage.strategies:
         if strategy == "sampled":
-            found = sampled_pairs(student_prompt, answers, stage.answer_from_thought)
-            verified = sum(1 for row in answers if training_answer(row, stage.answer_from_thought) is not None)
-            corrected = None
-        else:
-            teacher = strategy not in STUDENT_CORRECTIONS
-            generate_and_judge(
-                ctx, correction_requests(stage, strategy, to_correct(wrong, stage.pairs_per_question)),
-                f"{NAME}/{strategy}",
-                judge=ctx.recipe.models.judge,
-                engine=ctx.recipe.models.teacher if teacher else ctx.recipe.models.student,
-                request=Request.from_config(stage.sampling), model=None if teacher else sft_model,
-                messages=lambda row, strategy=strategy: correction_messages(stage, strategy, row),
-            )
-            corrections = ctx.run.read_rows(NAME, strategy)
-            generated += corrections
-            found = correction_pairs(strategy, student_prompt, corrections, stage.answer_from_thought)
-            verified, corrected = len(found), len(corrections)
-        kept = limit_pairs(found, stage.pairs_per_question, stage.max_pairs)
-        pairs += kept
-        counts[strategy] = {"wrong": len(wrong), "corrected": corrected, "verified": verified, "paired": len(kept)}
-        what = (f"{verified} usable correct samples" if corrected is None
-                else f"{corrected} corrections written, {verified} verified")
-        ctx.note(f"{strategy}: {len(wrong)} wrong answers, {what}, {len(kept)} pairs")
+            continue
+        teacher = strategy not in STUDENT_CORRECTIONS
+        engine = ctx.recipe.models.teacher if teacher else ctx.recipe.models.student
+        requests = read_folder(ctx.run, NAME, f"{strategy}_requests", rows_per_block=engine.batch_size)
+        generated += generate_and_judge(
+            ctx, requests, f"{NAME}/{strategy}", judge=ctx.recipe.models.judge, engine=engine,
+            request=Request.from_config(stage.sampling), model=None if teacher else sft_model,
+            messages=partial(correction_messages, stage, strategy),
+        )
 
-    ctx.run.write_rows(pairs, NAME, "pairs")
-    ctx.record.rows_out = len(pairs)
-    ctx.record.rows_failed = sum(1 for row in generated if row["parse_error"])
-    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(generated)
+    counts = on_worker(write_pairs, ctx.run, stage, ctx.recipe.stages.student_answers.prompt)
+    for strategy, made in counts.items():
+        what = (f"{made['verified']} usable correct samples" if made["corrected"] is None
+                else f"{made['corrected']} corrections written, {made['verified']} verified")
+        ctx.note(f"{strategy}: {made['wrong']} wrong answers, {what}, {made['paired']} pairs")
+    ctx.record.rows_out = sum(made["paired"] or 0 for made in counts.values())
+    ctx.record.rows_failed = generated.parse_errors
+    ctx.record.input_tokens, ctx.record.output_tokens = generated.input_tokens, generated.output_tokens
     ctx.record.details.update(strategies=counts)

@@ -6,6 +6,8 @@ exactly as the student is prompted at test time, so train and test share one cha
 
 from __future__ import annotations
 
+from functools import partial
+
 from sphuatuo.data.questions import Question
 from sphuatuo.parsing.replies import format_cot
 from sphuatuo.passes import Row
@@ -13,6 +15,7 @@ from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.stages import StageContext
 from sphuatuo.stages.self_play import training_answer
 from sphuatuo.stages.training import model_of, train_stage
+from sphuatuo.store.run_root import RunRoot
 from sphuatuo.train.sft import sft_worker
 
 NAME = "sft"
@@ -21,9 +24,8 @@ CONFIG = ("models.student.model", "stages.sft", "stages.student_answers.prompt",
 READS = ("teacher_cot",)
 
 
-def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:
-    prompt = get_prompt(ctx.recipe.stages.student_answers.prompt)
-    answer_from_thought = ctx.recipe.stages.teacher_cot.answer_from_thought
+def sft_examples(prompt_name: str, answer_from_thought: bool, teacher_rows: list[Row]) -> list[Row]:
+    prompt = get_prompt(prompt_name)
     best: dict[str, Row] = {}
     for row in teacher_rows:
         answer = training_answer(row, answer_from_thought)
@@ -45,8 +47,14 @@ def sft_examples(ctx: StageContext, teacher_rows: list[Row]) -> list[Row]:
     return examples
 
 
+def examples_of_run(prompt_name: str, answer_from_thought: bool, run: RunRoot) -> list[Row]:
+    """The SFT set from the teacher's judged answers, made on one of Ray's workers (see `train_stage`)."""
+    return sft_examples(prompt_name, answer_from_thought,
+                        run.read_rows("teacher_cot", "first") + run.read_rows("teacher_cot", "hinted"))
+
+
 def run(ctx: StageContext) -> None:
-    teacher_rows = ctx.run.read_rows("teacher_cot", "first") + ctx.run.read_rows("teacher_cot", "hinted")
-    ctx.record.rows_in = len(teacher_rows)
-    examples = sft_examples(ctx, teacher_rows)
+    ctx.record.rows_in = ctx.run.count_rows("teacher_cot", "first") + ctx.run.count_rows("teacher_cot", "hinted")
+    examples = partial(examples_of_run, ctx.recipe.stages.student_answers.prompt,
+                       ctx.recipe.stages.teacher_cot.answer_from_thought)
     train_stage(ctx, NAME, ctx.recipe.stages.sft, examples, sft_worker, model_of(ctx, "base"))
