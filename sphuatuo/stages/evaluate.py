@@ -25,15 +25,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pyarrow as pa
+
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import ComingPass, Request, start_ahead
 from sphuatuo.parsing.replies import CATEGORIES, COMMITTED, NO_ANSWER, answer_commitment
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import count_tokens
+from sphuatuo.passes.verdict import JudgedCounts
 from sphuatuo.recipe import JudgeConfig, SamplingConfig
 from sphuatuo.stages import StageContext, StageSkipped, log
 from sphuatuo.stages.self_play.student_answers import answer_questions
 from sphuatuo.stages.training import engine_model_of
+from sphuatuo.store.datasets import FolderRows, light_step, on_worker, read_folder
+from sphuatuo.store.run_root import RunRoot
 
 NAME = "evaluate"
 CONFIG = ("models.student", "models.judge", "stages.evaluate", "stages.preference_pairs.strategies")
@@ -216,12 +220,23 @@ def score(rows: list[Row], scoring: Scoring = "last") -> dict:
     }
 
 
+def _shuffled_batch(questions: pa.Table, seed: int) -> pa.Table:
+    return pa.Table.from_pylist([shuffle_options(row, seed) for row in questions.to_pylist()])
+
+
+def score_folder(run: RunRoot, folder: str, scoring: Scoring) -> dict[str, Any]:
+    """`score` of a judged folder, on one of Ray's workers (see `on_worker`)."""
+    return score(run.read_rows(folder), scoring)
+
+
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.evaluate
-    questions = ctx.run.read_rows("questions", "test")
-    ctx.record.rows_in = len(questions)
-    if not questions:
+    questions = read_folder(ctx.run, "questions", "test", rows_per_block=ctx.recipe.models.student.batch_size)
+    ctx.record.rows_in = questions.count
+    if not questions.count:
         raise StageSkipped("no test questions (set data.test or data.test_fraction)")
+    shuffled = FolderRows(questions.rows.map_batches(_shuffled_batch, fn_kwargs={"seed": ctx.recipe.seed},
+                                                     batch_format="pyarrow", **light_step()), questions.count)
     results = ctx.record.details.setdefault("models", {})
     by_protocol = ctx.record.details.setdefault("protocols", {})
     for name in stage.protocols:
@@ -237,26 +252,24 @@ def run(ctx: StageContext) -> None:
     first = Request.from_config(PROTOCOLS[stage.protocols[0]].sampling_for(stage.sampling, stage.max_protocol_tokens))
     coming = [ComingPass(ctx.recipe.models.student, first, protocol_folder(name, stage.protocols[0]), model)
               for name, model in models.items()]
-    all_rows: list[Row] = []
+    answered = JudgedCounts()
     for index, (name, model) in enumerate(models.items()):
         # The engines of the models still to evaluate start side by side, as many as fit, not one per model.
         start_ahead(coming[index:], ctx.engines)
         for protocol_name in stage.protocols:
             protocol = PROTOCOLS[protocol_name]
-            log.info("evaluating %s (%s) on %d questions under protocol %s", name, model, len(questions),
+            log.info("evaluating %s (%s) on %d questions under protocol %s", name, model, questions.count,
                      protocol_name)
-            asked = [shuffle_options(q, ctx.recipe.seed) for q in questions] if protocol.shuffle_options else questions
             folder = protocol_folder(name, protocol_name)
-            answer_questions(ctx, asked, folder, model, stage.prompt,
-                             protocol.sampling_for(stage.sampling, stage.max_protocol_tokens), judge=judge,
-                             chat_template=protocol.chat_template)
-            rows = ctx.run.read_rows(folder)
-            result = by_protocol[protocol_name]["models"][name] = score(rows, protocol.scoring)
+            answered += answer_questions(ctx, shuffled if protocol.shuffle_options else questions, folder, model,
+                                         stage.prompt, protocol.sampling_for(stage.sampling, stage.max_protocol_tokens),
+                                         judge=judge, chat_template=protocol.chat_template)
+            result = by_protocol[protocol_name]["models"][name] = on_worker(score_folder, ctx.run, folder,
+                                                                              protocol.scoring)
             if protocol_name == stage.protocols[0]:
                 results[name] = result
-            all_rows.extend(rows)
-            ctx.note(f"{name} ({protocol_name}): accuracy {result['accuracy']:.1%} on {len(rows)} questions")
-    ctx.record.rows_out = len(all_rows)
-    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(all_rows)
+            ctx.note(f"{name} ({protocol_name}): accuracy {result['accuracy']:.1%} on {result['n']} questions")
+    ctx.record.rows_out = answered.rows
+    ctx.record.input_tokens, ctx.record.output_tokens = answered.input_tokens, answered.output_tokens
     if ctx.tracking is not None:
         ctx.tracking.evaluation(ctx.recipe.trackers(stage), by_protocol)
