@@ -35,6 +35,7 @@ SMALL = [
     "stages.student_answers.sampling.max_tokens=128",
     "stages.preference_pairs.sampling.max_tokens=128",
     "stages.evaluate.sampling.max_tokens=96",
+    "stages.evaluate.max_protocol_tokens=96",
     "stages.sft.max_length=512",
     "stages.dpo.max_length=512",
     "tracking.report_to=[mlflow]",
@@ -74,6 +75,15 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     assert run.exists("sft_loss.png") and run.exists("sft", "model", "model.safetensors")
     for name in evaluated:
         assert f"| {name} | 6 |" in report
+    # Every model under both protocols, the paper's labelled with the settings it ran with.
+    protocols = stages["evaluate"]["details"]["protocols"]
+    assert list(protocols) == ["project", "sp_paper"]
+    for name, entry in protocols.items():
+        assert set(entry["models"]) == set(evaluated)
+        result = entry["models"]["sft"]
+        assert f"| {protocol_label(name, entry['settings'])} | sft | 6 | {result['accuracy']:.1%} |" in report
+    assert protocol_label("sp_paper", protocols["sp_paper"]["settings"]).startswith(
+        "sp_paper (T 0.7, top_p 0.9, 96 tokens, raw prompt")
 
     # The demo's pairs, every strategy's, export to LLaMA-Factory's ranking format and load in `datasets`.
     written = export_run(run, tmp_path / "export")
@@ -96,7 +106,7 @@ def test_demo_recipe_end_to_end_then_rerun_does_no_work(tmp_path: Path, ray_clus
     assert len(client.get_metric_history(pipeline.info.run_id, "sft/loss")) == stages["sft"]["details"]["steps"] > 1
     table = json.loads(Path(client.download_artifacts(pipeline.info.run_id, "evaluation.json",
                                                       str(tmp_path))).read_text())
-    assert sorted(row[0] for row in table["data"]) == sorted(evaluated)
+    assert sorted(row[0] for row in table["data"]) == sorted([*evaluated, *evaluated])  # one row per protocol
     for name, result in evaluated.items():
         assert pipeline.data.metrics[f"evaluate/{name}/project/accuracy"] == result["accuracy"]
     trained = {r.info.run_name for r in client.search_runs(
