@@ -16,6 +16,7 @@ False / None when unreadable or not judged), `decided_by` ("rule", "llm:<model>"
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from functools import cache
@@ -48,6 +49,8 @@ from sphuatuo.store.datasets import (
     read_folder,
 )
 from sphuatuo.store.run_root import RunRoot
+
+log = logging.getLogger("sphuatuo")
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,7 @@ class JudgedCounts:
     """What a judged folder holds, counted on a worker: the driver's whole view of a judged pass."""
 
     rows: int = 0
-    right: int = 0
-    wrong: int = 0
+    right: int = 0  # judged right; the rest were judged wrong or could not be judged
     parse_errors: int = 0
     truncated: int = 0
     input_tokens: int = 0
@@ -136,7 +138,6 @@ class JudgedCounts:
         verdicts = table["verdict"].cast(pa.bool_())
         return cls(rows=table.num_rows,
                    right=pc.sum(pc.equal(verdicts, True)).as_py() or 0,
-                   wrong=pc.sum(pc.equal(verdicts, False)).as_py() or 0,
                    parse_errors=pc.sum(pc.is_valid(table["parse_error"])).as_py() or 0,
                    truncated=pc.sum(table["truncated"].cast(pa.bool_())).as_py() or 0,
                    input_tokens=pc.sum(table["num_input_tokens"].cast(pa.int64())).as_py() or 0,
@@ -146,8 +147,8 @@ class JudgedCounts:
         return JudgedCounts(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
 
     @classmethod
-    def of_folders(cls, run: RunRoot, *folders: str) -> JudgedCounts:
-        return column_summary(run, [(folder,) for folder in folders], cls.COLUMNS, cls.of)
+    def of_folder(cls, run: RunRoot, folder: str) -> JudgedCounts:
+        return column_summary(run, [(folder,)], cls.COLUMNS, cls.of)
 
 
 def _decide_by_rule(batch: pa.Table, run: RunRoot, folder: str, judge: JudgeConfig, spec: VerdictSpec) -> pa.Table:
@@ -206,9 +207,11 @@ def verdict_pass(target: PassTarget, rows: list[Row] | FolderRows, folder: str, 
     run = target.run
     undecided = _rows_to_decide(target, rows, folder)
     if undecided is not None:
-        add_up(undecided.map_batches(_decide_by_rule, fn_kwargs={"run": run, "folder": folder, "judge": judge,
-                                                                  "spec": spec},
-                                     batch_format="pyarrow", **light_step()))
+        split = add_up(undecided.map_batches(_decide_by_rule, fn_kwargs={"run": run, "folder": folder,
+                                                                          "judge": judge, "spec": spec},
+                                             batch_format="pyarrow", **light_step()))
+        log.info("%s: %d rows decided by their option letters, %d for the LLM judge", folder, split["by_rule"],
+                 split["for_llm"])
     pending = f"{folder}_pending"
     if not run.count_rows(pending):
         return
@@ -226,9 +229,10 @@ def verdict_pass(target: PassTarget, rows: list[Row] | FolderRows, folder: str, 
     waiting = keep_keys(read_folder(run, pending, rows_per_block=engine.batch_size).rows,
                         keys_in(run, [(folder,)]), keep=False)
     replies = folder_columns(run, [(raw_folder,)], ["key", "generated_text"])
-    add_up(waiting.map_batches(_decide_by_llm, fn_kwargs={"run": run, "folder": folder, "replies": replies,
-                                                          "spec": spec, "judge_model": engine.model},
-                               batch_format="pyarrow", **light_step()))
+    judged = add_up(waiting.map_batches(_decide_by_llm, fn_kwargs={"run": run, "folder": folder, "replies": replies,
+                                                                   "spec": spec, "judge_model": engine.model},
+                                        batch_format="pyarrow", **light_step()))
+    log.info("%s: %d rows decided by %s", folder, judged["by_llm"], engine.model)
 
 
 def _parsed_replies(batch: pa.Table) -> pa.Table:
@@ -258,4 +262,4 @@ def generate_and_judge(
     replies = read_folder(target.run, generated, rows_per_block=engine.batch_size)
     parsed = replies.rows.map_batches(_parsed_replies, batch_format="pyarrow", **light_step())
     verdict_pass(target, FolderRows(parsed, replies.count), folder, judge, spec)
-    return JudgedCounts.of_folders(target.run, folder)
+    return JudgedCounts.of_folder(target.run, folder)

@@ -23,7 +23,15 @@ from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, TeacherCotStage
 from sphuatuo.stages import StageContext, StageSkipped
 from sphuatuo.stages.self_play import ACCEPTANCE_COLUMNS, accepted
-from sphuatuo.store.datasets import FolderRows, column_summary, folder_columns, keep_keys, light_step, read_folder
+from sphuatuo.store.datasets import (
+    FolderRows,
+    column_summary,
+    folder_columns,
+    keep_keys,
+    light_step,
+    on_worker,
+    read_folder,
+)
 from sphuatuo.store.run_root import RunRoot
 
 NAME = "teacher_cot"
@@ -72,7 +80,7 @@ def hinted_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig
     first, columns = [(NAME, "first")], ["id", *ACCEPTANCE_COLUMNS]
     from_thought = stage.answer_from_thought
     accepted_ids = folder_columns(run, first, columns, partial(_accepted_ids, answer_from_thought=from_thought))
-    accepted_count = column_summary(run, first, columns, partial(_accepted_count, answer_from_thought=from_thought))
+    accepted_count = on_worker(lambda ids: len(ids), accepted_ids)  # the task gets the array the reference names
     questions = read_folder(run, "questions", "train", rows_per_block=teacher.batch_size)
     rejected = keep_keys(questions.rows, accepted_ids, keep=False, column="id")
     rows = rejected.map_batches(_hinted_batch, fn_kwargs={"stage": stage}, batch_format="pyarrow", **light_step())
@@ -81,10 +89,6 @@ def hinted_pass_rows(run: RunRoot, stage: TeacherCotStage, teacher: EngineConfig
 
 def _accepted_ids(table: pa.Table, answer_from_thought: bool) -> pa.Array:
     return pa.array(sorted({row["id"] for row in table.to_pylist() if accepted(row, answer_from_thought)}), pa.string())
-
-
-def _accepted_count(table: pa.Table, answer_from_thought: bool) -> int:
-    return len(_accepted_ids(table, answer_from_thought))
 
 
 def _acceptance_counts(table: pa.Table, answer_from_thought: bool) -> dict[str, int]:
