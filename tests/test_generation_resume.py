@@ -41,14 +41,14 @@ def _resubmit(ctx: StageContext, share: float) -> int:
 def test_a_failed_pass_is_not_done_on_resubmit_and_its_error_share_is_checked_again(tmp_path: Path) -> None:
     recipe = tiny_recipe(tmp_path / "run")
     ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord())
-    ctx.run.append_rows([_reply(row) for row in ROWS[:3]], "probe")
+    ctx.run.write_rows([_reply(row) for row in ROWS[:3]], "probe")
     errors = [{**_reply(ROWS[3], TOO_LONG), "attempt": attempt} for attempt in (1, 2)]
-    ctx.run.append_rows(errors, "probe_errors")
+    ctx.run.write_rows(errors, "probe_errors")
     # A pass that failed keeps its failed rows out of the folder: the resubmit sends them again.
     assert [row["key"] for row in missing_rows(ctx, ROWS, "probe")] == ["long"]
 
     # Error rows in the folder (an earlier version wrote them before failing) are checked, not taken as done.
-    ctx.run.append_rows([_reply(ROWS[3], TOO_LONG)], "probe")
+    ctx.run.write_rows([_reply(ROWS[3], TOO_LONG)], "probe", part=1)
     with pytest.raises(PassFailed, match=r"probe: 1 of 4 rows failed in the engine after 2 attempts \(25%, more "
                                          r"than max_error_share 10%\); commonest: 1 x prompt of 801 tokens"):
         _resubmit(ctx, share=0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
@@ -91,7 +92,7 @@ class FlakyFilesystemFake(pafs.FileSystemHandler):
 
 
 def _flaky_run(root: Path, **retries: float) -> tuple[RunRoot, FlakyFilesystemFake]:
-    RunRoot(str(root)).append_rows(ROWS, "stage", "rows")  # written through the plain local filesystem
+    RunRoot(str(root)).write_rows(ROWS, "stage", "rows")  # written through the plain local filesystem
     fake = FlakyFilesystemFake()
     return RunRoot(str(root), pafs.PyFileSystem(fake), **retries), fake
 
@@ -107,7 +108,7 @@ def _corrupt_file(run: RunRoot) -> Path:
 
 def test_corrupt_parquet_file_fails_the_read_naming_it_and_is_kept(tmp_path: Path) -> None:
     run = RunRoot(str(tmp_path), read_attempts=2, read_backoff_s=0)
-    run.append_rows(ROWS, "stage", "rows")
+    run.write_rows(ROWS, "stage", "rows")
     bad = _corrupt_file(run)
 
     with pytest.raises(RunRootReadError, match=r"part-corrupt\.parquet \(tried 2 times\): ArrowInvalid"):
@@ -120,7 +121,7 @@ def test_corrupt_parquet_file_fails_the_read_naming_it_and_is_kept(tmp_path: Pat
 
 def test_unfinished_tmp_files_are_ignored_and_left_alone(tmp_path: Path) -> None:
     run = RunRoot(str(tmp_path))
-    run.append_rows(ROWS, "stage", "rows")
+    run.write_rows(ROWS, "stage", "rows")
     [good] = run.parquet_files("stage", "rows")
     unfinished = Path(good).with_name("part-crashed.parquet.0123abcd.tmp")
     unfinished.write_bytes(b"PAR1 half a file")
@@ -134,7 +135,7 @@ def test_writes_leave_only_complete_files(tmp_path: Path) -> None:
     run = RunRoot(str(tmp_path))
     run.write_rows(ROWS, "stage", "small")
     run.write_rows(ROWS[:1], "stage", "small")  # replaced whole
-    run.append_rows(ROWS, "stage", "rows")
+    run.put_rows(pa.Table.from_pylist(ROWS), "stage", "rows")
     run.write_text("{}", "manifest.json")
 
     assert run.read_rows("stage", "small") == ROWS[:1]

@@ -1,4 +1,4 @@
-"""One resumable generation pass: prompt rows, run them through an engine, append to a dataset folder.
+"""One resumable generation pass: prompt rows, run them through an engine, write the replies to a dataset folder.
 
 Keys already present in the folder are not generated again, so a pass interrupted by a crash loses at
 most the batches in flight, and a finished pass costs nothing when re-run. A row the engine fails on is
@@ -7,6 +7,10 @@ more than the role's `max_error_share` of the pass fails, the pass fails with th
 commonest errors, and its failed rows stay out of the folder, so the next run tries them again (their
 attempts numbered on from `<folder>_errors`). Only a pass within its share writes a row that never
 succeeded, with `finish_reason` "error"; every run re-checks the share over the whole folder.
+
+The replies never pass through the driver: as they stream out of the engines, Ray's workers write each batch
+as one Parquet file named by a digest of its keys (a task Ray runs again writes the same file), and hand the
+driver counts and the keys and messages of the rows the engine failed on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,8 +32,9 @@ from sphuatuo.parsing.replies import split_think_answer
 from sphuatuo.passes import PassTarget, Row
 from sphuatuo.prompts import PromptInput
 from sphuatuo.recipe import EngineConfig
-from sphuatuo.store.datasets import FolderRows, keep_keys, keys_in, light_step
+from sphuatuo.store.datasets import FolderRows, keep_keys, keys_in, light_step, on_worker
 from sphuatuo.store.progress import RowProgress
+from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import LIGHT_CPUS
 
 log = logging.getLogger("sphuatuo")
@@ -69,26 +75,36 @@ def generate_pass(
     Each row needs a unique `key`. `messages` gives each row's chat, or a raw prompt string that the engine
     sends without the chat template (all rows of a pass the one or the other); it runs on Ray's workers, so it
     must pickle. Output rows are the input rows plus the engine's columns (see
-    `sphuatuo.engines.GENERATION_COLUMNS`) and `model`.
+    `sphuatuo.engines.GENERATION_COLUMNS`) and `model`; Ray's workers write them, the driver gets counts.
     """
     todo, todo_count = _todo(ctx, rows, folder)
-    failed, generated = pa.table({}), 0
+    failed, generated = Failures(), 0
     if todo_count:
         failed, generated = _generate_with_retries(ctx, todo, todo_count, folder, engine, request, messages,
                                                    model or engine.model)
-    errors = failed.column("engine_error").to_pylist() if failed.num_rows else []
     # Error rows already in the folder count too (kept by an earlier run within a share since lowered, or
     # written by a version that kept them before failing), so a resumed pass never passes unchecked.
-    kept = ctx.run.read_rows(folder, where=[("finish_reason", "==", "error")])
-    if kept and not isinstance(rows, FolderRows):
-        keys = {row["key"] for row in rows}
-        kept = [row for row in kept if row["key"] in keys]
-    errors += [row.get("engine_error") for row in kept]
+    keys = None if isinstance(rows, FolderRows) else {row["key"] for row in rows}
+    kept = on_worker(_kept_errors, ctx.run, folder, keys)
     total = rows.count if isinstance(rows, FolderRows) else len(rows)
-    _check_error_share(folder, errors, total, engine)
-    if failed.num_rows:
-        ctx.run.append_rows(failed, folder)  # kept, with finish_reason "error" and the engine's message
+    _check_error_share(folder, failed.errors + kept, total, engine)
+    if failed.keys:  # kept, with finish_reason "error" and the engine's message
+        on_worker(_keep_failed_rows, ctx.run, folder, failed.keys)
     return generated
+
+
+@dataclass
+class Failures:
+    """The keys and engine messages of the rows a pass could not generate (the rows stay in `<folder>_errors`)."""
+
+    keys: list[str] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+
+def _kept_errors(run: RunRoot, folder: str, keys: set[str] | None) -> list[str | None]:
+    """The engine's message of each error row in `folder` (of those whose key is in `keys`, when given)."""
+    kept = run.read_rows(folder, where=[("finish_reason", "==", "error")])
+    return [row.get("engine_error") for row in kept if keys is None or row["key"] in keys]
 
 
 def _todo(ctx: PassTarget, rows: list[Row] | FolderRows, folder: str) -> tuple[ray.data.Dataset | None, int]:
@@ -108,29 +124,36 @@ def _todo(ctx: PassTarget, rows: list[Row] | FolderRows, folder: str) -> tuple[r
 
 def _generate_with_retries(ctx: PassTarget, todo: ray.data.Dataset, todo_count: int, folder: str,
                            engine: EngineConfig, request: Request, messages: Callable[[Row], PromptInput],
-                           model_name: str) -> tuple[pa.Table, int]:
+                           model_name: str) -> tuple[Failures, int]:
     """Generate `todo` into `folder`, each row tried up to `max_attempts` times; return the rows that never
     succeeded and how many rows went through the engine. Every failed attempt goes to `<folder>_errors`,
     numbered after those of earlier runs."""
-    earlier = Counter(ctx.run.read_column("key", f"{folder}_errors"))
+    earlier = dict(Counter(ctx.run.read_column("key", f"{folder}_errors")))
     progress = RowProgress(folder, total=todo_count)
-    pending, failed = todo, pa.table({})
+    pending, failed = todo, Failures()
     for attempt in range(1, engine.max_attempts + 1):
-        failed = _generate_once(ctx, pending, folder, engine, request, messages, model_name, progress)
-        if not failed.num_rows:
+        failed = _generate_once(ctx, pending, folder, engine, request, messages, model_name, progress,
+                                Attempt(attempt, earlier))
+        if not failed.keys:
             break
-        numbers = [earlier[key] + attempt for key in failed.column("key").to_pylist()]
-        ctx.run.append_rows(failed.append_column("attempt", pa.array(numbers)), f"{folder}_errors")
         if attempt < engine.max_attempts:
             log.warning("%s: %d rows failed in the engine (attempt %d of %d); trying them again", folder,
-                        failed.num_rows, attempt, engine.max_attempts)
-            pending = keep_keys(todo, failed.column("key").combine_chunks(), keep=True)
-    progress.update(failed.num_rows)
+                        len(failed.keys), attempt, engine.max_attempts)
+            pending = keep_keys(todo, pa.array(failed.keys, pa.string()), keep=True)
+    progress.update(len(failed.keys))
     done = progress.close()
     passes = ctx.record.details.setdefault("throughput", {})
     passes[folder] = {"rows": done.rows, "seconds": round(done.seconds, 1), "rows_per_s": round(done.rows_per_s, 3),
-                      "output_tokens_per_s": round(done.tokens_per_s, 1), "engine_errors": failed.num_rows}
+                      "output_tokens_per_s": round(done.tokens_per_s, 1), "engine_errors": len(failed.keys)}
     return failed, done.rows
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Which trip through the engine this is, and how many failed attempts each key had in earlier runs."""
+
+    number: int
+    earlier: dict[str, int]
 
 
 def _engine_input(row: Row, prompt: PromptInput) -> Row:
@@ -144,24 +167,54 @@ def _engine_inputs(batch: pa.Table, messages: Callable[[Row], PromptInput], fold
     return pa.Table.from_pylist(items)
 
 
+def _write_replies(batch: pa.Table, run: RunRoot, folder: str, attempt: Attempt) -> pa.Table:
+    """On one of Ray's workers: write the rows the engine answered to `folder` and the rows it failed on,
+    numbered, to `<folder>_errors`; hand on only counts and the failed rows' keys and messages."""
+    written, tokens, keys, errors = 0, 0, [], []
+    if batch.num_rows:
+        error = pc.equal(batch["finish_reason"], "error")
+        ok, failed = batch.filter(pc.invert(error)), batch.filter(error)
+        if ok.num_rows:
+            run.put_rows(ok, folder)
+            written, tokens = ok.num_rows, pc.sum(ok["num_generated_tokens"]).as_py() or 0
+        keys = failed.column("key").to_pylist()
+        if keys:  # (the hf back-end never fails a row, and has no `engine_error` column)
+            errors = failed.column("engine_error").to_pylist()
+            numbers = [attempt.earlier.get(key, 0) + attempt.number for key in keys]
+            run.put_rows(failed.append_column("attempt", pa.array(numbers)), f"{folder}_errors",
+                         tag=" ".join(map(str, numbers)))
+    return pa.table({"written": [written], "output_tokens": [tokens],
+                     "failed_keys": pa.array([keys], pa.list_(pa.string())),
+                     "failed_errors": pa.array([errors], pa.list_(pa.string()))})
+
+
+def _keep_failed_rows(run: RunRoot, folder: str, keys: list[str]) -> None:
+    """Write the last failed attempt of each of `keys` from `<folder>_errors` to `folder`, as its final row."""
+    attempts = run.read_rows(f"{folder}_errors", where=[("key", "in", keys)])
+    last = {row["key"]: row for row in sorted(attempts, key=lambda row: row["attempt"])}
+    run.put_rows(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "attempt"} for row in last.values()]),
+                 folder)
+
+
 def _generate_once(ctx: PassTarget, rows: ray.data.Dataset, folder: str, engine: EngineConfig, request: Request,
-                   messages: Callable[[Row], PromptInput], model_name: str, progress: RowProgress) -> pa.Table:
-    """One trip of `rows` through the engine: successful rows are appended to `folder` batch by batch as they
-    stream out (a crash loses only the batches in flight; the driver holds one batch at a time); the rows the
-    engine failed on are returned."""
+                   messages: Callable[[Row], PromptInput], model_name: str, progress: RowProgress,
+                   attempt: Attempt) -> Failures:
+    """One trip of `rows` through the engine: Ray's workers write the replies batch by batch as they stream out
+    (a crash loses only the batches in flight) and the driver adds up their counts; the keys and messages of the
+    rows the engine failed on are returned."""
     ds = rows.map_batches(_engine_inputs, fn_kwargs={"messages": messages, "folder": folder},
                           batch_format="pyarrow", **light_step())
     ds = engines.generate(ds, engine, request, model=model_name, services=ctx.engines, folder=folder)
     ds = ds.map(lambda row: _whole_reply(row, model_name), num_cpus=LIGHT_CPUS)  # fuses into the engine's postprocess
-    failed = []
+    ds = ds.map_batches(_write_replies, fn_kwargs={"run": ctx.run, "folder": folder, "attempt": attempt},
+                        batch_size=None, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    failed = Failures()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            error = pc.equal(batch["finish_reason"], "error")
-            ok = batch.filter(pc.invert(error))
-            if ok.num_rows:
-                ctx.run.append_rows(ok, folder)
-                progress.update(ok.num_rows, pc.sum(ok["num_generated_tokens"]).as_py() or 0)
-            failed.append(batch.filter(error))
+            for counts in batch.to_pylist():
+                progress.update(counts["written"], counts["output_tokens"])
+                failed.keys += counts["failed_keys"]
+                failed.errors += counts["failed_errors"]
     except ray.exceptions.RayError as err:
         reason = _replica_death(err)
         if reason is None:
@@ -170,9 +223,7 @@ def _generate_once(ctx: PassTarget, rows: ray.data.Dataset, folder: str, engine:
             f"{folder}: an engine replica of {model_name} died after {engine.max_restarts} restarts (max_restarts); "
             f"the {progress.rows} rows written are kept and a re-run generates the rest. Ray: {reason[:500]}"
         ) from err
-    if not failed:
-        return pa.table({"key": pa.array([], pa.string())})
-    return pa.concat_tables(failed, promote_options="default")
+    return failed
 
 
 def _replica_death(err: ray.exceptions.RayError) -> str | None:

@@ -174,16 +174,12 @@ class RunRoot:
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
         self._write_parquet(table, *parts, f"part-{part:05d}.parquet")
 
-    def append_rows(self, rows: list[dict[str, Any]] | pa.Table, *parts: str) -> None:
-        """Add one Parquet file to a dataset folder, written whole or not at all (a crash mid-write
-        leaves a `.tmp` that readers ignore)."""
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-        self._write_parquet(table, *parts, f"part-{uuid.uuid4().hex}.parquet")
-
-    def put_rows(self, table: pa.Table, *parts: str, key: str = "key") -> None:
-        """Add rows written by one of Ray's workers as one Parquet file named by a digest of their keys, replacing
-        it whole: a task that Ray runs again after a crash writes the same file, never a second copy of its rows."""
-        digest = hashlib.sha256("\n".join(map(str, table.column(key).to_pylist())).encode("utf-8")).hexdigest()
+    def put_rows(self, table: pa.Table, *parts: str, key: str = "key", tag: str = "") -> None:
+        """Add rows written by one of Ray's workers as one Parquet file named by a digest of their keys (and `tag`,
+        for a folder that holds several rows of a key), replacing it whole: a task that Ray runs again after a
+        crash writes the same file, never a second copy of its rows."""
+        names = "\n".join([*([tag] if tag else []), *map(str, table.column(key).to_pylist())])
+        digest = hashlib.sha256(names.encode("utf-8")).hexdigest()
         self._write_parquet(table, *parts, f"part-{digest[:32]}.parquet")
 
     def read_rows(self, *parts: str, where: list[tuple[str, str, Any]] | None = None) -> list[dict[str, Any]]:
