@@ -18,13 +18,16 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 import yaml
 
 from sphuatuo.recipe import Recipe
 from sphuatuo.store.runtime import apply_cpu_environment, apply_driver_environment
+
+if TYPE_CHECKING:
+    from sphuatuo.engines.serving import EngineServices
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -165,6 +168,17 @@ def openai_server(tiny_model: str) -> Iterator[str]:
     yield f"{base_url}/v1"
     os.killpg(server.pid, 15)
     server.wait(timeout=60)
+
+
+@pytest.fixture
+def kept_engines(ray_cluster) -> Iterator[EngineServices]:
+    """Engines kept up across the test's passes, as `sphuatuo run` keeps them (`ray.keep_engines_up`, the default):
+    a model's engine starts once, not once per pass (the engine of a pass has its own tests)."""
+    from sphuatuo.engines.serving import EngineServices
+
+    services = EngineServices()
+    yield services
+    services.close()
 
 
 def raw_test_recipe(name: str, run_root: Path, changes: dict[str, object]) -> dict:

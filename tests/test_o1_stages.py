@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import raw_test_recipe
+from sphuatuo.engines.serving import EngineServices
 from sphuatuo.parsing.o1 import format_o1
 from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import O1Recipe
 from sphuatuo.stages import StageContext, questions
-from sphuatuo.stages.huatuo_o1 import rl
+from sphuatuo.stages.huatuo_o1 import reasoning_search, rl
 from sphuatuo.stages.huatuo_o1 import sft as o1_sft
 from sphuatuo.store.manifest import Manifest, StageRecord
 from sphuatuo.store.run_root import RunRoot
@@ -57,10 +58,10 @@ def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster) -
     # Search: depth 1, one attempt, then the label-revealed step; nothing parses, so nothing is solved.
     search = stages["reasoning_search"]
     assert search.status == "done" and search.details["rounds"] == 3 and search.details["solved_at_depth"] == {}
-    steps = run.read_rows("reasoning_search", "steps")
+    steps = [row for number in range(3) for row in run.read_rows("reasoning_search", f"round_{number}", "steps")]
     assert sorted(s["key"] for s in steps) == [f"{searched}:a0:d0", f"{searched}:a0:d1", f"{searched}:label"]
     assert [s["step"] for s in sorted(steps, key=lambda s: s["key"])] == ["init", "init", "label"]
-    verdicts = run.read_rows("reasoning_search", "verdicts")
+    verdicts = [row for number in range(3) for row in run.read_rows("reasoning_search", f"round_{number}", "verdicts")]
     assert all(v["verdict"] is None and v["decided_by"] == "none" for v in verdicts)
     failed = run.read_rows("reasoning_search", "failed")
     assert [f["reason"] for f in failed] == ["not verified even with the label revealed"]
@@ -181,3 +182,42 @@ def test_rloo_trains_through_ray_train(tmp_path: Path, ray_cluster) -> None:
     logged = [e for e in json.loads(run.read_text("rl", "train_log.json")) if "loss" in e]
     assert len(logged) == 2 and all(math.isfinite(e["loss"]) and "rewards/o1_reward/mean" in e for e in logged)
     assert run.exists("rl", "model", "model.safetensors")
+
+
+def test_verified_items_are_written_up_each_item_ends_once_and_a_rerun_generates_nothing(
+        tmp_path: Path, kept_engines: EngineServices) -> None:
+    """tiny-think ends every reply within a hundred tokens, read as one plain-text step: its conclusions reach the
+    verifier, which (the tiny model, constrained to True/False) accepts nearly every open-ended one, while the
+    multiple-choice items are verified by their option letters. Verified items are written up (natural reasoning,
+    then a final response) into `paths`; every item ends once, in `paths` or `failed`, with its trace."""
+    think = {"backend": "vllm", "model": "builtin:tiny-think", "max_model_len": 4096, "batch_size": 8}
+    recipe = tiny_o1_recipe(tmp_path / "run", **{
+        "models.teacher": think, "stages.reasoning_search.plain_text_fallback": True,
+        "stages.reasoning_search.sampling": {"temperature": 0.0, "max_tokens": 128}})
+    run = RunRoot(recipe.run_root)
+    questions.run(StageContext(recipe, run, StageRecord()))
+    problems = [{**q, "problem": q["question"], "ground_truth": q["reference"] or q["answer"][0]}
+                for q in run.read_rows("questions", "train")]
+    run.write_rows(problems, "verifiable_problems", "search")
+    ctx = StageContext(recipe, run, StageRecord(), engines=kept_engines)
+    reasoning_search.run(ctx)
+
+    details = ctx.record.details
+    paths, failed = run.read_rows("reasoning_search", "paths"), run.read_rows("reasoning_search", "failed")
+    assert sorted([p["id"] for p in paths] + [f["id"] for f in failed]) == sorted(p["id"] for p in problems)
+    assert details["searched"] == len(problems) and details["written"] == len(paths) >= 1
+    assert ctx.record.rows_out == len(paths) and ctx.record.rows_failed == len(failed)
+    for path in paths:
+        trace = json.loads(path["trace"])
+        assert path["complex_cot"].strip() and path["response"].strip() and path["generator"] == "builtin:tiny-think"
+        assert path["strategies"][0] == "init" and path["verdicts"][-1] is True and len(trace) == len(path["verdicts"])
+        assert path["solved_at"] == ("label" if path["label_revealed"] else str(trace[-1]["depth"]))
+    assert all(f["reason"] and json.loads(f["trace"]) for f in failed)
+    assert sum(details["solved_at_depth"].values()) == details["solved"] >= len(paths)
+    assert ctx.record.output_tokens > 0 and details["plain_text_steps"] == details["steps"]
+
+    # Run again on the same root: every pass finds its rows written, nothing is generated, the same paths.
+    again = StageContext(recipe, run, StageRecord(), engines=kept_engines)
+    reasoning_search.run(again)
+    assert "throughput" not in again.record.details
+    assert run.read_rows("reasoning_search", "paths") == paths and again.record.details["solved"] == details["solved"]

@@ -11,7 +11,6 @@ stage's own test trains and exports one).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,15 +34,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "questions"
 
 def _context(recipe, engines: EngineServices | None = None) -> StageContext:
     return StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=engines)
-
-
-@pytest.fixture
-def kept_engines(ray_cluster) -> Iterator[EngineServices]:
-    """Engines kept up across the test's passes, as `sphuatuo run` keeps them (`ray.keep_engines_up`, the default):
-    a model's engine starts once, not once per pass (the engine of a pass has its own tests)."""
-    services = EngineServices()
-    yield services
-    services.close()
 
 
 def _accepted_teacher_rows(run: RunRoot) -> list[dict]:

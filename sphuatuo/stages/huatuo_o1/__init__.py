@@ -2,8 +2,8 @@
 
 Roles: teacher = the search generator (GPT-4o in the paper), judge = the verifier, student = the policy.
 `search` is the search's control (strategy choice and bookkeeping), free of Ray and engines. A run can start
-at the search, at SFT or at RL from the datasets the authors released (`data:` of those stages); what
-shares the released rows is `released_rows`.
+at the search, at SFT or at RL from the datasets the authors released (`data:` of those stages), copied into
+the run by `write_released`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from sphuatuo.data.released import Released
-from sphuatuo.passes import Row
 from sphuatuo.stages import StageContext
 
 
-def released_rows(ctx: StageContext, folder: str, location: str, load: Callable[[str], Released],
-                  rejects: str = "released_rejects.jsonl", what: str = "the released file") -> list[Row]:
-    """The rows of a released file; its bad records go to `<folder>/<rejects>`, counted and noted."""
+def write_released(ctx: StageContext, folder: str, location: str, load: Callable[[str], Released],
+                   kept: str = "released", rejects: str = "released_rejects.jsonl",
+                   what: str = "the released file") -> int:
+    """Copy the rows of a released file to `<folder>/<kept>`, where the stage's steps read them on Ray's workers;
+    its bad records go to `<folder>/<rejects>`, counted and noted. The file is read here, where its path is valid
+    (as the questions stage reads question files). Returns how many rows were kept."""
     released = load(location)
     ctx.record.rows_rejected += len(released.rejects)
     ctx.run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in released.rejects),
                        folder, rejects)
+    ctx.run.write_rows(released.rows, folder, kept)
     ctx.note(f"{len(released.rows)} rows from {what} {location}, {len(released.rejects)} rejected")
-    return released.rows
+    return len(released.rows)

@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sphuatuo.data.released import verifiable_problems
-from sphuatuo.engines import Request
+from sphuatuo.engines import GENERATION_COLUMNS, Request
 from sphuatuo.parsing.o1 import (
     Parsed,
     chain_from_plain_text,
@@ -27,17 +32,22 @@ from sphuatuo.parsing.o1 import (
     render_chain,
 )
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import count_tokens, generate_pass
+from sphuatuo.passes.generation import generate_pass
 from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.prompts import Messages, get_prompt
 from sphuatuo.recipe import ReasoningSearchStage
 from sphuatuo.stages import StageContext, StageSkipped, log
-from sphuatuo.stages.huatuo_o1 import released_rows
+from sphuatuo.stages.huatuo_o1 import write_released
 from sphuatuo.stages.huatuo_o1.search import INIT, LABEL, SearchPlan, SearchState, advance, solved_counts
+from sphuatuo.store.datasets import FolderRows, light_step, on_worker, read_folder
+from sphuatuo.store.run_root import RunRoot
 
 NAME = "reasoning_search"
 CONFIG = ("models.teacher", "models.judge", "stages.reasoning_search", "seed", "stages.sft.data")
 READS = ("verifiable_problems",)
+# What the passes add to an item's row (its reply and verdict): dropped when the item moves on.
+ANSWERED_COLUMNS = frozenset((*GENERATION_COLUMNS, "engine_error", "model", "conclusion", "verdict", "decided_by",
+                              "verdict_raw"))
 
 
 def step_messages(stage: ReasoningSearchStage, row: Row) -> Messages:
@@ -65,105 +75,180 @@ def read_natural(stage: ReasoningSearchStage, text: str) -> Parsed:
     return parsed
 
 
-def search(ctx: StageContext, problems: list[Row]) -> list[SearchState]:
-    """Run search rounds until no item is searching; return every item's final state."""
+def search(ctx: StageContext, count: int) -> SearchCounts:
+    """Run search rounds over `reasoning_search/round_0/items` until no item is searching; every finished item's
+    state goes to `reasoning_search/finished`. The rows stay on Ray's workers: each round is a generation pass
+    and a verification pass over that round's items, and one worker task advances them into the next round's."""
     stage = ctx.recipe.stages.reasoning_search
     plan = SearchPlan(max_depth=stage.max_depth, max_attempts=stage.max_attempts, reveal_label=stage.reveal_label,
                       strategies=tuple(stage.strategies), seed=ctx.recipe.seed)
-    by_id = {row["id"]: row for row in problems}
-    states = {row["id"]: SearchState(id=row["id"]) for row in problems}
-    request = Request.from_config(stage.sampling)
-    rounds = 0
-    while active := [state for state in states.values() if state.status == "searching"]:
-        rounds += 1
-        log.info("%s: round %d, %d items searching", NAME, rounds, len(active))
-        rows = [{**by_id[s.id], "key": s.key, "step": s.step, "attempt": s.attempt, "depth": s.depth,
-                 "chain": json.dumps(list(s.chain), ensure_ascii=False)} for s in active]
-        generate_pass(ctx, rows, f"{NAME}/steps", engine=ctx.recipe.models.teacher, request=request,
+    request, teacher, judge = Request.from_config(stage.sampling), ctx.recipe.models.teacher, ctx.recipe.models.judge
+    counts, searching = SearchCounts(), count
+    while searching:
+        here = round_folder(counts.rounds)
+        log.info("%s: round %d, %d items searching", NAME, counts.rounds + 1, searching)
+        items = read_folder(ctx.run, NAME, here, "items", rows_per_block=teacher.batch_size)
+        generate_pass(ctx, items, f"{NAME}/{here}/steps", engine=teacher, request=request,
                       messages=lambda row: step_messages(stage, row))
-        keys = {s.key for s in active}
-        replies = {row["key"]: row for row in ctx.run.read_rows(NAME, "steps") if row["key"] in keys}
-        parsed = {key: read_chain(stage, reply["generated_text"]) for key, reply in replies.items()}
-        verdict_pass(ctx, [{**by_id[s.id], "key": s.key,
-                            "conclusion": last_conclusion(parsed[s.key].value) if parsed[s.key].value else None}
-                           for s in active], f"{NAME}/verdicts", ctx.recipe.models.judge,
+        replies = read_folder(ctx.run, NAME, here, "steps", rows_per_block=teacher.batch_size)
+        conclusions = replies.rows.map_batches(_with_conclusions, fn_kwargs={"stage": stage}, batch_format="pyarrow",
+                                               **light_step())
+        verdict_pass(ctx, FolderRows(conclusions, replies.count), f"{NAME}/{here}/verdicts", judge,
                      conclusion_verifier(stage.verifier_prompt))
-        verdicts = {row["key"]: row["verdict"] for row in ctx.run.read_rows(NAME, "verdicts") if row["key"] in keys}
-        for s in active:
-            states[s.id] = advance(plan, s, parsed[s.key].value, verdicts[s.key], parsed[s.key].error)
-    ctx.record.details["rounds"] = rounds
-    return list(states.values())
+        searching, solved = on_worker(_advance, ctx.run, plan, stage, counts.rounds)
+        counts.rounds, counts.solved = counts.rounds + 1, counts.solved + solved
+    return counts
 
 
-def write_up(ctx: StageContext, solved: list[tuple[Row, SearchState]]) -> tuple[list[Row], list[Row]]:
-    """Natural reasoning and final response for each solved chain; returns (paths, failures)."""
-    stage = ctx.recipe.stages.reasoning_search
-    teacher, request = ctx.recipe.models.teacher, Request.from_config(stage.sampling)
-    natural_prompt, response_prompt = get_prompt(stage.natural_prompt), get_prompt(stage.response_prompt)
-    rows = [{**row, "key": row["id"], "thought_process": render_chain(list(state.chain))} for row, state in solved]
-    generate_pass(ctx, rows, f"{NAME}/natural", engine=teacher, request=request,
-                  messages=lambda row: natural_prompt.messages(thought_process=row["thought_process"],
-                                                               question=row["problem"]))
-    natural = {row["key"]: read_natural(stage, row["generated_text"]) for row in ctx.run.read_rows(NAME, "natural")}
-    failures = [{"id": row["id"], "reason": f"natural reasoning: {natural[row['id']].error}"}
-                for row, _ in solved if natural[row["id"]].error]
-    written = [(row, state) for row, state in solved if not natural[row["id"]].error]
-    rows = [{**row, "key": row["id"], "complex_cot": natural[row["id"]].value} for row, _ in written]
-    generate_pass(ctx, rows, f"{NAME}/response", engine=teacher, request=request,
-                  messages=lambda row: response_prompt.messages(thinking=row["complex_cot"], question=row["problem"]))
-    responses = {row["key"]: row for row in ctx.run.read_rows(NAME, "response")}
+def round_folder(number: int) -> str:
+    return f"round_{number}"
+
+
+@dataclass
+class SearchCounts:
+    rounds: int = 0
+    solved: int = 0
+
+
+def _start(run: RunRoot, problems: tuple[str, ...], max_problems: int | None) -> int:
+    """On a worker: every problem (the first `max_problems`) starts at the initial reasoning, as round 0's items."""
+    rows = run.read_rows(*problems)[:max_problems]
+    if rows:
+        run.write_rows([{**row, **SearchState(id=row["id"]).columns()} for row in rows], NAME, round_folder(0),
+                       "items")
+    return len(rows)
+
+
+def _with_conclusions(batch: pa.Table, stage: ReasoningSearchStage) -> pa.Table:
+    """The verifier's input: each reply's last Final Conclusion (None when the reply has no chain)."""
+    rows = []
+    for row in batch.to_pylist():
+        steps = read_chain(stage, row["generated_text"]).value
+        rows.append({**row, "conclusion": last_conclusion(steps) if steps else None})
+    return pa.Table.from_pylist(rows)
+
+
+def _advance(run: RunRoot, plan: SearchPlan, stage: ReasoningSearchStage, number: int) -> tuple[int, int]:
+    """On a worker: advance each verified item of round `number`; the ones still searching are the next round's
+    items, the finished ones go to `finished` (one file per round, so doing it again writes the same files).
+    Returns how many are still searching and how many were solved."""
+    searching, finished = [], []
+    for row in run.read_rows(NAME, round_folder(number), "verdicts"):
+        parsed = read_chain(stage, row["generated_text"])
+        state = advance(plan, SearchState.of_row(row), parsed.value, row["verdict"], parsed.error)
+        problem = {key: value for key, value in row.items() if key not in ANSWERED_COLUMNS}
+        (searching if state.status == "searching" else finished).append({**problem, **state.columns()})
+    if searching:
+        run.write_rows(searching, NAME, round_folder(number + 1), "items")
+    if finished:
+        run.write_rows(finished, NAME, "finished", part=number)
+    return len(searching), sum(row["status"] == "solved" for row in finished)
+
+
+def _natural_requests(batch: pa.Table) -> pa.Table:
+    """The solved items, each with its verified chain rendered as text."""
+    rows = [{**row, "key": row["id"], "thought_process": render_chain(json.loads(row["chain"]))}
+            for row in batch.to_pylist() if row["status"] == "solved"]
+    return pa.Table.from_pylist(rows) if rows else batch.slice(0, 0)
+
+
+def _response_requests(run: RunRoot, stage: ReasoningSearchStage) -> int:
+    """On a worker: the solved items whose natural reasoning was read, for the final response; the others fail."""
+    requests, failures = [], []
+    for row in run.read_rows(NAME, "natural"):
+        natural = read_natural(stage, row["generated_text"])
+        if natural.error:
+            failures.append({"id": row["id"], "reason": f"natural reasoning: {natural.error}", "trace": row["trace"]})
+        else:
+            item = {key: value for key, value in row.items() if key not in ANSWERED_COLUMNS}
+            requests.append({**item, "complex_cot": natural.value})
+    if requests:
+        run.write_rows(requests, NAME, "response_requests")
+    run.write_rows(failures, NAME, "failed", part=1)
+    return len(requests)
+
+
+def _write_paths(run: RunRoot, generator: str) -> int:
+    """On a worker: the written-up paths, and every item that failed (search, natural reasoning or response)."""
     paths = []
-    for row, state in written:
-        reply = responses[row["id"]]
-        if reply["finish_reason"] == "length" or not reply["generated_text"].strip():
-            failures.append({"id": row["id"], "reason": "final response empty or cut at max_tokens"})
+    failures = [{"id": row["id"], "reason": row["reason"], "trace": row["trace"]}
+                for row in run.read_rows(NAME, "finished") if row["status"] == "failed"]
+    for row in run.read_rows(NAME, "response"):
+        if row["finish_reason"] == "length" or not row["generated_text"].strip():
+            failures.append({"id": row["id"], "reason": "final response empty or cut at max_tokens",
+                             "trace": row["trace"]})
             continue
+        trace = json.loads(row["trace"])
+        state = SearchState.of_row(row)
         paths.append({
             **{key: row[key] for key in ("id", "question", "options", "answer", "source", "problem", "ground_truth")},
-            "complex_cot": natural[row["id"]].value,
-            "response": reply["generated_text"].strip(),
-            "strategies": [entry["step"] for entry in state.trace],
-            "verdicts": [entry["verdict"] for entry in state.trace],
+            "complex_cot": row["complex_cot"],
+            "response": row["generated_text"].strip(),
+            "strategies": [entry["step"] for entry in trace],
+            "verdicts": [entry["verdict"] for entry in trace],
             "attempts": state.attempt + 1,
             "solved_at": state.solved_at,
             "label_revealed": state.label_revealed,
-            "trace": json.dumps(list(state.trace)),
-            "generator": teacher.model,
+            "trace": row["trace"],
+            "generator": generator,
         })
-    return paths, failures
+    run.write_rows(paths, NAME, "paths")
+    run.write_rows(failures, NAME, "failed", part=0)
+    return len(paths)
+
+
+def write_up(ctx: StageContext, solved: int) -> None:
+    """Natural reasoning and a final response for each solved chain, into `paths`; what fails into `failed`."""
+    stage = ctx.recipe.stages.reasoning_search
+    teacher, request = ctx.recipe.models.teacher, Request.from_config(stage.sampling)
+    natural_prompt, response_prompt = get_prompt(stage.natural_prompt), get_prompt(stage.response_prompt)
+    if solved:
+        finished = read_folder(ctx.run, NAME, "finished", rows_per_block=teacher.batch_size)
+        requests = finished.rows.map_batches(_natural_requests, batch_format="pyarrow", **light_step())
+        generate_pass(ctx, FolderRows(requests, solved), f"{NAME}/natural", engine=teacher, request=request,
+                      messages=lambda row: natural_prompt.messages(thought_process=row["thought_process"],
+                                                                   question=row["problem"]))
+    if solved and on_worker(_response_requests, ctx.run, stage):
+        generate_pass(ctx, read_folder(ctx.run, NAME, "response_requests", rows_per_block=teacher.batch_size),
+                      f"{NAME}/response", engine=teacher, request=request,
+                      messages=lambda row: response_prompt.messages(thinking=row["complex_cot"],
+                                                                    question=row["problem"]))
+
+
+def _summary(run: RunRoot, rounds: int) -> dict[str, Any]:
+    """On a worker: the manifest's details from every finished item's trace and every round's steps."""
+    states = [SearchState.of_row(row) for row in run.read_rows(NAME, "finished")]
+    steps = [run.read_parquet_file(file, ["num_input_tokens", "num_generated_tokens"])
+             for number in range(rounds) for file in run.parquet_files(NAME, round_folder(number), "steps")]
+    entries = [entry for state in states for entry in state.trace]
+    plain = [entry for entry in entries if (entry["parse_error"] or "").startswith("read as plain text")]
+    return {
+        "solved_at_depth": solved_counts(states), "searched": len(states),
+        "label_revealed": sum(1 for s in states if s.label_revealed), "steps": len(entries),
+        "unparsable_steps": sum(1 for entry in entries if entry["parse_error"]) - len(plain),
+        "plain_text_steps": len(plain),
+        "strategies": dict(sorted(Counter(entry["step"] for entry in entries).items())),
+        "input_tokens": sum(pc.sum(t["num_input_tokens"]).as_py() or 0 for t in steps),
+        "output_tokens": sum(pc.sum(t["num_generated_tokens"]).as_py() or 0 for t in steps),
+    }
 
 
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.reasoning_search
     if ctx.recipe.stages.sft.data:
         raise StageSkipped(f"SFT starts from the released paths in {ctx.recipe.stages.sft.data} (stages.sft.data)")
-    problems = (released_rows(ctx, NAME, stage.data, verifiable_problems) if stage.data
-                else ctx.run.read_rows("verifiable_problems", "search"))[: stage.max_problems]
-    ctx.record.rows_in = len(problems)
-    if not problems:
+    if stage.data:
+        write_released(ctx, NAME, stage.data, verifiable_problems)
+    problems = (NAME, "released") if stage.data else ("verifiable_problems", "search")
+    count = ctx.record.rows_in = on_worker(_start, ctx.run, problems, stage.max_problems)
+    if not count:
         raise StageSkipped("no verifiable problems for the search (verifiable_problems/search is empty)")
-    states = search(ctx, problems)
-    by_id = {row["id"]: row for row in problems}
-    solved = [(by_id[s.id], s) for s in states if s.status == "solved"]
-    paths, failures = write_up(ctx, solved) if solved else ([], [])
-    failures += [{"id": s.id, "reason": s.reason} for s in states if s.status == "failed"]
-    traces = {s.id: json.dumps(list(s.trace)) for s in states}
-    ctx.run.write_rows(paths, NAME, "paths")
-    ctx.run.write_rows([{**f, "trace": traces[f["id"]]} for f in failures], NAME, "failed")
-
-    steps = ctx.run.read_rows(NAME, "steps")
-    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(steps)
-    ctx.record.rows_out = len(paths)
-    ctx.record.rows_failed = len(failures)
-    strategies = Counter(entry["step"] for s in states for entry in s.trace)
-    ctx.record.details.update(
-        solved_at_depth=solved_counts(states), searched=len(states), solved=len(solved), written=len(paths),
-        label_revealed=sum(1 for s in states if s.label_revealed), steps=len(steps),
-        unparsable_steps=sum(1 for s in states for entry in s.trace
-                             if entry["parse_error"] and not entry["parse_error"].startswith("read as plain text")),
-        plain_text_steps=sum(1 for s in states for entry in s.trace
-                             if (entry["parse_error"] or "").startswith("read as plain text")),
-        strategies=dict(sorted(strategies.items())),
-    )
-    ctx.note(f"{len(solved)} of {len(states)} problems verified (by depth: {solved_counts(states)}), "
-             f"{len(paths)} written up")
+    counts = search(ctx, count)
+    write_up(ctx, counts.solved)
+    written = ctx.record.rows_out = on_worker(_write_paths, ctx.run, ctx.recipe.models.teacher.model)
+    ctx.record.rows_failed = ctx.run.count_rows(NAME, "failed")
+    summary = on_worker(_summary, ctx.run, counts.rounds)
+    ctx.record.input_tokens, ctx.record.output_tokens = summary.pop("input_tokens"), summary.pop("output_tokens")
+    ctx.record.details.update(rounds=counts.rounds, solved=counts.solved, written=written, **summary)
+    ctx.note(f"{counts.solved} of {count} problems verified (by depth: {summary['solved_at_depth']}), "
+             f"{written} written up")

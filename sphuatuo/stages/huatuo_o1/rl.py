@@ -9,14 +9,17 @@ otherwise (`sphuatuo.train.reward`).
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from sphuatuo.data.questions import Question
 from sphuatuo.data.released import verifiable_problems
 from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt
+from sphuatuo.recipe import RlStage
 from sphuatuo.stages import StageContext, StageSkipped
-from sphuatuo.stages.huatuo_o1 import released_rows
+from sphuatuo.stages.huatuo_o1 import write_released
 from sphuatuo.stages.training import model_of, train_stage, training_log
+from sphuatuo.store.run_root import RunRoot
 from sphuatuo.train.grpo import grpo_worker
 
 NAME = "rl"
@@ -48,12 +51,18 @@ def start_model(ctx: StageContext) -> str:
     return model_of(ctx, "base")
 
 
+def examples_of_run(stage: RlStage, run: RunRoot) -> list[Row]:
+    """The RL prompts from the RL share of the problems, or the released ones; made on a worker."""
+    problems = run.read_rows(NAME, "released") if stage.data else run.read_rows("verifiable_problems", "rl")
+    return rl_examples(stage.prompt, problems[: stage.max_prompts])
+
+
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.rl
-    problems = (released_rows(ctx, NAME, stage.data, verifiable_problems) if stage.data
-                else ctx.run.read_rows("verifiable_problems", "rl"))[: stage.max_prompts]
-    ctx.record.rows_in = len(problems)
-    train_stage(ctx, NAME, stage, rl_examples(stage.prompt, problems), grpo_worker, start_model(ctx))
+    count = (write_released(ctx, NAME, stage.data, verifiable_problems) if stage.data
+             else ctx.run.count_rows("verifiable_problems", "rl"))
+    ctx.record.rows_in = min(count, stage.max_prompts or count)
+    train_stage(ctx, NAME, stage, partial(examples_of_run, stage), grpo_worker, start_model(ctx))
     rewards = [entry["reward"] for entry in training_log(ctx, NAME) if "reward" in entry]
     ctx.record.details.update(algorithm=stage.algorithm, first_reward=rewards[0] if rewards else None,
                               last_reward=rewards[-1] if rewards else None, reward_steps=len(rewards))

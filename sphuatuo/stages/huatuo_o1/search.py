@@ -17,6 +17,7 @@ seeded by (recipe seed, item id, attempt, depth): a resumed run makes the same c
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -55,6 +56,21 @@ class SearchState:
     def key(self) -> str:
         """Unique per step of the item: the generation and verification passes resume by it."""
         return f"{self.id}:{LABEL}" if self.step == LABEL else f"{self.id}:a{self.attempt}:d{self.depth}"
+
+    def columns(self) -> dict[str, Any]:
+        """The state as row columns (chains and trace as JSON): an item's row carries it from round to round."""
+        return {"key": self.key, "attempt": self.attempt, "depth": self.depth, "step": self.step,
+                "chain": json.dumps(list(self.chain), ensure_ascii=False),
+                "initial_chain": json.dumps(list(self.initial_chain), ensure_ascii=False),
+                "trace": json.dumps(list(self.trace), ensure_ascii=False), "status": self.status,
+                "label_revealed": self.label_revealed, "reason": self.reason}
+
+    @classmethod
+    def of_row(cls, row: dict[str, Any]) -> SearchState:
+        return cls(id=row["id"], attempt=row["attempt"], depth=row["depth"], step=row["step"],
+                   chain=tuple(json.loads(row["chain"])), initial_chain=tuple(json.loads(row["initial_chain"])),
+                   trace=tuple(json.loads(row["trace"])), status=row["status"], label_revealed=row["label_revealed"],
+                   reason=row["reason"])
 
     @property
     def solved_at(self) -> str | None:

@@ -12,6 +12,8 @@ the project-written examples of the format (`builtin:o1_format_examples`). Every
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 
 from sphuatuo.data.released import sft_paths
 from sphuatuo.parsing.o1 import format_o1
@@ -19,8 +21,10 @@ from sphuatuo.passes import Row
 from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import O1SftStage, SftStage
 from sphuatuo.stages import StageContext
-from sphuatuo.stages.huatuo_o1 import released_rows
+from sphuatuo.stages.huatuo_o1 import write_released
 from sphuatuo.stages.training import model_of, train_stage
+from sphuatuo.store.datasets import on_worker
+from sphuatuo.store.run_root import RunRoot
 from sphuatuo.train.sft import sft_worker
 
 NAME = "sft"
@@ -44,16 +48,25 @@ def sft_examples(stage: O1SftStage, paths: list[Row]) -> list[Row]:
     ]
 
 
+def examples_of_run(stage: O1SftStage, run: RunRoot) -> list[Row]:
+    """The SFT set from the search's paths or the released ones, and the extra file's; made on a worker."""
+    paths = run.read_rows(NAME, "released") if stage.data else run.read_rows("reasoning_search", "paths")
+    return sft_examples(stage, paths + (run.read_rows(NAME, "extra") if stage.extra_data else []))
+
+
+def origins_of_run(build: Callable[[RunRoot], list[Row]], run: RunRoot) -> dict[str, int]:
+    return dict(Counter(example["origin"] for example in build(run)))
+
+
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.sft
-    paths = (released_rows(ctx, NAME, stage.data, sft_paths) if stage.data
-             else ctx.run.read_rows("reasoning_search", "paths"))
+    ctx.record.rows_in = (write_released(ctx, NAME, stage.data, sft_paths) if stage.data
+                          else ctx.run.count_rows("reasoning_search", "paths"))
     if stage.extra_data:
-        paths += released_rows(ctx, NAME, stage.extra_data, sft_paths, "extra_rejects.jsonl", "the extra file")
-    ctx.record.rows_in = len(paths)
-    examples = sft_examples(stage, paths)
-    origins = Counter(example["origin"] for example in examples)
-    ctx.record.details["origins"] = dict(origins)
+        ctx.record.rows_in += write_released(ctx, NAME, stage.extra_data, sft_paths, "extra", "extra_rejects.jsonl",
+                                             "the extra file")
+    examples = partial(examples_of_run, stage)
+    origins = ctx.record.details["origins"] = on_worker(origins_of_run, examples, ctx.run)
     ctx.note("SFT examples by origin: " + (", ".join(f"{n} {origin}" for origin, n in origins.items()) or "none"))
     # The trainer sees the training fields only (the prompt choice is this stage's business).
     trainer_stage = SftStage.model_validate(stage.model_dump(include=set(SftStage.model_fields)))
