@@ -170,6 +170,28 @@ def openai_server(tiny_model: str) -> Iterator[str]:
     server.wait(timeout=60)
 
 
+@contextmanager
+def rows_only_on_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Within: the driver's `RunRoot.read_rows` fails, and `read_column` fails but on a pass's error log (the
+    attempts of rows that failed in an engine, numbered on): a stage whose driver reads its rows fails the test.
+    Ray's workers, which the patch does not reach, read them."""
+    from sphuatuo.store.run_root import RunRoot
+
+    read_column = RunRoot.read_column
+
+    def no_rows(run: RunRoot, *parts: str, where: list | None = None) -> list[dict]:
+        raise AssertionError(f"the driver read the rows of {'/'.join(parts)}")
+
+    def error_log_only(run: RunRoot, column: str, *parts: str) -> list:
+        assert parts[-1].endswith("_errors"), f"the driver read column {column} of {'/'.join(parts)}"
+        return read_column(run, column, *parts)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunRoot, "read_rows", no_rows)
+        patch.setattr(RunRoot, "read_column", error_log_only)
+        yield
+
+
 @pytest.fixture
 def kept_engines(ray_cluster) -> Iterator[EngineServices]:
     """Engines kept up across the test's passes, as `sphuatuo run` keeps them (`ray.keep_engines_up`, the default):

@@ -347,3 +347,53 @@ def test_sft_examples_keep_each_row_origin() -> None:
     assert [origins[row["id"]] for row in released] == ["released"] * 4
     components = stage_fingerprint(recipe, sft, {}).components
     assert len(components["stages.sft.extra_data@identity"]) == 16  # the file's content, not only its name
+
+
+def test_a_search_state_survives_its_row() -> None:
+    plan = SearchPlan(max_depth=1, max_attempts=1, reveal_label=True, strategies=STRATEGIES)
+    step = [{"action": "Final Conclusion", "content": "scurvy"}, {"action": "Verification", "content": "False"}]
+    state = advance(plan, SearchState(id="q1"), step, False)
+    assert SearchState.of_row(json.loads(json.dumps({"id": "q1", **state.columns()}))) == state
+
+
+def test_the_generators_tries_are_booked_in_the_run_root(tmp_path: Path) -> None:
+    """The filter's and the rewrite's bookkeeping, on replies written by hand: a reply that parses is an item's
+    outcome, an unreadable one is asked again, the last try's is rejected with its reply; what the filter passes
+    is rewritten, and the problems are split between the search and RL."""
+    from sphuatuo.data.questions import Question
+    from sphuatuo.recipe import VerifiableProblemsStage
+    from sphuatuo.stages.huatuo_o1 import verifiable_problems as vp
+    from sphuatuo.store.run_root import RunRoot
+
+    run = RunRoot(str(tmp_path))
+    items = [Question(id=f"q{i}", question=f"Which vitamin {i}?", options={"A": "C", "B": "D"}, answer=("A",)).to_row()
+             for i in range(3)]
+
+    def replies(step: str, attempt: int, texts: dict[str, str]) -> None:
+        run.write_rows([{**row, "key": f"{row['id']}:{attempt}", "generated_text": texts[row["id"]],
+                         "finish_reason": "stop"} for row in items if row["id"] in texts],
+                       vp.NAME, step, f"try_{attempt}")
+
+    replies("filter", 0, {"q0": "Pass", "q1": "Too Simple", "q2": "no idea"})
+    assert vp._parse_try(run, "filter", 0, last=False) == 1  # q2 is asked again
+    assert [row["id"] for row in run.read_rows(vp.NAME, "filter", "todo_1")] == ["q2"]
+    replies("filter", 1, {"q2": "Pass"})
+    assert vp._parse_try(run, "filter", 1, last=True) == 0
+    assert vp._filtered(run) == {"Pass": 2, "Too Simple": 1}
+    assert sorted(row["id"] for row in run.read_rows(vp.NAME, "rewrite", "todo_0")) == ["q0", "q2"]
+
+    problem = json.dumps({"Open-ended Verifiable Question": "Which vitamin prevents scurvy?",
+                          "Ground-True Answer": "Vitamin C"})
+    replies("rewrite", 0, {"q0": problem, "q2": "{broken"})
+    assert vp._parse_try(run, "rewrite", 0, last=True) == 0
+    stage = VerifiableProblemsStage(rl_share=0.0)
+    written = vp._write_problems(run, stage, 0, {"generator": "by hand", "prompt_version": "v1"})
+    assert written["problems"] == 1 and written["rl"] == 0 and written["rewrite_tries"] == {"1": 2}
+    [searched] = run.read_rows(vp.NAME, "search")
+    assert (searched["id"], searched["problem"], searched["ground_truth"]) == (
+        "q0", "Which vitamin prevents scurvy?", "Vitamin C")
+    assert searched["filter_verdict"] == "Pass" and searched["generator"] == "by hand"
+    rejects = {row["id"]: row for row in run.read_rows(vp.NAME, "rejects")}
+    assert rejects["q1"]["reason"] == "Too Simple" and rejects["q1"]["reply"] == "Too Simple"
+    assert rejects["q2"]["step"] == "rewrite" and rejects["q2"]["reason"].startswith("unreadable after 1 tries")
+    assert written["rejected_by_step"] == {"filter": 1, "rewrite": 1}

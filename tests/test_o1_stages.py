@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import raw_test_recipe
+from conftest import raw_test_recipe, rows_only_on_workers
 from sphuatuo.engines.serving import EngineServices
 from sphuatuo.parsing.o1 import format_o1
 from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
@@ -34,9 +34,10 @@ def tiny_o1_recipe(run_root: Path, **changes: object) -> O1Recipe:
     return O1Recipe.model_validate(raw_test_recipe("tiny_o1", run_root, changes))
 
 
-def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster) -> None:
+def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = tiny_o1_recipe(tmp_path / "run")
-    run = run_pipeline(recipe)
+    with rows_only_on_workers(monkeypatch):  # every stage's rows stay in the cluster
+        run = run_pipeline(recipe)
     stages = Manifest.model_validate_json(run.read_text("manifest.json")).stages
     assert [name for name in stages] == ["questions", "verifiable_problems", "reasoning_search", "sft", "rl",
                                          "evaluate"]
@@ -48,7 +49,7 @@ def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster) -
     assert all(p["problem"] == p["question"] and p["ground_truth"] == p["reference"] for p in problems)
     assert len(run.read_rows("verifiable_problems", "rl")) == 2
     [searched] = [p["id"] for p in run.read_rows("verifiable_problems", "search")]
-    rewrites = run.read_rows("verifiable_problems", "rewrite")
+    rewrites = [row for attempt in (0, 1) for row in run.read_rows("verifiable_problems", "rewrite", f"try_{attempt}")]
     assert sorted(r["key"] for r in rewrites) == sorted(f"sample-en-00{i}:{t}" for i in (1, 2, 3) for t in (0, 1))
     rejects = run.read_rows("verifiable_problems", "rejects")
     assert len(rejects) == 3 and all(r["step"] == "rewrite" and r["reason"].startswith("unreadable after 2 tries")

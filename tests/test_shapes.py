@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import OPENAI_SERVER_KEY, REPO, moto_s3
+from conftest import OPENAI_SERVER_KEY, REPO, moto_s3, rows_only_on_workers
 from sphuatuo.commands.report import write_report
 from sphuatuo.pipeline import recipe_stages, run_pipeline
 from sphuatuo.recipe import load_recipe
@@ -78,23 +78,10 @@ def _check_self_play(recipe, run: RunRoot) -> None:
 
 
 def test_the_self_play_recipe_runs_in_its_shape(tmp_path: Path, ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """sp_huatuo_7b as shipped, and its rows stay in the cluster: the driver reads no stage's rows, only the rows
-    of a pass that failed in an engine (a filtered read) and its error log; Ray's workers, which the patch below
-    does not reach, read the rest."""
+    """sp_huatuo_7b as shipped, and its rows stay in the cluster: the driver reads no stage's rows (see
+    `rows_only_on_workers`)."""
     recipe = _shipped("sp_huatuo_7b", f"run_root={tmp_path / 'run'}")
-    read_rows, read_column = RunRoot.read_rows, RunRoot.read_column
-
-    def error_rows_only(run: RunRoot, *parts: str, where: list | None = None) -> list[dict[str, Any]]:
-        assert where is not None, f"the driver read the rows of {'/'.join(parts)}"
-        return read_rows(run, *parts, where=where)
-
-    def error_log_only(run: RunRoot, column: str, *parts: str) -> list[Any]:
-        assert parts[-1].endswith("_errors"), f"the driver read column {column} of {'/'.join(parts)}"
-        return read_column(run, column, *parts)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RunRoot, "read_rows", error_rows_only)
-        patch.setattr(RunRoot, "read_column", error_log_only)
+    with rows_only_on_workers(monkeypatch):
         run = run_pipeline(recipe)
     _check_self_play(recipe, run)
 

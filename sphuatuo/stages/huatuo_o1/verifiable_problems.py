@@ -12,24 +12,34 @@ split between the reasoning search (`search`) and RL (`rl`).
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
-from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sphuatuo.data.questions import Question
-from sphuatuo.engines import Request
+from sphuatuo.engines import GENERATION_COLUMNS, Request
 from sphuatuo.parsing.o1 import Parsed, parse_filter_verdict, parse_problem
 from sphuatuo.parsing.replies import extract_answer
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import count_tokens, generate_pass
+from sphuatuo.passes.generation import generate_pass
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, VerifiableProblemsStage
 from sphuatuo.stages import StageContext, StageSkipped
+from sphuatuo.store.datasets import FolderRows, light_step, on_worker, read_folder
+from sphuatuo.store.run_root import RunRoot
 
 NAME = "verifiable_problems"
 CONFIG = ("models.teacher", "stages.verifiable_problems", "seed", "stages.reasoning_search.data", "stages.sft.data",
           "stages.rl.data")
 READS = ("questions",)
+PARSERS = {"filter": parse_filter_verdict, "rewrite": parse_problem}
+# What asking adds to an item's row (its key, the reply), and what its outcome adds: dropped when it moves on.
+ASKED_COLUMNS = frozenset((*GENERATION_COLUMNS, "engine_error", "model", "key", "attempt", "prompt_version"))
+OUTCOME_COLUMNS = frozenset(("value", "parse_error", "reply", "tries"))
 
 
 def question_messages(prompt_name: str, row: Row) -> list[dict[str, str]]:
@@ -38,53 +48,149 @@ def question_messages(prompt_name: str, row: Row) -> list[dict[str, str]]:
                                             answer=question.answer_text)
 
 
-def ask_until_parsed(ctx: StageContext, rows: list[Row], folder: str, prompt_name: str,
-                     parse: Callable[[str], Parsed]) -> dict[str, tuple[Parsed, str, int]]:
-    """Ask the generator about each row until its reply parses, at most 1 + max_retries times.
-    Returns per id: the parse result, the last reply and the number of tries."""
+def _keyed(batch: pa.Table, attempt: int, prompt_version: str) -> pa.Table:
+    rows = [{**row, "key": f"{row['id']}:{attempt}", "attempt": attempt, "prompt_version": prompt_version}
+            for row in batch.to_pylist()]
+    return pa.Table.from_pylist(rows) if rows else batch.slice(0, 0)
+
+
+def ask_until_parsed(ctx: StageContext, step: str, prompt_name: str, count: int) -> None:
+    """Ask the generator about each row of `<step>/todo_0` until its reply parses, at most 1 + max_retries times
+    (a new seed each time): try t reads `<step>/todo_<t>` and writes `<step>/try_<t>`; each row's outcome (the
+    parse result, the last reply, the tries) goes to `<step>/outcomes`. The rows stay on Ray's workers."""
     stage = ctx.recipe.stages.verifiable_problems
-    results: dict[str, tuple[Parsed, str, int]] = {}
-    todo = rows
+    teacher, prompt = ctx.recipe.models.teacher, get_prompt(prompt_name)
     for attempt in range(1 + stage.max_retries):
-        if not todo:
+        if not count:
             break
         seed = None if stage.sampling.seed is None else stage.sampling.seed + attempt
         request = Request.from_config(stage.sampling.model_copy(update={"seed": seed}))
-        keyed = [{**row, "key": f"{row['id']}:{attempt}", "attempt": attempt,
-                  "prompt_version": get_prompt(prompt_name).tag} for row in todo]
-        generate_pass(ctx, keyed, f"{NAME}/{folder}", engine=ctx.recipe.models.teacher, request=request,
-                      messages=lambda row: question_messages(prompt_name, row))
-        replies = {row["key"]: row for row in ctx.run.read_rows(NAME, folder)}
-        retry = []
-        for row in todo:
-            reply = replies[f"{row['id']}:{attempt}"]
-            parsed = parse(reply["generated_text"])
-            if reply["finish_reason"] == "length" and parsed.error:
-                parsed = Parsed(None, f"{parsed.error} (reply cut at max_tokens)")
-            results[row["id"]] = (parsed, reply["generated_text"], attempt + 1)
-            if parsed.error:
-                retry.append(row)
-        todo = retry
-    return results
+        todo = read_folder(ctx.run, NAME, step, f"todo_{attempt}", rows_per_block=teacher.batch_size)
+        keyed = todo.rows.map_batches(_keyed, fn_kwargs={"attempt": attempt, "prompt_version": prompt.tag},
+                                      batch_format="pyarrow", **light_step())
+        generate_pass(ctx, FolderRows(keyed, todo.count), f"{NAME}/{step}/try_{attempt}", engine=teacher,
+                      request=request, messages=lambda row: question_messages(prompt_name, row))
+        count = on_worker(_parse_try, ctx.run, step, attempt, attempt == stage.max_retries)
 
 
-def easy_for_small_models(ctx: StageContext, stage: VerifiableProblemsStage, rows: list[Row]) -> set[str]:
-    """Ids of the multiple-choice items that every small model answers correctly (option letters)."""
-    correct_by_all = {row["id"] for row in rows if row["options"] is not None and len(row["options"])}
-    for index, engine in enumerate(stage.small_models):
-        small_answers(ctx, stage, rows, index, engine)
-        correct = {row["id"] for row in ctx.run.read_rows(NAME, f"small_{index}")
-                   if extract_answer(row["generated_text"], Question.from_row(row).options)
-                   == frozenset(Question.from_row(row).answer)}
-        correct_by_all &= correct
-    return correct_by_all
+def _parse_try(run: RunRoot, step: str, attempt: int, last: bool) -> int:
+    """On a worker: parse try `attempt` of `step`; a row whose reply parses (or whose last try this was) has its
+    outcome, the others are asked again. Returns how many."""
+    parse = PARSERS[step]
+    outcomes, again = [], []
+    for row in run.read_rows(NAME, step, f"try_{attempt}"):
+        parsed = parse(row["generated_text"])
+        if row["finish_reason"] == "length" and parsed.error:
+            parsed = Parsed(None, f"{parsed.error} (reply cut at max_tokens)")
+        question = {key: value for key, value in row.items() if key not in ASKED_COLUMNS}
+        if parsed.error and not last:
+            again.append(question)
+        else:
+            outcomes.append({**question, "value": json.dumps(parsed.value, ensure_ascii=False),
+                             "parse_error": parsed.error, "reply": row["generated_text"], "tries": attempt + 1})
+    if outcomes:
+        run.write_rows(outcomes, NAME, step, "outcomes", part=attempt)
+    if again:
+        run.write_rows(again, NAME, step, f"todo_{attempt + 1}")
+    return len(again)
 
 
-def small_answers(ctx: StageContext, stage: VerifiableProblemsStage, rows: list[Row], index: int,
-                  engine: EngineConfig) -> None:
+def _reject(row: Row, step: str, reason: str, reply: str = "") -> Row:
+    return {"id": row["id"], "step": step, "reason": reason, "reply": reply}
+
+
+def _triage(run: RunRoot, small_models: int, filtering: bool) -> dict[str, int]:
+    """On a worker: drop the items every small model answers correctly and those with several answers; open-ended
+    items are problems as they are; the multiple-choice ones go to the filter (or straight to the rewrite)."""
+    questions = run.read_rows("questions", "train")
+    easy = {row["id"] for row in questions if row["options"] is not None and len(row["options"])} if small_models \
+        else set()
+    for index in range(small_models):
+        easy &= {row["id"] for row in run.read_rows(NAME, f"small_{index}")
+                 if extract_answer(row["generated_text"], Question.from_row(row).options)
+                 == frozenset(Question.from_row(row).answer)}
+    rejects = [_reject(row, "small_models", f"answered correctly by all {small_models} small models")
+               for row in questions if row["id"] in easy]
+    multiple_choice, open_ended = [], []
+    for row in questions:
+        question = Question.from_row(row)
+        if row["id"] in easy:
+            continue
+        if len(question.answer) > 1:  # the paper drops items with several answers: no single ground truth
+            rejects.append(_reject(row, "several_answers", f"{len(question.answer)} correct options"))
+        elif question.is_multiple_choice:
+            multiple_choice.append(row)
+        else:
+            open_ended.append({**row, "problem": row["question"], "ground_truth": row["reference"],
+                               "filter_verdict": None})
+    run.write_rows(rejects, NAME, "rejects", part=0)
+    run.write_rows(open_ended, NAME, "open_ended")
+    if multiple_choice:
+        run.write_rows(multiple_choice, NAME, "filter" if filtering else "rewrite", "todo_0")
+    return {"easy": len(easy), "multiple_choice": len(multiple_choice), "open_ended": len(open_ended)}
+
+
+def _filtered(run: RunRoot) -> Counter[str]:
+    """On a worker: the items the filter passed go to the rewrite; the others are rejected with the reply."""
+    verdicts: Counter[str] = Counter()
+    passed, rejects = [], []
+    for row in run.read_rows(NAME, "filter", "outcomes"):
+        verdict = json.loads(row["value"])
+        verdicts[verdict or "unreadable"] += 1
+        if row["parse_error"]:
+            rejects.append(_reject(row, "filter", f"unreadable after {row['tries']} tries: {row['parse_error']}",
+                                   row["reply"]))
+        elif verdict != "Pass":
+            rejects.append(_reject(row, "filter", verdict, row["reply"]))
+        else:
+            passed.append({key: value for key, value in row.items() if key not in OUTCOME_COLUMNS})
+    run.write_rows(rejects, NAME, "rejects", part=1)
+    if passed:
+        run.write_rows(passed, NAME, "rewrite", "todo_0")
+    return verdicts
+
+
+def _write_problems(run: RunRoot, stage: VerifiableProblemsStage, seed: int, generator: Row) -> dict[str, Any]:
+    """On a worker: the rewritten problems and the open-ended ones, split between the search and RL."""
+    problems = run.read_rows(NAME, "open_ended")
+    rejects, tries = [], Counter()
+    for row in run.read_rows(NAME, "rewrite", "outcomes"):
+        tries[str(row["tries"])] += 1
+        if row["parse_error"]:
+            rejects.append(_reject(row, "rewrite", f"unreadable after {row['tries']} tries: {row['parse_error']}",
+                                   row["reply"]))
+            continue
+        problem, ground_truth = json.loads(row["value"])
+        question = {key: value for key, value in row.items() if key not in OUTCOME_COLUMNS}
+        problems.append({**question, "problem": problem, "ground_truth": ground_truth,
+                         "filter_verdict": "Pass" if stage.filter else None})
+    run.write_rows(rejects, NAME, "rejects", part=2)
+    problems.sort(key=lambda row: row["id"])
+    shuffled = problems[:]
+    random.Random(seed).shuffle(shuffled)
+    rl_ids = {row["id"] for row in shuffled[: round(len(shuffled) * stage.rl_share)]}
+    run.write_rows([{**row, **generator} for row in problems if row["id"] not in rl_ids], NAME, "search")
+    run.write_rows([{**row, **generator} for row in problems if row["id"] in rl_ids], NAME, "rl")
+    all_rejects = run.read_rows(NAME, "rejects")
+    return {"problems": len(problems), "rl": len(rl_ids), "rewrite_tries": dict(sorted(tries.items())),
+            "rejects": len(all_rejects), "rejected_by_step": dict(Counter(r["step"] for r in all_rejects)),
+            "first_rejects": all_rejects[:10]}
+
+
+def _generated_tokens(run: RunRoot, tries: int) -> tuple[int, int]:
+    tables = [run.read_parquet_file(file, ["num_input_tokens", "num_generated_tokens"])
+              for step in ("filter", "rewrite") for attempt in range(tries)
+              for file in run.parquet_files(NAME, step, f"try_{attempt}")]
+    return (sum(pc.sum(t["num_input_tokens"]).as_py() or 0 for t in tables),
+            sum(pc.sum(t["num_generated_tokens"]).as_py() or 0 for t in tables))
+
+
+def small_answers(ctx: StageContext, stage: VerifiableProblemsStage, index: int, engine: EngineConfig) -> None:
     prompt = get_prompt(stage.small_model_prompt)
-    keyed = [{**row, "key": row["id"]} for row in rows]
-    generate_pass(ctx, keyed, f"{NAME}/small_{index}", engine=engine,
+    questions = read_folder(ctx.run, "questions", "train", rows_per_block=engine.batch_size)
+    keyed = questions.rows.map_batches(lambda batch: batch.append_column("key", batch["id"]), batch_format="pyarrow",
+                                       **light_step())
+    generate_pass(ctx, FolderRows(keyed, questions.count), f"{NAME}/small_{index}", engine=engine,
                   request=Request.from_config(stage.small_model_sampling),
                   messages=lambda row: prompt.messages(question=row["question"],
                                                        options_block=options_block(Question.from_row(row))))
@@ -96,81 +202,34 @@ def run(ctx: StageContext) -> None:
         raise StageSkipped("the search (or SFT) and RL start from released files (stages.*.data): no problems to "
                            "build")
     stage = stages.verifiable_problems
-    questions = ctx.run.read_rows("questions", "train")
-    ctx.record.rows_in = len(questions)
-    if not questions:
+    count = ctx.record.rows_in = ctx.run.count_rows("questions", "train")
+    if not count:
         raise StageSkipped("no training questions (the questions stage wrote zero valid rows)")
-    rejects: list[Row] = []
-
-    def reject(row: Row, step: str, reason: str, reply: str = "") -> None:
-        rejects.append({"id": row["id"], "step": step, "reason": reason, "reply": reply})
-
-    easy = easy_for_small_models(ctx, stage, questions) if stage.small_models else set()
-    for row in questions:
-        if row["id"] in easy:
-            reject(row, "small_models", f"answered correctly by all {len(stage.small_models)} small models")
-    candidates = [row for row in questions if row["id"] not in easy]
-    multiple_choice = []
-    for row in candidates:
-        question = Question.from_row(row)
-        if len(question.answer) > 1:  # the paper drops items with several answers: no single ground truth
-            reject(row, "several_answers", f"{len(question.answer)} correct options")
-        elif question.is_multiple_choice:
-            multiple_choice.append(row)
-    problems = [{**row, "problem": row["question"], "ground_truth": row["reference"], "filter_verdict": None}
-                for row in candidates if not Question.from_row(row).is_multiple_choice]
-    open_ended = len(problems)
-
+    for index, engine in enumerate(stage.small_models):
+        small_answers(ctx, stage, index, engine)
+    triage = on_worker(_triage, ctx.run, len(stage.small_models), stage.filter)
     verdicts: Counter[str] = Counter()
-    passed = multiple_choice
+    to_rewrite = triage["multiple_choice"]
     if stage.filter:
-        filtered = ask_until_parsed(ctx, multiple_choice, "filter", stage.filter_prompt, parse_filter_verdict)
-        passed = []
-        for row in multiple_choice:
-            parsed, reply, tries = filtered[row["id"]]
-            verdicts[parsed.value or "unreadable"] += 1
-            if parsed.error:
-                reject(row, "filter", f"unreadable after {tries} tries: {parsed.error}", reply)
-            elif parsed.value != "Pass":
-                reject(row, "filter", parsed.value, reply)
-            else:
-                passed.append(row)
+        ask_until_parsed(ctx, "filter", stage.filter_prompt, to_rewrite)
+        verdicts = on_worker(_filtered, ctx.run)
+        to_rewrite = verdicts["Pass"]
+    ask_until_parsed(ctx, "rewrite", stage.rewrite_prompt, to_rewrite)
+    generator = {"generator": ctx.recipe.models.teacher.model, "prompt_version": get_prompt(stage.rewrite_prompt).tag}
+    written = on_worker(_write_problems, ctx.run, stage, ctx.recipe.seed, generator)
 
-    rewritten = ask_until_parsed(ctx, passed, "rewrite", stage.rewrite_prompt, parse_problem)
-    tries: Counter[int] = Counter()
-    for row in passed:
-        parsed, reply, count = rewritten[row["id"]]
-        tries[count] += 1
-        if parsed.error:
-            reject(row, "rewrite", f"unreadable after {count} tries: {parsed.error}", reply)
-            continue
-        problem, ground_truth = parsed.value
-        problems.append({**row, "problem": problem, "ground_truth": ground_truth,
-                         "filter_verdict": "Pass" if stage.filter else None})
-
-    problems.sort(key=lambda row: row["id"])
-    shuffled = problems[:]
-    random.Random(ctx.recipe.seed).shuffle(shuffled)
-    rl_ids = {row["id"] for row in shuffled[: round(len(shuffled) * stage.rl_share)]}
-    generator = {"generator": ctx.recipe.models.teacher.model,
-                 "prompt_version": get_prompt(stage.rewrite_prompt).tag}
-    ctx.run.write_rows([{**row, **generator} for row in problems if row["id"] not in rl_ids], NAME, "search")
-    ctx.run.write_rows([{**row, **generator} for row in problems if row["id"] in rl_ids], NAME, "rl")
-    ctx.run.write_rows(rejects, NAME, "rejects")
-
-    generated = [row for folder in ("filter", "rewrite") for row in ctx.run.read_rows(NAME, folder)]
-    ctx.record.input_tokens, ctx.record.output_tokens = count_tokens(generated)
-    ctx.record.rows_out = len(problems)
-    ctx.record.rows_rejected = len(rejects)
+    ctx.record.input_tokens, ctx.record.output_tokens = on_worker(_generated_tokens, ctx.run, 1 + stage.max_retries)
+    problems, rl_count = written["problems"], written["rl"]
+    ctx.record.rows_out = problems
+    ctx.record.rows_rejected = written["rejects"]
     ctx.record.details.update(
-        easy_for_small_models=len(easy), filter_verdicts=dict(verdicts),
-        rewrite_tries={str(k): v for k, v in sorted(tries.items())},
-        rejected_by_step=dict(Counter(r["step"] for r in rejects)),
-        open_ended_kept=open_ended, search=len(problems) - len(rl_ids), rl=len(rl_ids),
+        easy_for_small_models=triage["easy"], filter_verdicts=dict(verdicts), rewrite_tries=written["rewrite_tries"],
+        rejected_by_step=written["rejected_by_step"], open_ended_kept=triage["open_ended"],
+        search=problems - rl_count, rl=rl_count,
     )
-    ctx.note(f"{len(problems)} verifiable problems from {len(questions)} items ({len(rejects)} rejected): "
-             f"{len(problems) - len(rl_ids)} for the search, {len(rl_ids)} for RL")
-    for row in rejects[:10]:
+    ctx.note(f"{problems} verifiable problems from {count} items ({written['rejects']} rejected): "
+             f"{problems - rl_count} for the search, {rl_count} for RL")
+    for row in written["first_rejects"]:
         ctx.note(f"rejected {row['id']} at {row['step']}: {row['reason']}")
     if not problems:
         ctx.note("no problems: the later stages have nothing to search or train on")
