@@ -46,6 +46,11 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field, e.g. --set stages.sft.learning_rate=2e-5 (repeatable)")
 
 
+def _until(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--until", default=None, metavar="STAGE",
+                        help="stop after this stage (e.g. teacher_cot): the later ones stay pending for the next run")
+
+
 def _source_options(parser: argparse.ArgumentParser) -> None:
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--format", default=None, help="a built-in format name (default: detected)")
@@ -70,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a recipe (resumes: finished stages are skipped)")
     run.set_defaults(func=run_command)
     run.add_argument("recipe", help="recipe YAML file")
+    _until(run)
     _overrides(run)
 
     demo = commands.add_parser("demo", help="run the demo recipe (SmolLM2-135M on local Ray, a few minutes on CPU)")
@@ -128,6 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--runtime-env", default="cluster/runtime_env.yaml",
                         help="runtime environment YAML (default: cluster/runtime_env.yaml)")
     submit.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    _until(submit)
     _overrides(submit)
 
     doctor = commands.add_parser("doctor", help="check the connected Ray cluster against a recipe")
@@ -252,17 +259,17 @@ def _error(err: RecipeError | str) -> None:
     print(redact(str(err)), file=sys.stderr)
 
 
-def _run_recipe(recipe_path: str, overrides: list[str], overlays: list[str]) -> int:
+def _run_recipe(recipe_path: str, overrides: list[str], overlays: list[str], until: str | None = None) -> int:
     from sphuatuo.commands.report import write_report
     from sphuatuo.pipeline import run_pipeline
 
-    run = run_pipeline(_load(recipe_path, overrides, overlays))
+    run = run_pipeline(_load(recipe_path, overrides, overlays), until=until)
     print(f"report: {write_report(run)}")
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return _run_recipe(args.recipe, args.overrides, args.overlays)
+    return _run_recipe(args.recipe, args.overrides, args.overlays, args.until)
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -337,7 +344,7 @@ def submit_command(args: argparse.Namespace) -> int:
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     return submit(args.recipe, address, overrides=args.overrides, overlays=args.overlays, working_dir=args.working_dir,
-                  runtime_env_file=Path(args.runtime_env), follow=not args.no_follow)
+                  runtime_env_file=Path(args.runtime_env), follow=not args.no_follow, until=args.until)
 
 
 def doctor_command(args: argparse.Namespace) -> int:

@@ -58,6 +58,14 @@ def recipe_stages(kind: type[Recipe]) -> tuple[ModuleType, ...]:
     return tuple(importlib.import_module(f"sphuatuo.stages.{name}") for name in kind.STAGES)
 
 
+def stages_until(stages: tuple[ModuleType, ...], last: str) -> tuple[ModuleType, ...]:
+    """`stages` up to and including the one named `last` (`sphuatuo run --until`)."""
+    names = [stage.NAME for stage in stages]
+    if last not in names:
+        raise ValueError(f"--until {last}: not a stage of this recipe; its stages: {', '.join(names)}")
+    return stages[: names.index(last) + 1]
+
+
 def stage_outputs(stage: ModuleType, recipe: Recipe) -> tuple[str, ...]:
     """The run-root folders a stage writes."""
     return stage.outputs(recipe) if hasattr(stage, "outputs") else (stage.NAME,)
@@ -137,9 +145,10 @@ def stage_summary(name: str, record: StageRecord) -> str:
             f"{record.rows_out}, rejected {record.rows_rejected}, failed {record.rows_failed}){rate}")
 
 
-def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -> RunRoot:
-    """Run every stage not yet done (default: the recipe's own stages); return the run root. Raises on
-    the first failing stage, and LeaseError at once when another driver holds the run root."""
+def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None, until: str | None = None) -> RunRoot:
+    """Run every stage not yet done (default: the recipe's own stages; with `until`, those up to that one); return
+    the run root. Raises on the first failing stage, and LeaseError at once when another driver holds the run
+    root."""
     declare_recipe(recipe.model_dump())
     declare(TRACKER_CREDENTIALS)
     run = RunRoot(recipe.run_root)
@@ -152,6 +161,8 @@ def run_pipeline(recipe: Recipe, stages: tuple[ModuleType, ...] | None = None) -
             try:
                 # The stage modules import the engines and trainers (seconds): only once the lease is held.
                 stages = recipe_stages(type(recipe)) if stages is None else stages
+                if until is not None:
+                    stages = stages_until(stages, until)
                 return _run_stages(recipe, stages, run, run_log, lease)
             finally:
                 run_log.save()

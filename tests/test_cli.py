@@ -44,3 +44,11 @@ def test_data_check_of_the_shipped_bank_and_of_a_missing_file() -> None:
 def test_eval_refuses_open_ended_questions_without_a_judge() -> None:
     result = _sphuatuo("eval", "builtin:tiny", "--data", str(FIXTURES / "sp_conversations_sample.json"))
     assert result.returncode == 2 and "open-ended questions need a judge: pass --judge-model" in result.stderr
+
+
+def test_run_until_a_stage_the_recipe_lacks_names_its_stages(tmp_path: Path) -> None:
+    demo = Path(__file__).parent.parent / "pipelines" / "demo.yaml"
+    result = _sphuatuo("run", str(demo), "--set", f"run_root={tmp_path / 'run'}", "--until", "rl")
+    assert result.returncode == 2
+    assert ("--until rl: not a stage of this recipe; its stages: questions, teacher_cot, sft, student_answers, "
+            "preference_pairs, dpo, evaluate") in result.stderr

@@ -55,13 +55,14 @@ def test_submit_runs_a_recipe_to_succeeded_and_follows_its_logs(tmp_path: Path, 
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     result = subprocess.run(
         [sys.executable, "-m", "sphuatuo.cli", "submit", str(recipe_file), "--address", ray_head["dashboard"],
-         "--set", "stages.teacher_cot.sampling.max_tokens=8"],
+         "--set", "stages.teacher_cot.sampling.max_tokens=8", "--until", "teacher_cot"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "submitted job raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout
     manifest = json.loads((run_root / "manifest.json").read_text())
     assert manifest["stages"]["teacher_cot"]["status"] == "done"
+    assert list(manifest["stages"]) == ["questions", "teacher_cot"]  # --until reached the job too
     assert manifest["recipe"]["stages"]["teacher_cot"]["sampling"]["max_tokens"] == 8  # the --set reached the job
 
 

@@ -4,6 +4,7 @@ generated again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
                                       "stages.teacher_cot.sampling.max_tokens": 24})
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    command = [sys.executable, "-m", "sphuatuo.cli", "run", str(recipe_file)]
+    command = [sys.executable, "-m", "sphuatuo.cli", "run", str(recipe_file), "--until", "teacher_cot"]
     env = {**os.environ, "RAY_ADDRESS": ray_head["address"]}
     run = RunRoot(str(run_root))
     folder = ("teacher_cot", pass_name)
@@ -76,3 +77,5 @@ def test_killed_driver_resumes_a_generation_stage_without_regenerating(tmp_path:
     run_log = run.read_text("run.log")
     assert f"teacher_cot/{pass_name}: {QUESTIONS - len(written_before)} rows in " in run_log
     assert "stage teacher_cot: done in" in run_log and "output tok/s" in run_log
+    # `--until teacher_cot`: the later stages are left for the next run.
+    assert list(json.loads(run.read_text("manifest.json"))["stages"]) == ["questions", "teacher_cot"]

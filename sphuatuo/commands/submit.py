@@ -53,6 +53,7 @@ def submit(
     working_dir: str = ".",
     runtime_env_file: Path | None = DEFAULT_RUNTIME_ENV,
     follow: bool = True,
+    until: str | None = None,
 ) -> int:
     """Submit; print the job id; with `follow`, stream the logs and return 0 only if it SUCCEEDED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -66,6 +67,8 @@ def submit(
         entrypoint += ["--overlay", overlay]
     for override in overrides:
         entrypoint += ["--set", override]
+    if until is not None:
+        entrypoint += ["--until", until]
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint),
                                runtime_env=job_runtime_env(working_dir, runtime_env_file))

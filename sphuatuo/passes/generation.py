@@ -257,11 +257,12 @@ def _whole_reply(row: Row, model_name: str) -> Row:
     return {**out, "generated_text": prefix + row["generated_text"], "model": model_name}
 
 
-def count_tokens(rows: list[Row]) -> tuple[int, int]:
-    return (
-        sum(int(row.get("num_input_tokens") or 0) for row in rows),
-        sum(int(row.get("num_generated_tokens") or 0) for row in rows),
-    )
+def token_totals(run: RunRoot, folders: list[tuple[str, ...]]) -> tuple[int, int]:
+    """The input and output tokens of the passes that wrote `folders` (read where this runs: on a worker)."""
+    tables = [run.read_parquet_file(file, ["num_input_tokens", "num_generated_tokens"])
+              for parts in folders for file in run.parquet_files(*parts)]
+    return (sum(pc.sum(table["num_input_tokens"]).as_py() or 0 for table in tables),
+            sum(pc.sum(table["num_generated_tokens"]).as_py() or 0 for table in tables))
 
 
 def parse_reply(row: Row) -> Row:

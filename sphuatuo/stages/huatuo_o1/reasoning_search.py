@@ -4,7 +4,9 @@ The generator (the recipe's teacher) answers each problem as a JSON chain of Inn
 Final Conclusion and a Verification; the verifier (the recipe's judge) compares the last Final
 Conclusion with the ground truth. Unverified items take strategy steps (`sphuatuo.stages.huatuo_o1.search` keeps the
 books). Each round is one generation pass and one verification pass over the items still searching,
-keyed by item, attempt and depth, so a re-run resumes where it stopped. A verified chain is rendered as
+keyed by item, attempt and depth, so a re-run resumes where it stopped. The items never pass through the
+driver: each carries its state (chain, trace) in its row, `round_<n>/items` holds round n's, and a task on one
+of Ray's workers advances them into the next round's or into `finished`. A verified chain is rendered as
 text (`### title` per step), rewritten into natural first-person thinking, and a final response is
 written from it. Every item keeps its search trace: strategies, depth, verdicts, whether the label
 was revealed.
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from sphuatuo.data.released import verifiable_problems
 from sphuatuo.engines import GENERATION_COLUMNS, Request
@@ -32,7 +33,7 @@ from sphuatuo.parsing.o1 import (
     render_chain,
 )
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import generate_pass
+from sphuatuo.passes.generation import generate_pass, token_totals
 from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.prompts import Messages, get_prompt
 from sphuatuo.recipe import ReasoningSearchStage
@@ -215,11 +216,9 @@ def write_up(ctx: StageContext, solved: int) -> None:
                                                                     question=row["problem"]))
 
 
-def _summary(run: RunRoot, rounds: int) -> dict[str, Any]:
-    """On a worker: the manifest's details from every finished item's trace and every round's steps."""
+def _summary(run: RunRoot) -> dict[str, Any]:
+    """On a worker: the manifest's details from every finished item's trace."""
     states = [SearchState.of_row(row) for row in run.read_rows(NAME, "finished")]
-    steps = [run.read_parquet_file(file, ["num_input_tokens", "num_generated_tokens"])
-             for number in range(rounds) for file in run.parquet_files(NAME, round_folder(number), "steps")]
     entries = [entry for state in states for entry in state.trace]
     plain = [entry for entry in entries if (entry["parse_error"] or "").startswith("read as plain text")]
     return {
@@ -228,8 +227,6 @@ def _summary(run: RunRoot, rounds: int) -> dict[str, Any]:
         "unparsable_steps": sum(1 for entry in entries if entry["parse_error"]) - len(plain),
         "plain_text_steps": len(plain),
         "strategies": dict(sorted(Counter(entry["step"] for entry in entries).items())),
-        "input_tokens": sum(pc.sum(t["num_input_tokens"]).as_py() or 0 for t in steps),
-        "output_tokens": sum(pc.sum(t["num_generated_tokens"]).as_py() or 0 for t in steps),
     }
 
 
@@ -247,8 +244,9 @@ def run(ctx: StageContext) -> None:
     write_up(ctx, counts.solved)
     written = ctx.record.rows_out = on_worker(_write_paths, ctx.run, ctx.recipe.models.teacher.model)
     ctx.record.rows_failed = ctx.run.count_rows(NAME, "failed")
-    summary = on_worker(_summary, ctx.run, counts.rounds)
-    ctx.record.input_tokens, ctx.record.output_tokens = summary.pop("input_tokens"), summary.pop("output_tokens")
+    summary = on_worker(_summary, ctx.run)
+    ctx.record.input_tokens, ctx.record.output_tokens = on_worker(
+        token_totals, ctx.run, [(NAME, round_folder(number), "steps") for number in range(counts.rounds)])
     ctx.record.details.update(rounds=counts.rounds, solved=counts.solved, written=written, **summary)
     ctx.note(f"{counts.solved} of {count} problems verified (by depth: {summary['solved_at_depth']}), "
              f"{written} written up")

@@ -18,14 +18,13 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import GENERATION_COLUMNS, Request
 from sphuatuo.parsing.o1 import Parsed, parse_filter_verdict, parse_problem
 from sphuatuo.parsing.replies import extract_answer
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import generate_pass
+from sphuatuo.passes.generation import generate_pass, token_totals
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, VerifiableProblemsStage
 from sphuatuo.stages import StageContext, StageSkipped
@@ -177,14 +176,6 @@ def _write_problems(run: RunRoot, stage: VerifiableProblemsStage, seed: int, gen
             "first_rejects": all_rejects[:10]}
 
 
-def _generated_tokens(run: RunRoot, tries: int) -> tuple[int, int]:
-    tables = [run.read_parquet_file(file, ["num_input_tokens", "num_generated_tokens"])
-              for step in ("filter", "rewrite") for attempt in range(tries)
-              for file in run.parquet_files(NAME, step, f"try_{attempt}")]
-    return (sum(pc.sum(t["num_input_tokens"]).as_py() or 0 for t in tables),
-            sum(pc.sum(t["num_generated_tokens"]).as_py() or 0 for t in tables))
-
-
 def small_answers(ctx: StageContext, stage: VerifiableProblemsStage, index: int, engine: EngineConfig) -> None:
     prompt = get_prompt(stage.small_model_prompt)
     questions = read_folder(ctx.run, "questions", "train", rows_per_block=engine.batch_size)
@@ -218,7 +209,8 @@ def run(ctx: StageContext) -> None:
     generator = {"generator": ctx.recipe.models.teacher.model, "prompt_version": get_prompt(stage.rewrite_prompt).tag}
     written = on_worker(_write_problems, ctx.run, stage, ctx.recipe.seed, generator)
 
-    ctx.record.input_tokens, ctx.record.output_tokens = on_worker(_generated_tokens, ctx.run, 1 + stage.max_retries)
+    ctx.record.input_tokens, ctx.record.output_tokens = on_worker(token_totals, ctx.run, [
+        (NAME, step, f"try_{attempt}") for step in ("filter", "rewrite") for attempt in range(1 + stage.max_retries)])
     problems, rl_count = written["problems"], written["rl"]
     ctx.record.rows_out = problems
     ctx.record.rows_rejected = written["rejects"]
