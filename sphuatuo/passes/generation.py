@@ -27,7 +27,7 @@ import ray.data
 import ray.exceptions
 
 from sphuatuo import engines
-from sphuatuo.engines import Request
+from sphuatuo.engines import GENERATION_COLUMNS, Request
 from sphuatuo.parsing.replies import split_think_answer
 from sphuatuo.passes import PassTarget, Row
 from sphuatuo.prompts import PromptInput
@@ -38,6 +38,10 @@ from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import LIGHT_CPUS
 
 log = logging.getLogger("sphuatuo")
+
+
+# What a generation pass adds to each of its rows: the engine's columns, the engine's error and the model.
+REPLY_COLUMNS = (*GENERATION_COLUMNS, "engine_error", "model")
 
 
 class PassFailed(RuntimeError):

@@ -51,6 +51,8 @@ from sphuatuo.store.datasets import (
 from sphuatuo.store.run_root import RunRoot
 
 log = logging.getLogger("sphuatuo")
+# What a verdict pass adds to each of its rows.
+VERDICT_COLUMNS = ("verdict", "decided_by", "verdict_raw")
 
 
 @dataclass(frozen=True)

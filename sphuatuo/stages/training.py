@@ -56,7 +56,19 @@ def train_stage(
     start_model: str,
 ) -> None:
     """Write `examples` to `<name>/data`, then fine-tune `start_model` on them into `<name>/model`."""
-    count = ctx.record.rows_out = write_examples(ctx.run, name, examples)
+    fine_tune(ctx, name, stage, write_examples(ctx.run, name, examples), worker_fn, start_model)
+
+
+def fine_tune(
+    ctx: StageContext,
+    name: str,
+    stage: TrainStage,
+    count: int,
+    worker_fn: Callable[[dict[str, Any]], None],
+    start_model: str,
+) -> None:
+    """Fine-tune `start_model` on the `count` examples written to `<name>/data` into `<name>/model`."""
+    ctx.record.rows_out = count
     if not count:
         raise StageSkipped(f"zero training examples for {name}; nothing to train")
     scaling = stage.scaling

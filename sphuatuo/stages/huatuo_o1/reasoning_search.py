@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from sphuatuo.data.released import verifiable_problems
-from sphuatuo.engines import GENERATION_COLUMNS, Request
+from sphuatuo.engines import Request
 from sphuatuo.parsing.o1 import (
     Parsed,
     chain_from_plain_text,
@@ -33,8 +33,8 @@ from sphuatuo.parsing.o1 import (
     render_chain,
 )
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import generate_pass, token_totals
-from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
+from sphuatuo.passes.generation import REPLY_COLUMNS, generate_pass, token_totals
+from sphuatuo.passes.verdict import VERDICT_COLUMNS, conclusion_verifier, verdict_pass
 from sphuatuo.prompts import Messages, get_prompt
 from sphuatuo.recipe import ReasoningSearchStage
 from sphuatuo.stages import StageContext, StageSkipped, log
@@ -47,8 +47,7 @@ NAME = "reasoning_search"
 CONFIG = ("models.teacher", "models.judge", "stages.reasoning_search", "seed", "stages.sft.data")
 READS = ("verifiable_problems",)
 # What the passes add to an item's row (its reply and verdict): dropped when the item moves on.
-ANSWERED_COLUMNS = frozenset((*GENERATION_COLUMNS, "engine_error", "model", "conclusion", "verdict", "decided_by",
-                              "verdict_raw"))
+ANSWERED_COLUMNS = frozenset((*REPLY_COLUMNS, "conclusion", *VERDICT_COLUMNS))
 
 
 def step_messages(stage: ReasoningSearchStage, row: Row) -> Messages:
@@ -179,14 +178,13 @@ def _write_paths(run: RunRoot, generator: str) -> int:
             failures.append({"id": row["id"], "reason": "final response empty or cut at max_tokens",
                              "trace": row["trace"]})
             continue
-        trace = json.loads(row["trace"])
         state = SearchState.of_row(row)
         paths.append({
             **{key: row[key] for key in ("id", "question", "options", "answer", "source", "problem", "ground_truth")},
             "complex_cot": row["complex_cot"],
             "response": row["generated_text"].strip(),
-            "strategies": [entry["step"] for entry in trace],
-            "verdicts": [entry["verdict"] for entry in trace],
+            "strategies": [entry["step"] for entry in state.trace],
+            "verdicts": [entry["verdict"] for entry in state.trace],
             "attempts": state.attempt + 1,
             "solved_at": state.solved_at,
             "label_revealed": state.label_revealed,
@@ -203,13 +201,14 @@ def write_up(ctx: StageContext, solved: int) -> None:
     stage = ctx.recipe.stages.reasoning_search
     teacher, request = ctx.recipe.models.teacher, Request.from_config(stage.sampling)
     natural_prompt, response_prompt = get_prompt(stage.natural_prompt), get_prompt(stage.response_prompt)
-    if solved:
-        finished = read_folder(ctx.run, NAME, "finished", rows_per_block=teacher.batch_size)
-        requests = finished.rows.map_batches(_natural_requests, batch_format="pyarrow", **light_step())
-        generate_pass(ctx, FolderRows(requests, solved), f"{NAME}/natural", engine=teacher, request=request,
-                      messages=lambda row: natural_prompt.messages(thought_process=row["thought_process"],
-                                                                   question=row["problem"]))
-    if solved and on_worker(_response_requests, ctx.run, stage):
+    if not solved:
+        return
+    finished = read_folder(ctx.run, NAME, "finished", rows_per_block=teacher.batch_size)
+    requests = finished.rows.map_batches(_natural_requests, batch_format="pyarrow", **light_step())
+    generate_pass(ctx, FolderRows(requests, solved), f"{NAME}/natural", engine=teacher, request=request,
+                  messages=lambda row: natural_prompt.messages(thought_process=row["thought_process"],
+                                                               question=row["problem"]))
+    if on_worker(_response_requests, ctx.run, stage):
         generate_pass(ctx, read_folder(ctx.run, NAME, "response_requests", rows_per_block=teacher.batch_size),
                       f"{NAME}/response", engine=teacher, request=request,
                       messages=lambda row: response_prompt.messages(thinking=row["complex_cot"],

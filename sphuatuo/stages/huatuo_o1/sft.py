@@ -12,7 +12,6 @@ the project-written examples of the format (`builtin:o1_format_examples`). Every
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from functools import partial
 
 from sphuatuo.data.released import sft_paths
@@ -22,8 +21,8 @@ from sphuatuo.prompts import get_prompt
 from sphuatuo.recipe import O1SftStage, SftStage
 from sphuatuo.stages import StageContext
 from sphuatuo.stages.huatuo_o1 import write_released
-from sphuatuo.stages.training import model_of, train_stage
-from sphuatuo.store.datasets import on_worker
+from sphuatuo.stages.training import fine_tune, model_of, write_examples
+from sphuatuo.store.datasets import column_summary
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.train.sft import sft_worker
 
@@ -54,10 +53,6 @@ def examples_of_run(stage: O1SftStage, run: RunRoot) -> list[Row]:
     return sft_examples(stage, paths + (run.read_rows(NAME, "extra") if stage.extra_data else []))
 
 
-def origins_of_run(build: Callable[[RunRoot], list[Row]], run: RunRoot) -> dict[str, int]:
-    return dict(Counter(example["origin"] for example in build(run)))
-
-
 def run(ctx: StageContext) -> None:
     stage = ctx.recipe.stages.sft
     ctx.record.rows_in = (write_released(ctx, NAME, stage.data, sft_paths) if stage.data
@@ -65,9 +60,10 @@ def run(ctx: StageContext) -> None:
     if stage.extra_data:
         ctx.record.rows_in += write_released(ctx, NAME, stage.extra_data, sft_paths, "extra", "extra_rejects.jsonl",
                                              "the extra file")
-    examples = partial(examples_of_run, stage)
-    origins = ctx.record.details["origins"] = on_worker(origins_of_run, examples, ctx.run)
+    count = write_examples(ctx.run, NAME, partial(examples_of_run, stage))
+    origins = ctx.record.details["origins"] = column_summary(
+        ctx.run, [(NAME, "data")], ["origin"], lambda table: dict(Counter(table["origin"].to_pylist())))
     ctx.note("SFT examples by origin: " + (", ".join(f"{n} {origin}" for origin, n in origins.items()) or "none"))
     # The trainer sees the training fields only (the prompt choice is this stage's business).
     trainer_stage = SftStage.model_validate(stage.model_dump(include=set(SftStage.model_fields)))
-    train_stage(ctx, NAME, trainer_stage, examples, sft_worker, model_of(ctx, "base"))
+    fine_tune(ctx, NAME, trainer_stage, count, sft_worker, model_of(ctx, "base"))

@@ -20,11 +20,11 @@ from typing import Any
 import pyarrow as pa
 
 from sphuatuo.data.questions import Question
-from sphuatuo.engines import GENERATION_COLUMNS, Request
+from sphuatuo.engines import Request
 from sphuatuo.parsing.o1 import Parsed, parse_filter_verdict, parse_problem
 from sphuatuo.parsing.replies import extract_answer
 from sphuatuo.passes import Row
-from sphuatuo.passes.generation import generate_pass, token_totals
+from sphuatuo.passes.generation import REPLY_COLUMNS, generate_pass, token_totals
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, VerifiableProblemsStage
 from sphuatuo.stages import StageContext, StageSkipped
@@ -37,7 +37,7 @@ CONFIG = ("models.teacher", "stages.verifiable_problems", "seed", "stages.reason
 READS = ("questions",)
 PARSERS = {"filter": parse_filter_verdict, "rewrite": parse_problem}
 # What asking adds to an item's row (its key, the reply), and what its outcome adds: dropped when it moves on.
-ASKED_COLUMNS = frozenset((*GENERATION_COLUMNS, "engine_error", "model", "key", "attempt", "prompt_version"))
+ASKED_COLUMNS = frozenset((*REPLY_COLUMNS, "key", "attempt", "prompt_version"))
 OUTCOME_COLUMNS = frozenset(("value", "parse_error", "reply", "tries"))
 
 
@@ -98,6 +98,16 @@ def _reject(row: Row, step: str, reason: str, reply: str = "") -> Row:
     return {"id": row["id"], "step": step, "reason": reason, "reply": reply}
 
 
+def _unreadable(outcome: Row, step: str) -> Row:
+    return _reject(outcome, step, f"unreadable after {outcome['tries']} tries: {outcome['parse_error']}",
+                   outcome["reply"])
+
+
+def _answered_right(reply: Row) -> bool:
+    question = Question.from_row(reply)
+    return extract_answer(reply["generated_text"], question.options) == frozenset(question.answer)
+
+
 def _triage(run: RunRoot, small_models: int, filtering: bool) -> dict[str, int]:
     """On a worker: drop the items every small model answers correctly and those with several answers; open-ended
     items are problems as they are; the multiple-choice ones go to the filter (or straight to the rewrite)."""
@@ -105,16 +115,14 @@ def _triage(run: RunRoot, small_models: int, filtering: bool) -> dict[str, int]:
     easy = {row["id"] for row in questions if row["options"] is not None and len(row["options"])} if small_models \
         else set()
     for index in range(small_models):
-        easy &= {row["id"] for row in run.read_rows(NAME, f"small_{index}")
-                 if extract_answer(row["generated_text"], Question.from_row(row).options)
-                 == frozenset(Question.from_row(row).answer)}
+        easy &= {row["id"] for row in run.read_rows(NAME, f"small_{index}") if _answered_right(row)}
     rejects = [_reject(row, "small_models", f"answered correctly by all {small_models} small models")
                for row in questions if row["id"] in easy]
     multiple_choice, open_ended = [], []
     for row in questions:
-        question = Question.from_row(row)
         if row["id"] in easy:
             continue
+        question = Question.from_row(row)
         if len(question.answer) > 1:  # the paper drops items with several answers: no single ground truth
             rejects.append(_reject(row, "several_answers", f"{len(question.answer)} correct options"))
         elif question.is_multiple_choice:
@@ -137,8 +145,7 @@ def _filtered(run: RunRoot) -> Counter[str]:
         verdict = json.loads(row["value"])
         verdicts[verdict or "unreadable"] += 1
         if row["parse_error"]:
-            rejects.append(_reject(row, "filter", f"unreadable after {row['tries']} tries: {row['parse_error']}",
-                                   row["reply"]))
+            rejects.append(_unreadable(row, "filter"))
         elif verdict != "Pass":
             rejects.append(_reject(row, "filter", verdict, row["reply"]))
         else:
@@ -156,8 +163,7 @@ def _write_problems(run: RunRoot, stage: VerifiableProblemsStage, seed: int, gen
     for row in run.read_rows(NAME, "rewrite", "outcomes"):
         tries[str(row["tries"])] += 1
         if row["parse_error"]:
-            rejects.append(_reject(row, "rewrite", f"unreadable after {row['tries']} tries: {row['parse_error']}",
-                                   row["reply"]))
+            rejects.append(_unreadable(row, "rewrite"))
             continue
         problem, ground_truth = json.loads(row["value"])
         question = {key: value for key, value in row.items() if key not in OUTCOME_COLUMNS}
