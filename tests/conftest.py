@@ -173,8 +173,9 @@ def openai_server(tiny_model: str) -> Iterator[str]:
 @contextmanager
 def rows_only_on_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Within: the driver's `RunRoot.read_rows` fails, and `read_column` fails but on a pass's error log (the
-    attempts of rows that failed in an engine, numbered on): a stage whose driver reads its rows fails the test.
-    Ray's workers, which the patch does not reach, read them."""
+    attempts of rows that failed in an engine, numbered on), and so does opening any question or released file: a
+    stage whose driver reads its rows fails the test. Ray's workers, which the patch does not reach, read them."""
+    from sphuatuo.data import files
     from sphuatuo.store.run_root import RunRoot
 
     read_column = RunRoot.read_column
@@ -186,7 +187,11 @@ def rows_only_on_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         assert parts[-1].endswith("_errors"), f"the driver read column {column} of {'/'.join(parts)}"
         return read_column(run, column, *parts)
 
+    def no_files(location: str) -> None:
+        raise AssertionError(f"the driver opened {location}")
+
     with monkeypatch.context() as patch:
+        patch.setattr(files, "_filesystem", no_files)
         patch.setattr(RunRoot, "read_rows", no_rows)
         patch.setattr(RunRoot, "read_column", error_log_only)
         yield

@@ -16,7 +16,7 @@ import pytest
 from datasets import load_dataset
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, rows_only_on_workers
 from sphuatuo.commands.export import export_run
 from sphuatuo.commands.report import write_report
 from sphuatuo.pipeline import recipe_stages, run_pipeline
@@ -135,12 +135,14 @@ O1_SMALL = [
 ]
 
 
-def test_o1_demo_learns_the_format_so_rl_rewards_are_not_zero(tmp_path: Path, ray_cluster) -> None:
+def test_o1_demo_learns_the_format_so_rl_rewards_are_not_zero(tmp_path: Path, ray_cluster,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The o1 demo's SFT and RL at a reduced size, started from released-format files so that it skips the
     search: SFT on the paths plus the project-written examples teaches SmolLM2 the `## Thinking` /
     `## Final Response` format, so GRPO sees rewards above 0 (a broken format scores 0)."""
     recipe = load_recipe(REPO / "pipelines" / "huatuo_o1_demo.yaml", [f"run_root={tmp_path / 'run'}", *O1_SMALL])
-    run = run_pipeline(recipe)
+    with rows_only_on_workers(monkeypatch):  # the released files too are read on a worker
+        run = run_pipeline(recipe)
     report = Path(write_report(run)).read_text()
     stages = json.loads(run.read_text("manifest.json"))["stages"]
 

@@ -266,14 +266,15 @@ def test_data_convert_to_jsonl_and_parquet_with_rejects_beside(tmp_path: Path) -
 
 
 def _load(tmp_path: Path, train: list[dict], test: list[dict] | None = None) -> tuple[RunRoot, StageRecord]:
-    """The questions stage over these sources, as a run does it."""
+    """The questions stage over these sources, as a run does it (the files read on a worker)."""
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": train, "data.test": test or [], "data.test_fraction": 0})
     run, record = RunRoot(recipe.run_root), StageRecord()
     questions.run(StageContext(recipe=recipe, run=run, record=record))
     return run, record
 
 
-def test_files_without_ids_never_collide_and_repeats_across_files_are_rejected(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_files_without_ids_never_collide_and_repeats_across_files_are_rejected(tmp_path: Path, ray_cluster) -> None:
     first = _write_json(tmp_path / "a.json", EXAM[:3])
     second = _write_json(tmp_path / "b.json", EXAM[2:4])  # EXAM[2] is in both
     run, record = _load(tmp_path, [{"path": str(first), "columns": EXAM_MAPPING},
@@ -290,7 +291,8 @@ def test_files_without_ids_never_collide_and_repeats_across_files_are_rejected(t
     assert len(rejects) == 3 and all("duplicate id" in r["reason"] for r in rejects)
 
 
-def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path, ray_cluster) -> None:
     train = _write_json(tmp_path / "train.json", EXAM[:3])
     respaced = {**EXAM[0], "question": " 治疗单纯疱疹病毒性角膜炎首选的药物是"}
     test = _write_json(tmp_path / "test.json", [EXAM[5], respaced])
@@ -300,7 +302,9 @@ def test_a_question_in_train_and_test_is_named_in_both_places(tmp_path: Path) ->
         _load(tmp_path, [{"path": str(train), "columns": EXAM_MAPPING}], [{"path": str(test), "columns": EXAM_MAPPING}])
 
 
-def test_a_large_bank_is_written_in_pieces_and_held_out_by_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_a_large_bank_is_written_in_pieces_and_held_out_by_id(tmp_path: Path, ray_cluster,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The stage holds one piece of `PART_ROWS` questions at a time; the held-out split moves whole rows between
     the pieces' files and keeps every question exactly once."""
     monkeypatch.setattr(questions, "PART_ROWS", 4)
@@ -324,7 +328,8 @@ def test_a_large_bank_is_written_in_pieces_and_held_out_by_id(tmp_path: Path, mo
 # --- Recipes: inline columns, datasets.yaml by name ----------------------------------------------
 
 
-def test_recipe_sources_name_mappings_from_datasets_yaml(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_recipe_sources_name_mappings_from_datasets_yaml(tmp_path: Path, ray_cluster) -> None:
     exam = _write_json(tmp_path / "exam.json", EXAM)
     (tmp_path / "datasets.yaml").write_text(yaml.safe_dump({"my_exam": json.loads(EXAM_MAPPING.model_dump_json(
         exclude_defaults=True))}, allow_unicode=True), encoding="utf-8")
@@ -349,7 +354,8 @@ def test_recipe_sources_name_mappings_from_datasets_yaml(tmp_path: Path) -> None
         load_recipe(recipe_path)
 
 
-def test_files_of_one_name_in_different_folders_keep_their_ids_apart(tmp_path: Path,
+@pytest.mark.slow
+def test_files_of_one_name_in_different_folders_keep_their_ids_apart(tmp_path: Path, ray_cluster,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`train/q.json` and `test/q.json` without ids: no false "in both train and test", no "duplicate id"
     between two such files of one split, and the same ids each time a file is read under its name."""

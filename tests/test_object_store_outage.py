@@ -31,12 +31,13 @@ def _objects(s3) -> set[str]:
             for o in page.get("Contents", [])}
 
 
-def _run_teacher_cot(recipe) -> StageContext:
-    """The stage as the pipeline runs it: Ray's workers (which read the questions) sign with this driver's keys."""
+def _run_stage(stage, recipe) -> StageContext:
+    """The stage as the pipeline runs it: Ray's workers (which read and write its rows) sign with this driver's
+    keys."""
     run = RunRoot(recipe.run_root)
     with shared_filesystem(run, recipe.storage.credentials) as filesystem:
         ctx = StageContext(recipe=recipe, run=RunRoot(run.uri, filesystem), record=StageRecord())
-        teacher_cot.run(ctx)
+        stage.run(ctx)
     return ctx
 
 
@@ -58,7 +59,7 @@ def test_an_object_store_outage_mid_stage_deletes_nothing_and_the_rerun_writes_e
                                                       "stages.teacher_cot.sampling.max_tokens": 128,
                                                       # the session's Ray nodes have none of this driver's keys
                                                       "storage.credentials": "driver"})
-        questions.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord()))
+        _run_stage(questions, recipe)
         before: dict[str, set[str]] = {}
 
         def outage() -> None:
@@ -76,14 +77,14 @@ def test_an_object_store_outage_mid_stage_deletes_nothing_and_the_rerun_writes_e
         stopper = threading.Thread(target=outage, daemon=True)
         stopper.start()
         try:
-            _run_teacher_cot(recipe)
+            _run_stage(teacher_cot, recipe)
         except OSError as error:  # not ridden out: the error names what it could not write
             assert BUCKET in str(error) and "run/teacher_cot" in str(error), error
         stopper.join(timeout=OUTAGE_S + 5)
         assert "objects" in before, "the store was never stopped mid-stage"
         assert sum(key.startswith(GENERATED) for key in before["objects"]) < 24, "the outage came after the pass"
 
-        ctx = _run_teacher_cot(recipe)
+        ctx = _run_stage(teacher_cot, recipe)
         assert before["objects"] <= _objects(s3), "objects written before the outage are gone"
         ids = ctx.run.read_column("id", "questions", "train")
         assert Counter(ctx.run.read_column("key", "teacher_cot", "first_generated")) == Counter(ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_recipe
+from conftest import rows_only_on_workers, tiny_recipe
 from sphuatuo.commands.report import write_report
 from sphuatuo.data.questions import Question
 from sphuatuo.engines.serving import EngineServices
@@ -51,11 +51,14 @@ def _accepted_teacher_rows(run: RunRoot) -> list[dict]:
     return rows
 
 
-def test_questions_stage_keeps_good_rows_and_lists_rejects(tmp_path: Path) -> None:
+def test_questions_stage_keeps_good_rows_and_lists_rejects(tmp_path: Path, ray_cluster,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The question file is read on a worker (the driver may not open it) and its bad rows are kept apart."""
     recipe = tiny_recipe(tmp_path / "run", **{"data.train": [{"path": str(FIXTURES / "broken_native.jsonl")}],
                                               "data.test_fraction": 0.0, "data.max_error_share": 0.8})
     ctx = _context(recipe)
-    questions.run(ctx)
+    with rows_only_on_workers(monkeypatch):
+        questions.run(ctx)
     rejects = [json.loads(line) for line in ctx.run.read_text("questions", "rejects.jsonl").splitlines()]
     assert ctx.record.rows_rejected == len(rejects) > 0
     assert ctx.record.rows_out == len(ctx.run.read_rows("questions", "train")) > 0

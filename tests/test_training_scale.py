@@ -215,7 +215,8 @@ def test_an_object_store_run_root_holds_checkpoints_and_exports_and_dpo_resumes_
         "stages.dpo.epochs": 2,  # 4 steps: 3 after the first checkpoint, each checkpointed, then the export
         "storage.credentials": "driver"})  # the session's Ray nodes have no key the server accepts
     run = RunRoot(recipe.run_root)
-    questions.run(StageContext(recipe=recipe, run=run, record=StageRecord()))
+    with credentials.shared_filesystem(run, recipe.storage.credentials) as filesystem:  # its worker signs as the driver
+        questions.run(StageContext(recipe=recipe, run=RunRoot(run.uri, filesystem), record=StageRecord()))
     # The SFT export in the bucket that DPO starts from: the tiny model (SFT into a bucket runs in the S3 shape test).
     run.replace_dir(tiny_model, "sft", "model")
     run.write_rows(_pairs(run), "preference_pairs", "pairs")

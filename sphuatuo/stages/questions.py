@@ -4,21 +4,25 @@ Invalid rows never stop the load: they go to `questions/rejects.jsonl` with file
 does a question repeated within or across the files of a split. The load fails when the rejected
 share passes `data.max_error_share`, and when one question (same id, or same stem and options) is in
 both train and test, since every test score would then be inflated.
+
+The files are read, and the splits written, by a task on a worker of the driver's node (where a recipe's local
+paths are valid): the driver learns counts and the first rejects, never the questions.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sphuatuo.data.loaders import Reject, SeenQuestions, iter_questions, resolve_source_path
 from sphuatuo.data.questions import Question, questions_table
-from sphuatuo.recipe import QuestionSource
+from sphuatuo.recipe import DataConfig, QuestionSource
 from sphuatuo.stages import StageContext, StageFailed
+from sphuatuo.store.datasets import near_driver
 from sphuatuo.store.run_root import RunRoot
 
 NAME = "questions"
@@ -30,17 +34,17 @@ PART_ROWS = 5_000
 
 
 class SplitWriter:
-    """A split's questions, written as they are loaded in pieces of `PART_ROWS` under fixed names
+    """A split's questions, written as they are loaded in pieces of `part_rows` under fixed names
     (`part-00000.parquet`, `part-00001.parquet`, …), so a re-run of the stage replaces its files and never adds rows."""
 
-    def __init__(self, run: RunRoot, split: str):
-        self.run, self.split = run, split
+    def __init__(self, run: RunRoot, split: str, part_rows: int = PART_ROWS):
+        self.run, self.split, self.part_rows = run, split, part_rows
         self.pending: list[Question] = []
         self.parts = 0
 
     def add(self, question: Question) -> None:
         self.pending.append(question)
-        if len(self.pending) == PART_ROWS:
+        if len(self.pending) == self.part_rows:
             self._flush()
 
     def _flush(self) -> None:
@@ -94,31 +98,51 @@ def hold_out(run: RunRoot, test_ids: set[str]) -> None:
         run.write_rows(table.filter(pc.invert(held)), NAME, "train", part=part)
 
 
-def run(ctx: StageContext) -> None:
-    data = ctx.recipe.data
+@dataclass(frozen=True)
+class LoadedBank:
+    """What the driver learns of a load: counts, and the few rows it names in its log."""
+
+    train: int
+    test: int
+    rejected: int
+    first_rejects: tuple[Reject, ...]
+    shared: tuple[str, ...]  # train = test pairs, the first three
+    shared_count: int
+
+
+def load_bank(run: RunRoot, data: DataConfig, seed: int, part_rows: int) -> LoadedBank:
+    """Load the train and test sources into `questions/train` and `questions/test` (with the rejects), holding out
+    `data.test_fraction` of train when no test source is named; nothing is written to the splits when a question is
+    in both. Runs where the files are (`near_driver`)."""
     rejects: list[Reject] = []
     train, test = SeenQuestions(), SeenQuestions()
-    load_split(data.train, SplitWriter(ctx.run, "train"), train, rejects)
-    shared = load_split(data.test, SplitWriter(ctx.run, "test"), test, rejects, train=train)
-    if shared:
-        raise StageFailed(f"{len(shared)} question(s) in both train and test: " + "; ".join(shared[:3]))
+    load_split(data.train, SplitWriter(run, "train", part_rows), train, rejects)
+    shared = load_split(data.test, SplitWriter(run, "test", part_rows), test, rejects, train=train)
     train_count, test_count = len(train.by_id), len(test.by_id)
-    if not data.test and data.test_fraction:
+    if not shared and not data.test and data.test_fraction:
         shuffled = sorted(train.by_id)
-        random.Random(ctx.recipe.seed).shuffle(shuffled)
+        random.Random(seed).shuffle(shuffled)
         held_out = shuffled[:round(len(shuffled) * data.test_fraction)]
-        hold_out(ctx.run, set(held_out))
+        hold_out(run, set(held_out))
         train_count, test_count = train_count - len(held_out), len(held_out)
+    run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects), NAME, "rejects.jsonl")
+    return LoadedBank(train_count, test_count, len(rejects), tuple(rejects[:20]), tuple(shared[:3]), len(shared))
 
-    total = train_count + test_count + len(rejects)
+
+def run(ctx: StageContext) -> None:
+    data = ctx.recipe.data
+    bank = near_driver(load_bank, ctx.run, data, ctx.recipe.seed, PART_ROWS,
+                       locations=[source.path for source in (*data.train, *data.test)],
+                       credentials=ctx.recipe.storage.credentials)
+    if bank.shared_count:
+        raise StageFailed(f"{bank.shared_count} question(s) in both train and test: " + "; ".join(bank.shared))
+    total = bank.train + bank.test + bank.rejected
     ctx.record.rows_in = total
-    ctx.record.rows_out = train_count + test_count
-    ctx.record.rows_rejected = len(rejects)
-    ctx.record.details.update(train=train_count, test=test_count)
-    ctx.run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects),
-                       NAME, "rejects.jsonl")
-    for reject in rejects[:20]:
+    ctx.record.rows_out = bank.train + bank.test
+    ctx.record.rows_rejected = bank.rejected
+    ctx.record.details.update(train=bank.train, test=bank.test)
+    for reject in bank.first_rejects:
         ctx.note(f"rejected {reject.file} row {reject.row}: {reject.reason}")
-    if total and len(rejects) / total > data.max_error_share:
-        raise StageFailed(f"{len(rejects)} of {total} rows rejected, more than data.max_error_share="
+    if total and bank.rejected / total > data.max_error_share:
+        raise StageFailed(f"{bank.rejected} of {total} rows rejected, more than data.max_error_share="
                           f"{data.max_error_share}; see {ctx.run.join(NAME, 'rejects.jsonl')}")

@@ -8,8 +8,9 @@ footers (for the row counts) and nothing else; each slice of a file is one block
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sphuatuo.store.run_root import RunRoot
 from sphuatuo.store.runtime import LIGHT_CPUS
@@ -106,6 +108,29 @@ def on_worker(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` as a task on one of Ray's workers, for a step that needs a stage's rows whole (grouping them by
     question, say): the rows are read and used there, and only `fn`'s result (counts) comes back to the driver."""
     return ray.get(ray.remote(num_cpus=LIGHT_CPUS)(fn).remote(*args))
+
+
+def near_driver(fn: Callable[..., T], *args: Any, locations: Iterable[str], credentials: str) -> T:
+    """`fn(*args)`, a step that reads files a recipe names (`locations`), as a task on a worker of the driver's own
+    node, run in the driver's working folder: a local path in a recipe means a file on the machine that ran
+    `sphuatuo` (the head node under `ray job submit`), relative to where it ran, and that worker sees it as the
+    driver does, while the rows stay off the driver, which gets `fn`'s result (counts). Object-store files under
+    `storage.credentials: driver` are read by the driver itself: the nodes have no credentials of their own there,
+    and the driver's are relayed only for the run root's filesystem."""
+    if credentials == "driver" and any("://" in location for location in locations):
+        return fn(*args)
+    on_this_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=LIGHT_CPUS, scheduling_strategy=on_this_node)(_in_folder)
+    return ray.get(task.remote(os.getcwd(), fn, *args))
+
+
+def _in_folder(folder: str, fn: Callable[..., T], *args: Any) -> T:
+    back = os.getcwd()  # a worker process runs later tasks too: leave it where it was
+    os.chdir(folder)
+    try:
+        return fn(*args)
+    finally:
+        os.chdir(back)
 
 
 def counts_row(**counts: int) -> pa.Table:

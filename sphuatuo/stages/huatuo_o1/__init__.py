@@ -14,18 +14,27 @@ from dataclasses import asdict
 
 from sphuatuo.data.released import Released
 from sphuatuo.stages import StageContext
+from sphuatuo.store.datasets import near_driver
+from sphuatuo.store.run_root import RunRoot
 
 
 def write_released(ctx: StageContext, folder: str, location: str, load: Callable[[str], Released],
                    kept: str = "released", rejects: str = "released_rejects.jsonl",
                    what: str = "the released file") -> int:
     """Copy the rows of a released file to `<folder>/<kept>`, where the stage's steps read them on Ray's workers;
-    its bad records go to `<folder>/<rejects>`, counted and noted. The file is read here, where its path is valid
-    (as the questions stage reads question files). Returns how many rows were kept."""
+    its bad records go to `<folder>/<rejects>`, counted and noted. The file is read where its path is valid and the
+    driver gets the counts (`near_driver`, as the questions stage reads question files). Returns how many rows
+    were kept."""
+    kept_count, rejected = near_driver(_copy_released, ctx.run, location, load, (folder, kept), (folder, rejects),
+                                       locations=[location], credentials=ctx.recipe.storage.credentials)
+    ctx.record.rows_rejected += rejected
+    ctx.note(f"{kept_count} rows from {what} {location}, {rejected} rejected")
+    return kept_count
+
+
+def _copy_released(run: RunRoot, location: str, load: Callable[[str], Released], kept: tuple[str, str],
+                   rejects: tuple[str, str]) -> tuple[int, int]:
     released = load(location)
-    ctx.record.rows_rejected += len(released.rejects)
-    ctx.run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in released.rejects),
-                       folder, rejects)
-    ctx.run.write_rows(released.rows, folder, kept)
-    ctx.note(f"{len(released.rows)} rows from {what} {location}, {len(released.rejects)} rejected")
-    return len(released.rows)
+    run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in released.rejects), *rejects)
+    run.write_rows(released.rows, *kept)
+    return len(released.rows), len(released.rejects)
