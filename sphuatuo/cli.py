@@ -146,20 +146,23 @@ def _build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export",
                                  help="a run's SFT data and preference pairs for LLaMA-Factory and HF datasets")
     export.set_defaults(func=export_command)
-    export.add_argument("run_root")
+    export.add_argument("run_root", help="a run's root (local path or s3://…)")
     export.add_argument("--out", required=True, help="output folder (llamafactory/ and hf/ go inside)")
 
     bench = commands.add_parser("bench", help="benchmarks: a table of ratios against a baseline, in one run")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     generate = bench_commands.add_parser("generate", help="Ray Data generation stage vs bare vLLM vs hf")
     generate.set_defaults(func=bench_generate_command)
-    generate.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    generate.add_argument("--prompts", type=int, default=128, help="how many chats (the sample bank, cycled)")
-    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--model", default="builtin:smollm2-135m-instruct",
+                          help="a model directory, a hub id, or a builtin: name "
+                               "(default: builtin:smollm2-135m-instruct)")
+    generate.add_argument("--prompts", type=int, default=128,
+                          help="how many chats (the sample bank, cycled; default: 128)")
+    generate.add_argument("--max-tokens", type=int, default=64, help="reply budget per chat (default: 64)")
     generate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                           help="every engine's dtype (default auto: bf16 where the CPU has native bf16, else fp32)")
-    generate.add_argument("--batch-size", type=int, default=32)
-    generate.add_argument("--cpus", type=float, default=1, help="CPUs per engine replica")
+    generate.add_argument("--batch-size", type=int, default=32, help="rows per batch sent to an engine (default: 32)")
+    generate.add_argument("--cpus", type=float, default=1, help="CPUs per engine replica (default: 1)")
     generate.add_argument("--cpu-threads", type=int, default=None,
                           help="CPU engines: compute threads of every engine, bare and Ray (default: all cores)")
     generate.add_argument("--no-hf", action="store_true", help="skip the transformers back-end")
@@ -172,16 +175,19 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="gpu: one GPU per engine replica, CUDA graphs on (bare and Ray alike)")
     train = bench_commands.add_parser("train", help="Ray Train + DeepSpeed SFT tokens/s per worker vs bare TRL")
     train.set_defaults(func=bench_train_command)
-    train.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled)")
-    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--model", default="builtin:smollm2-135m-instruct",
+                       help="a model directory, a hub id, or a builtin: name (default: builtin:smollm2-135m-instruct)")
+    train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled; default: 32)")
+    train.add_argument("--epochs", type=int, default=1, help="passes over the examples (default: 1)")
     train.add_argument("--workers", type=int, default=2,
                        help="W: lines for bare TRL, torchrun and Ray Train with 1 worker, torchrun and Ray Train "
-                            "with W, all at the same global batch")
-    train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2)
-    train.add_argument("--max-length", type=int, default=512)
-    train.add_argument("--cpus-per-worker", type=float, default=1)
-    train.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state rate")
+                            "with W, all at the same global batch (default: 2)")
+    train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2,
+                       help="DeepSpeed ZeRO stage of every DeepSpeed line (default: 2)")
+    train.add_argument("--max-length", type=int, default=512, help="tokens per example, longer ones cut (default: 512)")
+    train.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default: 1)")
+    train.add_argument("--warmup-steps", type=int, default=2,
+                       help="steps left out of the steady-state rate (default: 2)")
 
     gpu = bench_commands.add_parser("gpu", help="on one GPU, no Ray or vLLM needed: the SFT trainer's MFU and "
                                                 "transformers' generation rate, Qwen2.5 shapes, random weights")
@@ -199,8 +205,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                                           "needs the liger-kernel package)")
     gpu.add_argument("--batches", type=int, nargs="*", default=[1, 64],
                      help="generation batch sizes (none: no generation lines)")
-    gpu.add_argument("--prompt-tokens", type=int, default=256)
-    gpu.add_argument("--new-tokens", type=int, default=256)
+    gpu.add_argument("--prompt-tokens", type=int, default=256, help="prompt length of the generation lines")
+    gpu.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row")
     gpu.add_argument("--deadline", type=float, default=360, help="seconds after which no further shape starts")
     gpu.add_argument("--record", type=Path, default=None, help="also write the lines as JSON here")
 
@@ -213,19 +219,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="each stage of a run: done, stale (and why), pending, with counts")
     status.set_defaults(func=status_command)
-    status.add_argument("run_root")
+    status.add_argument("run_root", help="a run's root (local path or s3://…)")
     status.add_argument("--recipe", default=None, help="compare against this recipe (default: the one the run "
                                                        "last ran with)")
     _overrides(status)
 
     gc = commands.add_parser("gc", help="remove superseded stage outputs and checkpoints no stage refers to")
     gc.set_defaults(func=gc_command)
-    gc.add_argument("run_root")
+    gc.add_argument("run_root", help="a run's root (local path or s3://…)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
 
     report = commands.add_parser("report", help="(re)write report.md, report.html and the model cards of a run")
     report.set_defaults(func=report_command)
-    report.add_argument("run_root")
+    report.add_argument("run_root", help="a run's root (local path or s3://…)")
 
     plan = commands.add_parser("plan", help="per stage: Ray resources, GPU memory, a rough duration; exit 1 if "
                                             "a stage does not fit")
