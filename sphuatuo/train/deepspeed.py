@@ -16,7 +16,10 @@ def deepspeed_config(scaling: TrainScaling, *, on_gpu: bool) -> dict[str, Any] |
     """ZeRO-2 or ZeRO-3 with optional CPU offload (None for stage 0: plain DDP)."""
     if scaling.zero_stage == 0:
         return None
-    zero: dict[str, Any] = {"stage": scaling.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": True}
+    # Both serve GPUs (overlap with CUDA streams; one gradient buffer against memory fragmentation). On CPU the
+    # copy into that buffer took a third of a ZeRO-2 step: off, SmolLM2-135M with one rank trains 58.2 tokens/s
+    # steady against 40.5, with the same losses (`sphuatuo bench train`'s torchrun line, fp32, 2-core EPYC).
+    zero: dict[str, Any] = {"stage": scaling.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": on_gpu}
     if scaling.zero_stage == 3:
         # Gather full weights when the Trainer saves, so the exported model is whole.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
