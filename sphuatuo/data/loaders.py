@@ -36,7 +36,7 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -252,13 +252,16 @@ def sample_records(path: str | Path) -> list[Mapping[str, Any]]:
     return sample
 
 
+def rejects_jsonl(rejects: Iterable[Reject]) -> str:
+    """Rejects as JSONL text, one object per reject, so they can be reviewed, fixed and reloaded."""
+    return "".join(json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in rejects)
+
+
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> None:
-    """Write rejects as JSONL (one object per reject) so they can be reviewed, fixed and reloaded."""
+    """Write rejects as JSONL (`rejects_jsonl`) to a local file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for item in rejects:
-            out.write(json.dumps(asdict(item), ensure_ascii=False) + "\n")
+    path.write_text(rejects_jsonl(rejects), encoding="utf-8")
 
 
 def summarize(result: LoadResult) -> str:

@@ -11,14 +11,13 @@ paths are valid): the driver learns counts and the first rejects, never the ques
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sphuatuo.data.loaders import Reject, SeenQuestions, iter_questions, resolve_source_path
+from sphuatuo.data.loaders import Reject, SeenQuestions, iter_questions, rejects_jsonl, resolve_source_path
 from sphuatuo.data.questions import Question, questions_table
 from sphuatuo.recipe import DataConfig, QuestionSource
 from sphuatuo.stages import StageContext, StageFailed
@@ -112,8 +111,8 @@ class LoadedBank:
 
 def load_bank(run: RunRoot, data: DataConfig, seed: int, part_rows: int) -> LoadedBank:
     """Load the train and test sources into `questions/train` and `questions/test` (with the rejects), holding out
-    `data.test_fraction` of train when no test source is named; nothing is written to the splits when a question is
-    in both. Runs where the files are (`near_driver`)."""
+    `data.test_fraction` of train when no test source is named, unless a question is in both (the stage then fails).
+    Runs where the files are (`near_driver`)."""
     rejects: list[Reject] = []
     train, test = SeenQuestions(), SeenQuestions()
     load_split(data.train, SplitWriter(run, "train", part_rows), train, rejects)
@@ -125,7 +124,7 @@ def load_bank(run: RunRoot, data: DataConfig, seed: int, part_rows: int) -> Load
         held_out = shuffled[:round(len(shuffled) * data.test_fraction)]
         hold_out(run, set(held_out))
         train_count, test_count = train_count - len(held_out), len(held_out)
-    run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects), NAME, "rejects.jsonl")
+    run.write_text(rejects_jsonl(rejects), NAME, "rejects.jsonl")
     return LoadedBank(train_count, test_count, len(rejects), tuple(rejects[:20]), tuple(shared[:3]), len(shared))
 
 

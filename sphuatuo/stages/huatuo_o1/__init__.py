@@ -8,10 +8,9 @@ the run by `write_released`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict
 
+from sphuatuo.data.loaders import rejects_jsonl
 from sphuatuo.data.released import Released
 from sphuatuo.stages import StageContext
 from sphuatuo.store.datasets import near_driver
@@ -35,6 +34,6 @@ def write_released(ctx: StageContext, folder: str, location: str, load: Callable
 def _copy_released(run: RunRoot, location: str, load: Callable[[str], Released], kept: tuple[str, str],
                    rejects: tuple[str, str]) -> tuple[int, int]:
     released = load(location)
-    run.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in released.rejects), *rejects)
+    run.write_text(rejects_jsonl(released.rejects), *rejects)
     run.write_rows(released.rows, *kept)
     return len(released.rows), len(released.rejects)
