@@ -9,10 +9,11 @@ environment win everywhere.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-from sphuatuo.store.secrets import worker_runtime_env
+from sphuatuo.store.secrets import setup_worker, worker_runtime_env
 
 # Every engine and trainer process, on any node: readable worker logs, no tokenizer thread pools
 # fighting the engine for cores.
@@ -71,6 +72,19 @@ def apply_driver_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+# A local cluster runs without Ray's dashboard, so without its State API. Ray Train's placement-group cleaner asks
+# that API once a second whether the training controller still lives and logs a warning at every failed query
+# (hundreds of lines per training stage). Without the API it can do nothing; its warnings say nothing.
+LOCAL_CLUSTER_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def setup_local_worker() -> None:
+    """`worker_process_setup_hook` of a local cluster's workers: the job's own hook, and the quiet loggers."""
+    setup_worker()
+    for name in LOCAL_CLUSTER_QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _local_gpus() -> int:
     import torch
 
@@ -93,8 +107,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         return
     if not _local_gpus():
         apply_cpu_environment()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2,
-             runtime_env=worker_runtime_env())
+    runtime_env = {**(worker_runtime_env() or {}), "worker_process_setup_hook": f"{__name__}.setup_local_worker"}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2, runtime_env=runtime_env)
 
 
 def leave_ray() -> None:
