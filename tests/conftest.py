@@ -28,6 +28,7 @@ from sphuatuo.store.runtime import apply_cpu_environment, apply_driver_environme
 
 if TYPE_CHECKING:
     from sphuatuo.engines.serving import EngineServices
+    from sphuatuo.store.datasets import FolderRows
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -228,6 +229,15 @@ def raw_test_recipe(name: str, run_root: Path, changes: dict[str, object]) -> di
 def tiny_recipe(run_root: Path, **changes: object) -> Recipe:
     """A recipe on the tiny random model: fast, real engines and trainers, meaningless answers."""
     return Recipe.model_validate(raw_test_recipe("tiny", run_root, changes))
+
+
+def cluster_rows(rows: list[dict]) -> FolderRows:
+    """Rows a test wrote, put in the cluster as a stage's rows are: the passes take nothing else."""
+    import ray.data
+
+    from sphuatuo.store.datasets import FolderRows
+
+    return FolderRows(ray.data.from_items(rows), len(rows))
 
 
 CREDENTIAL_PROCESS = """

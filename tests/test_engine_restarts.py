@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from ray.util.state import list_actors
 
-from conftest import tiny_recipe
+from conftest import cluster_rows, tiny_recipe
 from sphuatuo.engines import Request
 from sphuatuo.engines.serving import EngineServices
 from sphuatuo.passes.generation import PassFailed, generate_pass
@@ -62,7 +62,7 @@ def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> 
     killer = ReplicaKiller(ctx.run, kill_after, "EngineReplica" if ctx.engines else "vLLMEngineStage")
     killer.start()
     try:
-        generate_pass(ctx, [{"key": key} for key in KEYS], FOLDER, engine=engine,
+        generate_pass(ctx, cluster_rows([{"key": key} for key in KEYS]), FOLDER, engine=engine,
                       request=Request(temperature=0.0, top_p=1.0, max_tokens=128),
                       messages=lambda row: [{"role": "user", "content": f"Question {row['key']}"}])
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ray.util.state import list_actors
 
-from conftest import tiny_recipe
+from conftest import cluster_rows, tiny_recipe
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.stages import questions
 from sphuatuo.stages.self_play import teacher_cot
@@ -81,7 +81,7 @@ def test_a_released_cpu_replica_hosts_the_next_engine_in_its_process_and_the_run
     recipe = tiny_recipe(tmp_path / "run")
     services = EngineServices()
     ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=services)
-    rows = [{"key": f"q{i}"} for i in range(4)]
+    rows = cluster_rows([{"key": f"q{i}"} for i in range(4)])
     request = Request(temperature=0.0, top_p=1.0, max_tokens=16)
     try:
         for folder, model in (("tiny", "builtin:tiny"), ("think", "builtin:tiny-think")):

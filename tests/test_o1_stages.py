@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import raw_test_recipe, rows_only_on_workers
+from conftest import cluster_rows, raw_test_recipe, rows_only_on_workers
 from sphuatuo.engines.serving import EngineServices
 from sphuatuo.parsing.o1 import format_o1
 from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
@@ -134,7 +134,8 @@ def test_verify_pass_rule_and_llm_verdicts(tmp_path: Path, ray_cluster) -> None:
         {**mc, "key": "unparsed", "conclusion": None, "ground_truth": gold},
         {**open_ended, "key": "llm", "conclusion": "Oxytocin", "ground_truth": open_ended["reference"]},
     ]
-    verdict_pass(ctx, rows, "verify/verdicts", ctx.recipe.models.judge, conclusion_verifier("huatuo_o1/verify"))
+    verdict_pass(ctx, cluster_rows(rows), "verify/verdicts", ctx.recipe.models.judge,
+                 conclusion_verifier("huatuo_o1/verify"))
     verdicts = {row["key"]: row for row in run.read_rows("verify", "verdicts")}
     assert verdicts["right"]["verdict"] is True and verdicts["right"]["decided_by"] == "rule"
     assert verdicts["wrong"]["verdict"] is False
@@ -150,6 +151,7 @@ def test_a_verdict_pass_cut_short_before_the_llm_resumes_with_every_key_once(tmp
     run, recipe = ctx.run, ctx.recipe
     rows = [{**mc, "key": "by-rule", "conclusion": "Atropine.", "ground_truth": "x"},
             *({**open_ended, "key": f"llm-{i}", "conclusion": "Oxytocin", "ground_truth": "y"} for i in range(3))]
+    rows = cluster_rows(rows)
     spec, judge = conclusion_verifier("huatuo_o1/verify"), recipe.models.judge
     # The judge's engine cannot start: the rule's verdict is written, the LLM's rows wait in `_pending`.
     missing = judge.model_copy(update={"engine": judge.engine.model_copy(update={"model": str(tmp_path / "gone")})})

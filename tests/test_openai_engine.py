@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OPENAI_SERVER_KEY as KEY
-from conftest import cluster_state, files_holding, tiny_recipe
+from conftest import cluster_rows, cluster_state, files_holding, tiny_recipe
 from sphuatuo.stages import StageContext, questions
 from sphuatuo.stages.self_play import teacher_cot
 from sphuatuo.store.manifest import StageRecord
@@ -72,8 +72,8 @@ def test_a_hosted_model_judges_and_verifies_through_the_standard_api(tmp_path: P
                           source="test")
     rows = [{**open_ended.to_row(), "key": f"k{i}", "generated_text": reply, "conclusion": reply,
              "ground_truth": "vitamin C"} for i, reply in enumerate(["Vitamin C.", "Vitamin D.", "Iron."])]
-    verdict_pass(ctx, rows, "judged", recipe.models.judge, answer_judge("self_play/judge"))
-    verdict_pass(ctx, rows, "verified", recipe.models.judge, conclusion_verifier("huatuo_o1/verify"))
+    verdict_pass(ctx, cluster_rows(rows), "judged", recipe.models.judge, answer_judge("self_play/judge"))
+    verdict_pass(ctx, cluster_rows(rows), "verified", recipe.models.judge, conclusion_verifier("huatuo_o1/verify"))
     for folder, parse in (("judged", parse_judge_verdict), ("verified", parse_true_false)):
         judged = ctx.run.read_rows(folder)
         assert sorted(row["key"] for row in judged) == ["k0", "k1", "k2"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cluster_rows
 from sphuatuo.commands.evaluate import summary
 from sphuatuo.commands.report import write_report
 from sphuatuo.data.questions import Question
@@ -61,7 +62,7 @@ def test_multiple_choice_items_are_scored_by_their_letters_even_under_an_llm_jud
     rows = [{**_row(reply, False), "key": f"k{i}"} for i, reply in enumerate(["The answer is B.", "Answer: C"])]
     target = StageContext(recipe=None, run=RunRoot(str(tmp_path)), record=StageRecord())  # type: ignore[arg-type]
     # No engine is started: every item has options, so the letters decide (on Ray's workers).
-    verdict_pass(target, rows, "judged", scoring_judge(llm), answer_judge("self_play/judge"))
+    verdict_pass(target, cluster_rows(rows), "judged", scoring_judge(llm), answer_judge("self_play/judge"))
     judged = {row["key"]: row for row in target.run.read_rows("judged")}
     assert (judged["k0"]["verdict"], judged["k1"]["verdict"]) == (True, False)
     assert {row["decided_by"] for row in judged.values()} == {"rule"}

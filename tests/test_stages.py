@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import rows_only_on_workers, tiny_recipe
+from conftest import cluster_rows, rows_only_on_workers, tiny_recipe
 from sphuatuo.commands.report import write_report
 from sphuatuo.data.questions import Question
 from sphuatuo.engines.serving import EngineServices
@@ -301,7 +301,7 @@ def test_a_prompt_too_long_for_the_engine_is_retried_kept_with_its_error_and_cou
                                               "models.teacher.max_error_share": 0.25})
     ctx = _context(recipe, kept_engines)
     rows = [{"key": f"q{i}", "text": "what is scurvy?"} for i in range(3)]
-    rows.append({"key": "long", "text": "scurvy " * 400})
+    rows = cluster_rows([*rows, {"key": "long", "text": "scurvy " * 400}])
 
     def probe(engine: EngineConfig) -> int:
         return generate_pass(ctx, rows, "probe", engine=engine, request=Request(temperature=0.0, top_p=1.0,

@@ -55,17 +55,9 @@ def sample_key(question_id: str, sample: int, samples_per_question: int) -> str:
     return question_id if samples_per_question == 1 else f"{question_id}#{sample}"
 
 
-def missing_rows(ctx: PassTarget, rows: list[Row], folder: str, key: str = "key") -> list[Row]:
-    done = set(ctx.run.read_column(key, folder))
-    todo = [row for row in rows if row[key] not in done]
-    if done:
-        log.info("%s: %d rows already written, %d to go", folder, len(rows) - len(todo), len(todo))
-    return todo
-
-
 def generate_pass(
     ctx: PassTarget,
-    rows: list[Row] | FolderRows,
+    rows: FolderRows,
     folder: str,
     *,
     engine: EngineConfig,
@@ -75,11 +67,11 @@ def generate_pass(
 ) -> int:
     """Generate a reply for each row not yet in `folder`; return how many rows went through the engine now.
 
-    `rows`: in the cluster already (`FolderRows`: the driver never holds them), or a list the driver sends there.
-    Each row needs a unique `key`. `messages` gives each row's chat, or a raw prompt string that the engine
-    sends without the chat template (all rows of a pass the one or the other); it runs on Ray's workers, so it
-    must pickle. Output rows are the input rows plus the engine's columns (see
-    `sphuatuo.engines.GENERATION_COLUMNS`) and `model`; Ray's workers write them, the driver gets counts.
+    `rows`: in the cluster (the driver never holds them); each needs a unique `key`. `messages` gives each row's
+    chat, or a raw prompt string that the engine sends without the chat template (all rows of a pass the one or
+    the other); it runs on Ray's workers, so it must pickle. Output rows are the input rows plus the engine's
+    columns (see `sphuatuo.engines.GENERATION_COLUMNS`) and `model`; Ray's workers write them, the driver gets
+    counts.
     """
     todo, todo_count = _todo(ctx, rows, folder)
     failed, generated = Failures(), 0
@@ -88,10 +80,8 @@ def generate_pass(
                                                    model or engine.model)
     # Error rows already in the folder count too (kept by an earlier run within a share since lowered, or
     # written by a version that kept them before failing), so a resumed pass never passes unchecked.
-    keys = None if isinstance(rows, FolderRows) else {row["key"] for row in rows}
-    kept = on_worker(_kept_errors, ctx.run, folder, keys)
-    total = rows.count if isinstance(rows, FolderRows) else len(rows)
-    _check_error_share(folder, failed.errors + kept, total, engine)
+    kept = on_worker(_kept_errors, ctx.run, folder)
+    _check_error_share(folder, failed.errors + kept, rows.count, engine)
     if failed.keys:  # kept, with finish_reason "error" and the engine's message
         on_worker(_keep_failed_rows, ctx.run, folder, failed.keys)
     return generated
@@ -105,17 +95,13 @@ class Failures:
     errors: list[str | None] = field(default_factory=list)
 
 
-def _kept_errors(run: RunRoot, folder: str, keys: set[str] | None) -> list[str | None]:
-    """The engine's message of each error row in `folder` (of those whose key is in `keys`, when given)."""
-    kept = run.read_rows(folder, where=[("finish_reason", "==", "error")])
-    return [row.get("engine_error") for row in kept if keys is None or row["key"] in keys]
+def _kept_errors(run: RunRoot, folder: str) -> list[str | None]:
+    """The engine's message of each error row in `folder`."""
+    return [row.get("engine_error") for row in run.read_rows(folder, where=[("finish_reason", "==", "error")])]
 
 
-def _todo(ctx: PassTarget, rows: list[Row] | FolderRows, folder: str) -> tuple[ray.data.Dataset | None, int]:
+def _todo(ctx: PassTarget, rows: FolderRows, folder: str) -> tuple[ray.data.Dataset | None, int]:
     """The rows of the pass not yet in `folder`, as a Dataset (None when there are none), and how many."""
-    if not isinstance(rows, FolderRows):
-        todo = missing_rows(ctx, rows, folder)
-        return (ray.data.from_items(todo) if todo else None), len(todo)
     # Only this pass writes its folder, so the keys there are some of its rows': the count needs no join.
     written = ctx.run.count_rows(folder)
     if not written:

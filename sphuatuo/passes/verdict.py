@@ -34,7 +34,7 @@ from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing.o1 import parse_true_false
 from sphuatuo.parsing.replies import JUDGE_VERDICT_WORDS, extract_answer, letters_text, parse_judge_verdict
 from sphuatuo.passes import PassTarget, Row
-from sphuatuo.passes.generation import generate_pass, missing_rows, parse_reply
+from sphuatuo.passes.generation import generate_pass, parse_reply
 from sphuatuo.prompts import Messages, get_prompt, options_block
 from sphuatuo.recipe import EngineConfig, JudgeConfig, SamplingConfig
 from sphuatuo.store.datasets import (
@@ -189,18 +189,14 @@ def _decide_by_llm(batch: pa.Table, run: RunRoot, folder: str, replies: ray.Obje
     return counts_row(by_llm=len(judged))
 
 
-def _rows_to_decide(target: PassTarget, rows: list[Row] | FolderRows, folder: str) -> ray.data.Dataset | None:
+def _rows_to_decide(target: PassTarget, rows: FolderRows, folder: str) -> ray.data.Dataset | None:
     """The rows in neither `folder` (decided) nor `<folder>_pending` (waiting for the LLM)."""
-    pending = f"{folder}_pending"
-    if isinstance(rows, FolderRows):
-        if target.run.count_rows(folder) >= rows.count:  # a pass's own folder holds only its rows' keys
-            return None
-        return keep_keys(rows.rows, keys_in(target.run, [(folder,), (pending,)]), keep=False)
-    todo = missing_rows(target, missing_rows(target, rows, folder), pending)
-    return ray.data.from_items(todo) if todo else None
+    if target.run.count_rows(folder) >= rows.count:  # a pass's own folder holds only its rows' keys
+        return None
+    return keep_keys(rows.rows, keys_in(target.run, [(folder,), (f"{folder}_pending",)]), keep=False)
 
 
-def verdict_pass(target: PassTarget, rows: list[Row] | FolderRows, folder: str, judge: JudgeConfig,
+def verdict_pass(target: PassTarget, rows: FolderRows, folder: str, judge: JudgeConfig,
                  spec: VerdictSpec) -> None:
     """Decide every row of `rows` (question columns, a `key` and the spec's reply column) not yet in `folder`,
     and write them there with their verdicts; the rows stay on Ray's workers. Rows for the LLM wait in
@@ -243,7 +239,7 @@ def _parsed_replies(batch: pa.Table) -> pa.Table:
 
 def generate_and_judge(
     target: PassTarget,
-    rows: list[Row] | FolderRows,
+    rows: FolderRows,
     folder: str,
     *,
     judge: JudgeConfig,
@@ -255,8 +251,7 @@ def generate_and_judge(
     """Generate a `<think>/<answer>` reply per row into `<folder>_generated`, split it, judge it into
     `folder`; return the counts of `folder` (its rows stay in the cluster)."""
     generated, spec = f"{folder}_generated", answer_judge(judge.prompt)
-    total = rows.count if isinstance(rows, FolderRows) else len(rows)
-    if judge.kind == "llm" and judge.engine is not None and target.run.count_rows(generated) < total:
+    if judge.kind == "llm" and judge.engine is not None and target.run.count_rows(generated) < rows.count:
         # Every new reply goes to the LLM judge: its engine starts beside the generator's, not after the pass.
         start_ahead([ComingPass(engine, request, generated, model),
                      ComingPass(judge.engine, verdict_request(judge, spec), f"{folder}_raw")], target.engines)

@@ -34,28 +34,23 @@ def student_prompt(prompt_name: str, row: Row, chat_template: bool = True) -> Pr
     return template.messages(**fields) if chat_template else template.raw_prompt(**fields)
 
 
-def _asked(questions: list[Row], meta: Row, samples: int) -> list[Row]:
-    return [{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
-            for q in questions for k in range(samples)]
-
-
 def _asked_batch(questions: pa.Table, meta: Row, samples: int) -> pa.Table:
-    return pa.Table.from_pylist(_asked(questions.to_pylist(), meta, samples))
+    return pa.Table.from_pylist([{**q, **meta, "key": sample_key(q["id"], k, samples), "sample": k}
+                                 for q in questions.to_pylist() for k in range(samples)])
 
 
-def answer_questions(ctx: StageContext, questions: list[Row] | FolderRows, folder: str, model: str, prompt_name: str,
+def answer_questions(ctx: StageContext, questions: FolderRows, folder: str, model: str, prompt_name: str,
                      sampling: SamplingConfig, samples: int = 1, judge: JudgeConfig | None = None,
                      chat_template: bool = True) -> JudgedCounts:
     """`samples` judged answers per question from `model` (the student engine), in `folder`; the k-th
-    sample of a question is seeded seed + k (see `engines.row_seed`). `questions`: a list, or rows in the
-    cluster that stay there. `judge`: default the recipe's. `chat_template` False: the prompt is sent as raw
-    text (an evaluation protocol's choice)."""
+    sample of a question is seeded seed + k (see `engines.row_seed`); the questions stay in the cluster.
+    `judge`: default the recipe's. `chat_template` False: the prompt is sent as raw text (an evaluation
+    protocol's choice)."""
     meta = {"prompt_version": get_prompt(prompt_name).tag, "sampling": json.dumps(sampling.model_dump()),
             "hinted": False, "chat_template": chat_template}
-    rows = (_asked(questions, meta, samples) if isinstance(questions, list) else
-            FolderRows(questions.rows.map_batches(_asked_batch, fn_kwargs={"meta": meta, "samples": samples},
-                                                  batch_format="pyarrow", **light_step()),
-                       questions.count * samples))
+    rows = FolderRows(questions.rows.map_batches(_asked_batch, fn_kwargs={"meta": meta, "samples": samples},
+                                                 batch_format="pyarrow", **light_step()),
+                      questions.count * samples)
     return generate_and_judge(ctx, rows, folder, judge=judge or ctx.recipe.models.judge,
                               engine=ctx.recipe.models.student,
                               request=Request.from_config(sampling), model=model,
