@@ -67,7 +67,8 @@ def _source_format(args: argparse.Namespace) -> str | ColumnMapping | None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sphuatuo", description="Self-Play medical reasoning recipes on Ray, vLLM and DeepSpeed.",
+        prog="sphuatuo",
+        description="Self-Play and HuatuoGPT-o1 medical reasoning recipes for small LLMs, on Ray, vLLM and DeepSpeed.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
