@@ -41,16 +41,19 @@ def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(
     # through the same `_ray_pass` as the Ray Data line and engines kept up as tests/test_engine_services.py runs
     # them; their line and its baseline are checked without Ray in tests/test_bench_tables.py.
     rows = _bench(ray_head, "--no-hf", "--no-multi-pass", "--workloads", "long-tail")
-    assert [row[0].split(" (")[0] for row in rows] == ["bare vLLM"] * 2 + ["vllm via Ray Data"] * 2
-    assert [row[1] for row in rows] == ["long-tail"] * 4
+    assert [row[0].split(" (")[0] for row in rows] == (["bare vLLM"] * 2 + ["vllm, engine per pass"] * 2
+                                                       + ["vllm, engine kept up"] * 2)
+    assert [row[1] for row in rows] == ["long-tail"] * 6
     assert "incl. engine start" in rows[0][0] and "engine ready" in rows[1][0]
     assert "incl. actor + engine start" in rows[2][0] and "s start-up)" in rows[3][0]
+    assert "s engine start)" in rows[4][0] and "engine already up" in rows[5][0]
     _, _, count, seconds, _, tokens_per_s, ratio = zip(*rows, strict=True)
-    assert count == ("8",) * 4
+    assert count == ("8",) * 6
     assert all(float(speed) > 0 for speed in tokens_per_s)
     # Each kind against its own baseline: bare whole pass, bare steady state.
     assert ratio[0] == ratio[1] == "1.00"
-    assert float(seconds[3]) < float(seconds[2])  # the steady state leaves the start-up out
+    # The steady states leave the start-up out.
+    assert float(seconds[3]) < float(seconds[2]) and float(seconds[5]) < float(seconds[4])
 
 
 def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_head) -> None:

@@ -23,8 +23,9 @@ def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_w
     for workload, scale in (("fixed", 1), ("long-tail", 2)):
         lines += [BenchLine("bare vLLM (in process, incl. engine start)", "whole", workload, 8, 10.0, 200 * scale),
                   BenchLine("bare vLLM (in process, engine ready)", "steady", workload, 8, 2.0, 200 * scale),
-                  BenchLine("vllm via Ray Data (incl. actor + engine start)", "whole", workload, 8, 20.0, 200 * scale),
-                  BenchLine("vllm via Ray Data (less 15 s start-up)", "steady", workload, 8, 4.0, 200 * scale),
+                  BenchLine("vllm, engine per pass (incl. actor + engine start)", "whole", workload, 8, 20.0,
+                            200 * scale),
+                  BenchLine("vllm, engine per pass (less 15 s start-up)", "steady", workload, 8, 4.0, 200 * scale),
                   # Three passes of 8 rows (generate, a one-token judge, generate), as `_ray_pass` reports them.
                   passes_line("engines per pass", workload, [(8, 20.0, 100 * scale), (8, 15.0, 8 * scale),
                                                              (8, 25.0, 100 * scale)]),

@@ -3,12 +3,15 @@
 Same prompts (the student prompt over the sample bank), same model and the same engine arguments on every
 side (dtype, scheduler limits, compute threads, eager or not: printed above the table), in one run:
 1. bare vLLM, `LLM.chat` in this process (the ceiling);
-2. the `vllm` back-end as the stages run it: Ray Data + `ray.data.llm`, engine replicas as actors;
-3. the `hf` back-end: transformers `generate` in a Ray Data actor pool;
-4. three passes with one model (generate, a one-token judge, generate again) as a stage runs them: with
+2. the `vllm` back-end with engines of the pass's own (`ray.keep_engines_up: false`): Ray Data + `ray.data.llm`,
+   engine replicas as actors started for the pass;
+3. the `vllm` back-end as a run uses it by default (`ray.keep_engines_up: true`): Ray Data feeding an engine that
+   the run keeps up (`sphuatuo.engines.serving`, on this device's default host);
+4. the `hf` back-end: transformers `generate` in a Ray Data actor pool;
+5. three passes with one model (generate, a one-token judge, generate again) as a stage runs them: with
    engines of each pass's own, and with one engine that stays up (`sphuatuo.engines.serving`).
 
-Each of 1-3 gives a whole-pass line (engine start included) and a steady-state line (less the start-up), and
+Each of 1-4 gives a whole-pass line (engine start included) and a steady-state line (less the start-up), and
 each line's ratio is against the bare line of the same kind; the three-pass lines are against engines per
 pass. Two workloads: `fixed` (greedy, every reply up to `--max-tokens`) and `long-tail` (sampled, natural
 stops, budget 4x: replies of mixed lengths, so the last rows of a pass run nearly alone).
@@ -108,10 +111,28 @@ def _ray_stage(engine: EngineConfig, prompts: list[Messages], sampling: Sampling
     measures: the steady state a long pass converges to."""
     _, startup, _ = _ray_pass(engine, prompts[:1], SamplingConfig(temperature=0.0, max_tokens=1))
     rows, seconds, tokens = _ray_pass(engine, prompts, sampling)
-    return [BenchLine(f"{engine.backend} via Ray Data (incl. actor + engine start)", "whole", workload, rows,
+    return [BenchLine(f"{engine.backend}, engine per pass (incl. actor + engine start)", "whole", workload, rows,
                       seconds, tokens),
-            BenchLine(f"{engine.backend} via Ray Data (less {startup:.0f} s start-up)", "steady", workload, rows,
+            BenchLine(f"{engine.backend}, engine per pass (less {startup:.0f} s start-up)", "steady", workload, rows,
                       max(seconds - startup, 1e-3), tokens)]
+
+
+def _kept_engine(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+                 workload: str) -> list[BenchLine]:
+    """A pass through an engine the run keeps up: its start (a one-row pass that brings the engine up), and the
+    pass on the engine once up, which is the steady state; the whole pass is the two together."""
+    from sphuatuo.engines.serving import EngineServices
+
+    services = EngineServices()
+    try:
+        _, startup, _ = _ray_pass(engine, prompts[:1], SamplingConfig(temperature=0.0, max_tokens=1), services)
+        rows, seconds, tokens = _ray_pass(engine, prompts, sampling, services)
+    finally:
+        services.close()
+    label = f"{engine.backend}, engine kept up"
+    return [BenchLine(f"{label} (incl. {startup:.0f} s engine start)", "whole", workload, rows, startup + seconds,
+                      tokens),
+            BenchLine(f"{label} (engine already up)", "steady", workload, rows, seconds, tokens)]
 
 
 def _three_passes(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
@@ -174,6 +195,7 @@ def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_
         lines += _bare_vllm(engine, messages, sampling, workload)
         connect_ray()
         lines += _ray_stage(engine, messages, sampling, workload)
+        lines += _kept_engine(engine, messages, sampling, workload)
         if with_hf:
             lines += _ray_stage(engine.model_copy(update={"backend": "hf"}), messages, sampling, workload)
         if multi_pass:
