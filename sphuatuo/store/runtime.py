@@ -32,14 +32,6 @@ CPU_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
 }
 
-# Training processes on a node without GPUs, besides the above. glibc serves every allocation over 32 MiB with a
-# fresh mmap and unmaps it when freed, so a buffer of a step's size is page-faulted in again at every step: DeepSpeed
-# flattens the whole gradient at least once a step (0.25 s for SmolLM2-135M's, against 0.05 s into pages already
-# touched). With allocations kept in the heap and the heap never trimmed, freed pages are reused: `sphuatuo bench
-# train`'s torchrun line with one ZeRO-2 rank went from 54.3 to 78.8 tokens/s steady, bare TRL from 81.2 to 86.0
-# (fp32, 2-core EPYC). A trainer's memory then stays at its peak until it ends, which a training worker does anyway.
-CPU_TRAINING_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
-
 # CPUs asked for by the row-wise steps around an engine (reading a folder, building prompts, parsing, writing):
 # small, so that on a 2-core machine they never wait for the cores the engine replicas hold.
 LIGHT_CPUS = 0.1
@@ -59,12 +51,6 @@ def process_environment(on_gpu: bool, extra: dict[str, str] | None = None) -> di
     """Environment variables for an engine actor or a training worker (a Ray `runtime_env`'s env_vars)."""
     defaults = {**(COMMON_ENVIRONMENT if on_gpu else CPU_ENVIRONMENT), **(extra or {})}
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
-
-
-def training_environment(on_gpu: bool) -> dict[str, str]:
-    """Environment variables for a training worker: the process environment, with the CPU trainer's allocator
-    settings on a node without GPUs."""
-    return process_environment(on_gpu, extra=None if on_gpu else CPU_TRAINING_ENVIRONMENT)
 
 
 def apply_cpu_environment() -> None:
