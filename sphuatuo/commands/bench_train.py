@@ -2,7 +2,7 @@
 
 Same model, same examples (the student prompt over the sample bank, its explanation as the chain of
 thought), same Trainer arguments and the same global batch and steps on every line, in one run:
-1. bare TRL: one `SFTTrainer` in this process, no DeepSpeed, as many compute threads as one worker, the W
+1. bare TRL: one `SFTTrainer` in a process of its own, no DeepSpeed, as many compute threads as one worker, the W
    workers' micro batches accumulated;
 2. the same trainer and DeepSpeed config under `torchrun` with 1 process, no Ray (`sphuatuo.train.bare`):
    against bare, what DeepSpeed (over gloo, with one rank) costs;
@@ -13,8 +13,9 @@ thought), same Trainer arguments and the same global batch and steps on every li
 5. the SFT stage's launch with W Ray Train workers: against line 4, what Ray costs at W workers.
 Every line counts the same tokens (the tokenized training set times the epochs) over the Trainer's own
 train_runtime, and gives the steady state apart: the median of the per-step rates after the warm-up steps,
-recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed; for torchrun its
-processes and imports too) is in wall s.
+recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed; for the bare and
+torchrun lines their processes and imports too) is in wall s. Every line runs with a training worker's
+environment, on CPU with jemalloc preloaded; `LD_PRELOAD= sphuatuo bench train` measures glibc's malloc instead.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing.replies import format_cot
 from sphuatuo.prompts import get_prompt, options_block
 from sphuatuo.recipe import SftStage
-from sphuatuo.store.runtime import process_environment
+from sphuatuo.store.runtime import training_environment
 
 
 @dataclass(frozen=True)
@@ -86,14 +87,12 @@ def _trainer_label(launcher: str, stage: SftStage) -> str:
 
 def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
               warmup_steps: int) -> TrainBenchLine:
-    """One process, no Ray, no DeepSpeed: TRL's SFTTrainer with the stage's own recording of throughput."""
-    from sphuatuo.train.bare import train_sft
-
-    started = time.perf_counter()
-    record = train_sft(model, stage, examples, threads=threads, use_deepspeed=False)
+    """One process, no Ray, no DeepSpeed: TRL's SFTTrainer with the stage's own recording of throughput, in a
+    process of its own with a training worker's environment, as every other line."""
+    record, wall = _run_bare_trainer([], model, stage, examples, threads, deepspeed=False, on_gpu=False)
     return TrainBenchLine("bare", "bare TRL SFTTrainer (1 process, no DeepSpeed)", 1, record["steps"],
-                          _global_batch(stage), record["tokens"], record["train_seconds"],
-                          time.perf_counter() - started, steady_rate(record["log"], warmup_steps))
+                          _global_batch(stage), record["tokens"], record["train_seconds"], wall,
+                          steady_rate(record["log"], warmup_steps))
 
 
 def torchrun_line(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
@@ -102,22 +101,28 @@ def torchrun_line(model: str, stage: SftStage, examples: list[dict[str, Any]], t
     (`sphuatuo.train.bare`) over gloo, or over NCCL with one GPU each, each process with one worker's compute
     threads."""
     workers = stage.scaling.num_workers
-    with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-torchrun-") as folder:
-        spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
-        spec.write_text(json.dumps({"model": model, "stage": stage.model_dump(mode="json"), "examples": examples,
-                                    "threads": threads, "on_gpu": on_gpu}))
-        # The workers' environment (on CPU DS_ACCELERATOR=cpu, ...) and their thread count, which torchrun
-        # would otherwise set to 1 per process.
-        env = {**os.environ, **process_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
-        started = time.perf_counter()
-        # The training logs go to stderr: stdout carries the table.
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                        str(workers), "-m", "sphuatuo.train.bare", str(spec), str(record_path)],
-                       env=env, stdout=sys.stderr, check=True)
-        wall = time.perf_counter() - started
-        record = json.loads(record_path.read_text())
+    record, wall = _run_bare_trainer(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers)],
+                                     model, stage, examples, threads, deepspeed=True, on_gpu=on_gpu)
     return TrainBenchLine("torchrun", _trainer_label("torchrun", stage), workers, record["steps"], _global_batch(stage),
                           record["tokens"], record["train_seconds"], wall, steady_rate(record["log"], warmup_steps))
+
+
+def _run_bare_trainer(launcher: list[str], model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
+                      *, deepspeed: bool, on_gpu: bool) -> tuple[dict[str, Any], float]:
+    """`python [LAUNCHER] -m sphuatuo.train.bare SPEC RECORD` with a training worker's environment (on CPU
+    DS_ACCELERATOR=cpu, jemalloc, ...) and `threads` compute threads, which torchrun would otherwise
+    set to 1 per process: rank 0's record and the wall seconds, processes and imports included."""
+    with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-trainer-") as folder:
+        spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
+        spec.write_text(json.dumps({"model": model, "stage": stage.model_dump(mode="json"), "examples": examples,
+                                    "threads": threads, "on_gpu": on_gpu, "deepspeed": deepspeed}))
+        env = {**os.environ, **training_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
+        started = time.perf_counter()
+        # The training logs go to stderr: stdout carries the table.
+        subprocess.run([sys.executable, *launcher, "-m", "sphuatuo.train.bare", str(spec), str(record_path)],
+                       env=env, stdout=sys.stderr, check=True)
+        wall = time.perf_counter() - started
+        return json.loads(record_path.read_text()), wall
 
 
 def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int,

@@ -18,6 +18,7 @@ from sphuatuo.engines.precision import cpu_dtype
 from sphuatuo.recipe import EngineConfig, Recipe
 from sphuatuo.store.manifest import package_versions
 from sphuatuo.store.run_root import RunRoot
+from sphuatuo.store.runtime import training_environment
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,14 @@ class Check:
 
 
 @ray.remote(num_cpus=0)
-def _probe(run_root: str, node_id: str, model_paths: list[str]) -> dict[str, Any]:
+def _probe(run_root: str, node_id: str, model_paths: list[str], preload: str | None) -> dict[str, Any]:
     """Runs on one node: what that node sees."""
     import torch
 
     choice = cpu_dtype()
     report: dict[str, Any] = {"versions": package_versions(), "gpus": torch.cuda.device_count(), "write_error": None,
-                              "cpu_dtype": choice.dtype, "cpu_dtype_reason": choice.reason}
+                              "cpu_dtype": choice.dtype, "cpu_dtype_reason": choice.reason,
+                              "preload_missing": bool(preload) and not os.path.isfile(preload)}
     try:
         RunRoot(run_root).write_text(node_id, ".doctor", f"{node_id}.txt")
     except Exception as err:  # noqa: BLE001 - any failure to write is the finding
@@ -89,9 +91,10 @@ def doctor(recipe: Recipe) -> list[Check]:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     run = RunRoot(recipe.run_root)
     model_paths = _local_model_paths(recipe)
+    preload = _cpu_trainer_preload(recipe)
     probes = ray.get([
         _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-        .remote(run.uri, node["NodeID"], model_paths)
+        .remote(run.uri, node["NodeID"], model_paths, preload)
         for node in nodes
     ])
     driver = package_versions()
@@ -131,6 +134,8 @@ def doctor(recipe: Recipe) -> list[Check]:
                                                    "on every node"))
 
         checks.append(_dtype_check(recipe, where, report))
+        if preload:
+            checks.append(_allocator_check(preload, where, report))
 
     return checks + _resource_checks(recipe, nodes)
 
@@ -146,6 +151,24 @@ def _dtype_check(recipe: Recipe, where: str, report: dict[str, Any]) -> Check:
     return Check(f"engine dtype on {where}", not slow, detail,
                  "" if not slow else "set dtype: auto (or float32) for CPU engines: emulated bf16 runs about 4x "
                                      "slower than fp32")
+
+
+def _cpu_trainer_preload(recipe: Recipe) -> str | None:
+    """The library CPU training workers will preload (the driver's path), or None where no stage trains on CPU."""
+    if all(getattr(recipe.stages, name).scaling.use_gpu for name in recipe.TRAINING_STAGES):
+        return None
+    return training_environment(on_gpu=False).get("LD_PRELOAD") or None
+
+
+def _allocator_check(preload: str, where: str, report: dict[str, Any]) -> Check:
+    """CPU training workers get the driver's path to Ray's jemalloc; a node without that file runs them on glibc's
+    malloc, after a loader error in every worker's log."""
+    missing = report["preload_missing"]
+    return Check(f"cpu trainer allocator on {where}", not missing,
+                 f"{preload} is missing there: its CPU training workers would fall back to glibc's malloc" if missing
+                 else f"CPU training workers preload {preload}",
+                 "" if not missing else "install the environment at the same path on every node (one container "
+                                        "image), or set LD_PRELOAD= in the driver's environment to train on glibc")
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -2,10 +2,11 @@
 
 `train_sft` builds TRL's SFTTrainer from the stage's own Trainer arguments (`training_arguments`, DeepSpeed
 config included) with the stage's recording of throughput (`RecordedTrainerMixin`), as `sft_worker` does
-under Ray Train. The bench calls it in its own process without DeepSpeed (the bare TRL line) and, as one rank
-each, under `torchrun --nproc-per-node W -m sphuatuo.train.bare SPEC RECORD` with the stage's DeepSpeed over
-gloo (the line that isolates what Ray Train costs); `bench gpu` runs the same on a GPU, where it needs
-neither Ray nor vLLM. SPEC and RECORD are JSON files: the bench writes the first, rank 0 the second.
+under Ray Train. The bench runs it as `python -m sphuatuo.train.bare SPEC RECORD` without DeepSpeed (the bare
+TRL line) and, as one rank each, under `torchrun --nproc-per-node W -m sphuatuo.train.bare SPEC RECORD` with the
+stage's DeepSpeed over gloo (the line that isolates what Ray Train costs); `bench gpu` runs the same on a GPU,
+where it needs neither Ray nor vLLM. SPEC and RECORD are JSON files: the bench writes the first, rank 0 the
+second.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def train_sft(model: str, stage: SftStage, examples: list[dict[str, Any]], *, th
 
 
 def main(spec_path: str, record_path: str) -> None:
-    """One torchrun rank: the spec's stage with its DeepSpeed config; rank 0 writes the record."""
+    """One process, or one torchrun rank: the spec's stage, with its DeepSpeed config unless the spec says
+    `"deepspeed": false`; rank 0 writes the record."""
     spec = json.loads(Path(spec_path).read_text())
     stage = SftStage.model_validate(spec["stage"])
-    init_cpu_distributed(stage)
-    record = train_sft(spec["model"], stage, spec["examples"], threads=spec["threads"], use_deepspeed=True,
+    if spec["deepspeed"]:
+        init_cpu_distributed(stage)
+    record = train_sft(spec["model"], stage, spec["examples"], threads=spec["threads"], use_deepspeed=spec["deepspeed"],
                        on_gpu=spec["on_gpu"])
-    if int(os.environ["RANK"]) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         Path(record_path).write_text(json.dumps(record))
 
 

@@ -19,8 +19,9 @@ def deepspeed_config(scaling: TrainScaling, *, on_gpu: bool) -> dict[str, Any] |
     if scaling.zero_stage == 0:
         return None
     # Both serve GPUs (overlap with CUDA streams; one gradient buffer against memory fragmentation). On CPU the
-    # copy into that buffer took a third of a ZeRO-2 step: off, SmolLM2-135M with one rank trains 58.2 tokens/s
-    # steady against 40.5, with the same losses (`sphuatuo bench train`'s torchrun line, fp32, 2-core EPYC).
+    # copy into that buffer took a third of a ZeRO-2 step under glibc's malloc: off, SmolLM2-135M with one rank
+    # trains 58.2 tokens/s steady against 40.5, with the same losses (`sphuatuo bench train`'s torchrun line, fp32,
+    # 2-core EPYC); under jemalloc it still gains nothing (80.0 off, 78.0 on; Ray Train 79.9 against 73.5).
     zero: dict[str, Any] = {"stage": scaling.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": on_gpu}
     if not on_gpu:
         # Gradients are flattened into a new buffer per bucket before each reduction. glibc maps a buffer of the

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 from sphuatuo.recipe import TrainStage
 from sphuatuo.store.credentials import shared_filesystem
 from sphuatuo.store.run_root import RunRoot
-from sphuatuo.store.runtime import process_environment
+from sphuatuo.store.runtime import training_environment
 from sphuatuo.store.tracking import finish_worker_wandb
 from sphuatuo.train.deepspeed import deepspeed_config
 from sphuatuo.train.lengths import fit_to_length
@@ -50,7 +50,7 @@ def fit(
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    env = {**process_environment(on_gpu=scaling.use_gpu), **(env or {})}
+    env = {**training_environment(on_gpu=scaling.use_gpu), **(env or {})}
     with shared_filesystem(run, credentials) as filesystem:  # with `driver`, renewed until training ends
         trainer = TorchTrainer(
             train_loop_per_worker=worker_fn,
