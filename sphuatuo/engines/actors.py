@@ -39,9 +39,10 @@ REPLY_SCHEMA = pa.schema([("generated_text", pa.string()), ("num_input_tokens", 
                           ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string()),
                           ("engine_error", pa.string())])
 
-# Batches in flight per replica: one generating while the other's rows are written keeps a CPU engine busy, and
-# every concurrent sender is a worker process of its own beside the engine.
-BATCHES_IN_FLIGHT = 2
+# Batches in flight per replica at most, whatever `max_concurrent_batches` asks: one generating while the other's
+# rows are written keeps a CPU engine busy, and every concurrent sender is a worker process of its own beside the
+# engine.
+CPU_BATCHES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -228,4 +229,10 @@ def generate_on_replicas(ds: ray.data.Dataset, replicas: list[ray.actor.ActorHan
         return batch
 
     return ds.map_batches(send, batch_size=engine.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
-                          compute=ray.data.TaskPoolStrategy(size=engine.min_replicas * BATCHES_IN_FLIGHT))
+                          compute=ray.data.TaskPoolStrategy(size=engine.min_replicas * batches_in_flight(engine)))
+
+
+def batches_in_flight(engine: EngineConfig) -> int:
+    """Batches a replica on a CPU node is sent at once: the role's `max_concurrent_batches`, at most
+    `CPU_BATCHES_IN_FLIGHT`."""
+    return min(engine.max_concurrent_batches, CPU_BATCHES_IN_FLIGHT)
