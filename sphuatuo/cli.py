@@ -360,8 +360,12 @@ def doctor_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.doctor import doctor, format_checks
 
     recipe = _load(args.recipe, args.overrides, args.overlays)
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
-             runtime_env=worker_runtime_env())
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, log_to_driver=False, runtime_env=worker_runtime_env())
+    except ConnectionError as err:
+        raise ValueError(f"no running Ray cluster found at {address!r}: start one (`ray start --head`, "
+                         "`ray up cluster/aws.yaml`) or pass --address HEAD_IP:6379") from err
     checks = doctor(recipe)
     print(format_checks(checks))
     return 0 if all(check.ok for check in checks) else 1

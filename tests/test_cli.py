@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,12 @@ def test_run_until_a_stage_the_recipe_lacks_names_its_stages(tmp_path: Path) -> 
     assert result.returncode == 2
     assert ("--until rl: not a stage of this recipe; its stages: questions, teacher_cot, sft, student_answers, "
             "preference_pairs, dpo, evaluate") in result.stderr
+
+
+def test_doctor_without_a_cluster_says_how_to_start_one(tmp_path: Path) -> None:
+    demo = Path(__file__).parent.parent / "pipelines" / "demo.yaml"
+    # An empty Ray temp dir: `auto` finds no cluster there, whatever runs on this machine.
+    result = subprocess.run([sys.executable, "-m", "sphuatuo.cli", "doctor", str(demo)], capture_output=True,
+                            text=True, env={**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no running Ray cluster found at 'auto': start one (`ray start --head`" in result.stderr

@@ -9,6 +9,7 @@ environment win everywhere.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -64,10 +65,12 @@ def process_environment(on_gpu: bool, extra: dict[str, str] | None = None) -> di
 
 
 def cpu_training_allocator() -> dict[str, str]:
-    """LD_PRELOAD and MALLOC_CONF for Ray's own jemalloc; empty where Ray ships none (its wheels for Linux do)."""
-    import ray
-
-    library = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    """LD_PRELOAD and MALLOC_CONF for Ray's own jemalloc; empty where Ray ships none (its wheels for Linux do) or
+    is not installed. Found without importing Ray."""
+    ray = importlib.util.find_spec("ray")
+    if ray is None or not ray.submodule_search_locations:
+        return {}
+    library = Path(ray.submodule_search_locations[0]) / "core" / "libjemalloc.so"
     return {"LD_PRELOAD": str(library), "MALLOC_CONF": JEMALLOC_CONF} if library.is_file() else {}
 
 
