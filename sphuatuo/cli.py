@@ -181,10 +181,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--examples", type=int, default=32, help="SFT examples (the sample bank, cycled; default: 32)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the examples (default: 1)")
     train.add_argument("--workers", type=int, default=2,
-                       help="W: lines for bare TRL, torchrun and Ray Train with 1 worker, torchrun and Ray Train "
-                            "with W, all at the same global batch (default: 2)")
+                       help="W: lines for bare TRL, Ray Train with 1 worker and no DeepSpeed, torchrun and Ray "
+                            "Train with 1 worker, torchrun and Ray Train with W, all at the same global batch "
+                            "(default: 2)")
     train.add_argument("--zero-stage", type=int, choices=[0, 2, 3], default=2,
-                       help="DeepSpeed ZeRO stage of every DeepSpeed line (default: 2)")
+                       help="DeepSpeed ZeRO stage of every DeepSpeed line; 0: no DeepSpeed anywhere, plain DDP "
+                            "at W workers (default: 2)")
     train.add_argument("--max-length", type=int, default=512, help="tokens per example, longer ones cut (default: 512)")
     train.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default: 1)")
     train.add_argument("--warmup-steps", type=int, default=2,

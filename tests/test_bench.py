@@ -66,19 +66,21 @@ def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("trainer "))
     print("\n".join(lines[header:]))  # the measurement, for `pytest -s`
-    rows = [(line[:46].strip(), line[46:].split()) for line in lines[header + 1: header + 6]]
+    rows = [(line[:46].strip(), line[46:].split()) for line in lines[header + 1: header + 7]]
     assert [label for label, _ in rows] == ["bare TRL SFTTrainer (1 process, no DeepSpeed)",
+                                            "Ray Train, no DeepSpeed, 1 worker",
                                             "torchrun + DeepSpeed ZeRO-2, 1 worker",
                                             "Ray Train + DeepSpeed ZeRO-2, 1 worker",
                                             "torchrun + DeepSpeed ZeRO-2, 2 workers",
                                             "Ray Train + DeepSpeed ZeRO-2, 2 workers"]
     workers, batch, steps, tokens = (column for column in zip(*[fields[:4] for _, fields in rows], strict=True))
-    assert workers == ("1", "1", "1", "2", "2") and set(batch) == {"2"} and set(steps) == {"6"}
+    assert workers == ("1", "1", "1", "1", "2", "2") and set(batch) == {"2"} and set(steps) == {"6"}
     assert len(set(tokens)) == 1
     assert rows[0][1][-2:] == ["1.00", "1.00"]  # the bare line is every ratio's baseline
     assert all(float(fields[-3]) > 0 for _, fields in rows)  # steady tokens/s per worker
-    assert [line.split(": ")[0] for line in lines[header + 6:]] == [
-        "Ray Train, 1 worker vs bare TRL (steady)", "DeepSpeed cost (torchrun 1 worker vs bare, steady)",
+    assert [line.split(": ")[0] for line in lines[header + 7:]] == [
+        "Ray cost alone (Ray Train, 1 worker, no DeepSpeed, vs bare TRL, steady)",
+        "Ray Train + DeepSpeed, 1 worker vs bare TRL (steady)", "DeepSpeed cost (torchrun 1 worker vs bare, steady)",
         "Ray cost at 1 worker (Ray Train vs torchrun, steady)", "Ray cost at 2 workers (Ray Train vs torchrun, steady)",
         "distribution without Ray (2 torchrun workers vs 1, per worker, steady)"]
 

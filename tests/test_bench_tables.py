@@ -49,14 +49,30 @@ def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_w
 def test_bench_train_summary_sets_each_line_against_the_one_that_differs_in_one_thing() -> None:
     from sphuatuo.commands.bench_train import TrainBenchLine, format_train_bench
 
-    def line(launcher: str, workers: int, steady: float) -> TrainBenchLine:
-        return TrainBenchLine(launcher, f"{launcher}, {workers}", workers, 6, 2, 600, 10.0, 20.0, steady)
+    def line(launcher: str, workers: int, steady: float, deepspeed: bool = True) -> TrainBenchLine:
+        return TrainBenchLine(launcher, f"{launcher}, {workers}", workers, deepspeed, 6, 2, 600, 10.0, 20.0, steady)
 
-    table = format_train_bench([line("bare", 1, 100.0), line("torchrun", 1, 80.0), line("ray", 1, 72.0),
+    table = format_train_bench([line("bare", 1, 100.0, deepspeed=False), line("ray", 1, 96.0, deepspeed=False),
+                                line("torchrun", 1, 80.0), line("ray", 1, 72.0),
                                 line("torchrun", 2, 40.0), line("ray", 2, 30.0)]).splitlines()
-    assert [row.split()[-1] for row in table[1:6]] == ["1.00", "0.80", "0.72", "0.40", "0.30"]  # steady vs bare
-    assert table[6:] == ["Ray Train, 1 worker vs bare TRL (steady): 0.72",
+    assert [row.split()[-1] for row in table[1:7]] == ["1.00", "0.96", "0.80", "0.72", "0.40", "0.30"]  # vs bare
+    assert table[7:] == ["Ray cost alone (Ray Train, 1 worker, no DeepSpeed, vs bare TRL, steady): 0.96",
+                         "Ray Train + DeepSpeed, 1 worker vs bare TRL (steady): 0.72",
                          "DeepSpeed cost (torchrun 1 worker vs bare, steady): 0.80",
                          "Ray cost at 1 worker (Ray Train vs torchrun, steady): 0.90",
                          "Ray cost at 2 workers (Ray Train vs torchrun, steady): 0.75",
                          "distribution without Ray (2 torchrun workers vs 1, per worker, steady): 0.50"]
+
+
+def test_bench_train_summary_without_deepspeed_names_no_deepspeed_cost() -> None:
+    from sphuatuo.commands.bench_train import TrainBenchLine, format_train_bench
+
+    def line(launcher: str, workers: int, steady: float) -> TrainBenchLine:
+        return TrainBenchLine(launcher, f"{launcher}, {workers}", workers, False, 6, 2, 600, 10.0, 20.0, steady)
+
+    table = format_train_bench([line("bare", 1, 100.0), line("torchrun", 1, 98.0), line("ray", 1, 97.0),
+                                line("torchrun", 2, 70.0), line("ray", 2, 63.0)]).splitlines()
+    assert table[6:] == ["Ray cost alone (Ray Train, 1 worker, no DeepSpeed, vs bare TRL, steady): 0.97",
+                         "Ray cost at 1 worker (Ray Train vs torchrun, steady): 0.99",
+                         "Ray cost at 2 workers (Ray Train vs torchrun, steady): 0.90",
+                         "distribution without Ray (2 torchrun workers vs 1, per worker, steady): 0.71"]

@@ -4,18 +4,21 @@ Same model, same examples (the student prompt over the sample bank, its explanat
 thought), same Trainer arguments and the same global batch and steps on every line, in one run:
 1. bare TRL: one `SFTTrainer` in a process of its own, no DeepSpeed, as many compute threads as one worker, the W
    workers' micro batches accumulated;
-2. the same trainer and DeepSpeed config under `torchrun` with 1 process, no Ray (`sphuatuo.train.bare`):
-   against bare, what DeepSpeed (over gloo, with one rank) costs;
-3. the SFT stage's own launch with 1 Ray Train worker: against line 2, what Ray costs alone; against bare,
-   what Ray and DeepSpeed cost together;
-4. torchrun with W processes: against line 2, what distribution costs without Ray (on one machine, W workers
+2. the SFT stage's own launch with 1 Ray Train worker and no DeepSpeed (ZeRO stage 0): against bare, what Ray
+   costs alone;
+3. the same trainer and the stage's DeepSpeed config under `torchrun` with 1 process, no Ray
+   (`sphuatuo.train.bare`): against bare, what DeepSpeed (over gloo, with one rank) costs;
+4. the SFT stage's launch with 1 Ray Train worker under DeepSpeed: against line 3, what Ray costs beside DeepSpeed;
+   against bare, what Ray and DeepSpeed cost together;
+5. torchrun with W processes: against line 3, what distribution costs without Ray (on one machine, W workers
    also share its cores);
-5. the SFT stage's launch with W Ray Train workers: against line 4, what Ray costs at W workers.
-Every line counts the same tokens (the tokenized training set times the epochs) over the Trainer's own
-train_runtime, and gives the steady state apart: the median of the per-step rates after the warm-up steps,
-recorded the same way on every line (`RecordedTrainerMixin`). Start-up (workers, DeepSpeed; for the bare and
-torchrun lines their processes and imports too) is in wall s. Every line runs with a training worker's
-environment, on CPU with jemalloc preloaded; `LD_PRELOAD= sphuatuo bench train` measures glibc's malloc instead.
+6. the SFT stage's launch with W Ray Train workers: against line 5, what Ray costs at W workers.
+With `--zero-stage 0` no line runs DeepSpeed, and line 2 is line 4. Every line counts the same tokens (the
+tokenized training set times the epochs) over the Trainer's own train_runtime, and gives the steady state apart:
+the median of the per-step rates after the warm-up steps, recorded the same way on every line
+(`RecordedTrainerMixin`). Start-up (workers, DeepSpeed; for the bare and torchrun lines their processes and
+imports too) is in wall s. Every line runs with a training worker's environment, on CPU with jemalloc preloaded;
+`LD_PRELOAD= sphuatuo bench train` measures glibc's malloc instead.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class TrainBenchLine:
     launcher: str  # bare, ray or torchrun
     trainer: str
     workers: int
+    deepspeed: bool
     steps: int
     global_batch: int
     tokens: int
@@ -82,7 +86,11 @@ def _global_batch(stage: SftStage) -> int:
 
 def _trainer_label(launcher: str, stage: SftStage) -> str:
     workers = stage.scaling.num_workers
-    return f"{launcher} + DeepSpeed ZeRO-{stage.scaling.zero_stage}, {workers} worker" + ("s" if workers > 1 else "")
+    if stage.scaling.zero_stage:
+        strategy = f" + DeepSpeed ZeRO-{stage.scaling.zero_stage}"
+    else:
+        strategy = " + DDP" if workers > 1 else ", no DeepSpeed"
+    return f"{launcher}{strategy}, {workers} worker" + ("s" if workers > 1 else "")
 
 
 def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threads: int,
@@ -90,7 +98,7 @@ def _bare_trl(model: str, stage: SftStage, examples: list[dict[str, Any]], threa
     """One process, no Ray, no DeepSpeed: TRL's SFTTrainer with the stage's own recording of throughput, in a
     process of its own with a training worker's environment, as every other line."""
     record, wall = _run_bare_trainer([], model, stage, examples, threads, deepspeed=False, on_gpu=False)
-    return TrainBenchLine("bare", "bare TRL SFTTrainer (1 process, no DeepSpeed)", 1, record["steps"],
+    return TrainBenchLine("bare", "bare TRL SFTTrainer (1 process, no DeepSpeed)", 1, False, record["steps"],
                           _global_batch(stage), record["tokens"], record["train_seconds"], wall,
                           steady_rate(record["log"], warmup_steps))
 
@@ -103,7 +111,8 @@ def torchrun_line(model: str, stage: SftStage, examples: list[dict[str, Any]], t
     workers = stage.scaling.num_workers
     record, wall = _run_bare_trainer(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers)],
                                      model, stage, examples, threads, deepspeed=True, on_gpu=on_gpu)
-    return TrainBenchLine("torchrun", _trainer_label("torchrun", stage), workers, record["steps"], _global_batch(stage),
+    return TrainBenchLine("torchrun", _trainer_label("torchrun", stage), workers, stage.scaling.zero_stage > 0,
+                          record["steps"], _global_batch(stage),
                           record["tokens"], record["train_seconds"], wall, steady_rate(record["log"], warmup_steps))
 
 
@@ -141,26 +150,25 @@ def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], toke
     steps = max(entry["step"] for entry in log)
     runtime = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
     workers = stage.scaling.num_workers
-    return TrainBenchLine("ray", _trainer_label("Ray Train", stage), workers, steps, _global_batch(stage), tokens,
-                          runtime, wall, steady_rate(log, warmup_steps))
+    return TrainBenchLine("ray", _trainer_label("Ray Train", stage), workers, stage.scaling.zero_stage > 0, steps,
+                          _global_batch(stage), tokens, runtime, wall, steady_rate(log, warmup_steps))
 
 
 def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage: int, max_length: int,
                 cpus_per_worker: float, warmup_steps: int = 2) -> list[TrainBenchLine]:
-    """Bare TRL, then torchrun and Ray Train with 1 worker, then with `workers` (when more than 1), all at the
-    same global batch (the fewer processes accumulate more micro batches) and so the same steps over the same
-    examples."""
+    """Bare TRL and Ray Train with 1 worker without DeepSpeed, then torchrun and Ray Train with 1 worker, then with
+    `workers` (when more than 1), all at the same global batch (the fewer processes accumulate more micro batches)
+    and so the same steps over the same examples."""
     from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
     path = resolve_model(model)
     rows = bench_examples(examples)
 
-    def stage(num_workers: int) -> SftStage:
+    def stage(num_workers: int, zero: int = zero_stage) -> SftStage:
         return SftStage(finetuning="full", epochs=epochs, micro_batch_size=1, grad_accumulation=workers // num_workers,
                         max_length=max_length, precision="fp32", learning_rate=1e-4,
-                        scaling={"num_workers": num_workers, "zero_stage": zero_stage,
-                                 "cpus_per_worker": cpus_per_worker})
+                        scaling={"num_workers": num_workers, "zero_stage": zero, "cpus_per_worker": cpus_per_worker})
 
     threads = max(1, int(cpus_per_worker))
     counts = [1, workers] if workers > 1 else [1]
@@ -168,6 +176,8 @@ def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage
     torchrun = {count: torchrun_line(path, stage(count), rows, threads=threads, warmup_steps=warmup_steps)
                 for count in counts}
     connect_ray()
+    if zero_stage:
+        lines.append(_ray_train(path, stage(1, zero=0), rows, lines[0].tokens, warmup_steps))
     for count in counts:
         lines += [torchrun[count], _ray_train(path, stage(count), rows, lines[0].tokens, warmup_steps)]
     return lines
@@ -175,8 +185,9 @@ def bench_train(model: str, examples: int, epochs: int, workers: int, zero_stage
 
 def format_train_bench(lines: list[TrainBenchLine]) -> str:
     """Whole-run and steady-state tokens/s per worker, each against the bare line (the first), and the costs in
-    steady state, each the ratio of two lines that differ in one thing: DeepSpeed (torchrun with 1 worker vs
-    bare), Ray (Ray Train vs torchrun, at 1 worker and at W) and distribution (W torchrun workers vs 1)."""
+    steady state, each the ratio of two lines that differ in one thing: Ray alone (Ray Train with 1 worker and no
+    DeepSpeed vs bare), DeepSpeed (torchrun with 1 worker vs bare), Ray beside DeepSpeed (Ray Train vs torchrun, at 1
+    worker and at W) and distribution (W torchrun workers vs 1)."""
     bare = lines[0]
     out = [f"{'trainer':<46} {'workers':>7} {'batch':>5} {'steps':>5} {'tokens':>7} {'train s':>7} {'wall s':>7} "
            f"{'tok/s/worker':>12} {'steady':>7} {'vs bare':>7} {'steady vs bare':>14}"]
@@ -186,19 +197,23 @@ def format_train_bench(lines: list[TrainBenchLine]) -> str:
                    f"{line.steady_tokens_per_s_per_worker:>7.1f} "
                    f"{line.tokens_per_s_per_worker / bare.tokens_per_s_per_worker:>7.2f} "
                    f"{line.steady_tokens_per_s_per_worker / bare.steady_tokens_per_s_per_worker:>14.2f}")
-    steady = {(line.launcher, line.workers): line.steady_tokens_per_s_per_worker for line in lines[1:]}
-    if ("ray", 1) in steady:
-        out.append(f"Ray Train, 1 worker vs bare TRL (steady): "
-                   f"{steady['ray', 1] / bare.steady_tokens_per_s_per_worker:.2f}")
-    if ("torchrun", 1) in steady:
+    steady = {(line.launcher, line.workers, line.deepspeed): line.steady_tokens_per_s_per_worker for line in lines[1:]}
+    if ("ray", 1, False) in steady:
+        out.append(f"Ray cost alone (Ray Train, 1 worker, no DeepSpeed, vs bare TRL, steady): "
+                   f"{steady['ray', 1, False] / bare.steady_tokens_per_s_per_worker:.2f}")
+    if ("ray", 1, True) in steady:
+        out.append(f"Ray Train + DeepSpeed, 1 worker vs bare TRL (steady): "
+                   f"{steady['ray', 1, True] / bare.steady_tokens_per_s_per_worker:.2f}")
+    if ("torchrun", 1, True) in steady:
         out.append(f"DeepSpeed cost (torchrun 1 worker vs bare, steady): "
-                   f"{steady['torchrun', 1] / bare.steady_tokens_per_s_per_worker:.2f}")
-    for workers in sorted({count for _, count in steady}):
-        if ("ray", workers) in steady and ("torchrun", workers) in steady:
+                   f"{steady['torchrun', 1, True] / bare.steady_tokens_per_s_per_worker:.2f}")
+    for launcher, workers, deepspeed in sorted(steady):
+        if launcher == "torchrun" and ("ray", workers, deepspeed) in steady:
             out.append(f"Ray cost at {workers} worker{'s' if workers > 1 else ''} (Ray Train vs torchrun, steady): "
-                       f"{steady['ray', workers] / steady['torchrun', workers]:.2f}")
-    many = max((count for launcher, count in steady if launcher == "torchrun"), default=1)
-    if many > 1 and ("torchrun", 1) in steady:
+                       f"{steady['ray', workers, deepspeed] / steady['torchrun', workers, deepspeed]:.2f}")
+    torchrun = {workers: rate for (launcher, workers, _), rate in steady.items() if launcher == "torchrun"}
+    many = max(torchrun, default=1)
+    if many > 1 and 1 in torchrun:
         out.append(f"distribution without Ray ({many} torchrun workers vs 1, per worker, steady): "
-                   f"{steady['torchrun', many] / steady['torchrun', 1]:.2f}")
+                   f"{torchrun[many] / torchrun[1]:.2f}")
     return "\n".join(out)

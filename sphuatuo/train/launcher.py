@@ -102,6 +102,10 @@ def training_arguments(stage: TrainStage, output_dir: str, *, on_gpu: bool, trus
         "use_cpu": not on_gpu,
         "deepspeed": deepspeed_config(stage.scaling, on_gpu=on_gpu),
         "dataloader_num_workers": 0,
+        # Under plain DDP (ZeRO stage 0) the Trainer would otherwise ask DDP to search the autograd graph for unused
+        # parameters at every step (the default without gradient checkpointing); every parameter of a dense causal
+        # LM, LoRA adapters included, takes part in each forward. LLaMA-Factory sets the same.
+        "ddp_find_unused_parameters": False,
         # The collators read only their own keys; the `id` column must reach RecordedTrainerMixin's.
         "remove_unused_columns": False,
         "trust_remote_code": trust_remote_code,
