@@ -26,7 +26,7 @@ def test_doctor_passes_for_the_demo_recipe_on_this_cluster(tmp_path: Path, ray_c
     names = {check.name for check in checks}
     assert {"versions", "resources: teacher engine replica", "resources: sft training"} <= names
     assert any(name.startswith("run root from ") for name in names)
-    assert any(name.startswith("cpu trainer allocator on ") and "libjemalloc.so" in check.detail
+    assert any(name.startswith("cpu allocator on ") and "libjemalloc.so" in check.detail
                for name, check in ((check.name, check) for check in checks))
     assert report.endswith(f"{len(checks)} checks passed, 0 failed")
 

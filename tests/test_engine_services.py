@@ -106,6 +106,39 @@ def test_a_released_cpu_replica_hosts_the_next_engine_in_its_process_and_the_run
     assert _replica_pids() == []
 
 
+def test_a_cpu_replica_runs_on_jemalloc_and_hands_its_engines_pages_back_when_released(
+        tmp_path: Path, ray_cluster: dict[str, str]) -> None:
+    """jemalloc keeps freed pages for reuse; a replica that drops its engine before a training stage must not keep
+    the engine's memory (its 1 GiB KV cache on CPU among it)."""
+    from sphuatuo.engines import Request
+    from sphuatuo.engines.serving import EngineServices
+    from sphuatuo.passes.generation import generate_pass
+    from sphuatuo.stages import StageContext
+    from sphuatuo.store.manifest import StageRecord
+
+    recipe = tiny_recipe(tmp_path / "run")
+    services = EngineServices()
+    ctx = StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRecord(), engines=services)
+    try:
+        generate_pass(ctx, cluster_rows([{"key": f"q{i}"} for i in range(4)]), "tiny", engine=recipe.models.teacher,
+                      request=Request(temperature=0.0, top_p=1.0, max_tokens=16),
+                      messages=lambda row: [{"role": "user", "content": f"Question {row['key']}"}])
+        (pid,) = _replica_pids()
+        assert "libjemalloc.so" in Path(f"/proc/{pid}/maps").read_text()
+        holding = _resident_mib(pid)
+        services.release_all()
+        released = _resident_mib(pid)
+        print(f"replica resident: {holding} MiB with its engine, {released} MiB released")  # for `pytest -s`
+        assert holding - released > 512
+    finally:
+        services.close()
+
+
+def _resident_mib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) // 1024
+
+
 def _replica_pids() -> list[int]:
     return [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
             if actor.class_name == "EngineReplica"]

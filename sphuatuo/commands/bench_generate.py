@@ -2,7 +2,8 @@
 
 Same prompts (the student prompt over the sample bank), same model and the same engine arguments on every
 side (dtype, scheduler limits, compute threads, eager or not: printed above the table), in one run:
-1. bare vLLM, `LLM.chat` in this process (the ceiling);
+1. bare vLLM, `LLM.chat` in a process of its own with a CPU engine actor's environment (compute threads,
+   allocator), or on the GPU (the ceiling);
 2. the `vllm` back-end with engines of the pass's own (`ray.keep_engines_up: false`): Ray Data + `ray.data.llm`,
    engine replicas as actors started for the pass;
 3. the `vllm` back-end as a run uses it by default (`ray.keep_engines_up: true`): Ray Data feeding an engine that
@@ -19,15 +20,19 @@ stops, budget 4x: replies of mixed lengths, so the last rows of a pass run nearl
 
 from __future__ import annotations
 
-import gc
 import itertools
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
-from sphuatuo.engines import Request
+from sphuatuo.engines import Request, cpu_engine_environment
 from sphuatuo.engines.precision import cpu_dtype
 from sphuatuo.local_models import resolve_model
 from sphuatuo.prompts import Messages, get_prompt, options_block
@@ -66,8 +71,9 @@ def workload_sampling(workload: str, max_tokens: int) -> SamplingConfig:
     return SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=4 * max_tokens, seed=0)
 
 
-def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
-               workload: str) -> list[BenchLine]:
+def bare_vllm_pass(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig) -> dict[str, float]:
+    """`LLM.chat` over `prompts` in this process: the seconds to the engine ready and to the last reply, and the
+    output tokens."""
     from vllm import LLM, SamplingParams
 
     from sphuatuo.engines.vllm import engine_arguments
@@ -78,13 +84,27 @@ def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: Sampling
     params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
     outputs = llm.chat(prompts, params, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
     finished = time.perf_counter()
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    del llm
-    gc.collect()
-    return [BenchLine("bare vLLM (in process, incl. engine start)", "whole", workload, len(prompts),
-                      finished - started, tokens),
-            BenchLine("bare vLLM (in process, engine ready)", "steady", workload, len(prompts), finished - ready,
-                      tokens)]
+    return {"start_seconds": ready - started, "seconds": finished - started,
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
+def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+               workload: str) -> list[BenchLine]:
+    """`bare_vllm_pass` in a process of its own (`python -m sphuatuo.commands.bench_generate SPEC RECORD`), on CPU
+    with the environment the Ray lines' engine actors get: the same threads, the same allocator."""
+    with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-bare-") as folder:
+        spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
+        spec.write_text(json.dumps({"engine": engine.model_dump(mode="json"), "prompts": prompts,
+                                    "sampling": sampling.model_dump(mode="json")}))
+        env = {**os.environ, **({} if engine.gpus_per_replica else cpu_engine_environment(engine))}
+        # vLLM's logs go to stderr: stdout carries the table.
+        subprocess.run([sys.executable, "-m", "sphuatuo.commands.bench_generate", str(spec), str(record_path)],
+                       env=env, stdout=sys.stderr, check=True)
+        record = json.loads(record_path.read_text())
+    return [BenchLine("bare vLLM (own process, incl. engine start)", "whole", workload, len(prompts),
+                      record["seconds"], record["tokens"]),
+            BenchLine("bare vLLM (own process, engine ready)", "steady", workload, len(prompts),
+                      record["seconds"] - record["start_seconds"], record["tokens"])]
 
 
 def _ray_pass(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
@@ -185,9 +205,6 @@ def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_
     from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
-    if engine.cpu_threads:
-        # The bare engine's process inherits this; the Ray engines get the same through their runtime env.
-        os.environ["OMP_NUM_THREADS"] = str(engine.cpu_threads)
     messages = bench_prompts(prompts)
     lines: list[BenchLine] = []
     for workload in workloads:
@@ -217,3 +234,16 @@ def format_bench(lines: list[BenchLine], header: str = "") -> str:
     out.append("vs base: against the first line of the same kind and workload (whole pass: bare vLLM incl. engine "
                "start; steady state: bare vLLM with its engine ready; three passes: engines per pass)")
     return "\n".join(out)
+
+
+def main(spec_path: str, record_path: str) -> None:
+    """The bare line's process: the spec's engine, prompts and sampling through `bare_vllm_pass`, its record
+    written as JSON."""
+    spec = json.loads(Path(spec_path).read_text())
+    record = bare_vllm_pass(EngineConfig.model_validate(spec["engine"]), spec["prompts"],
+                            SamplingConfig.model_validate(spec["sampling"]))
+    Path(record_path).write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -91,7 +91,7 @@ def doctor(recipe: Recipe) -> list[Check]:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     run = RunRoot(recipe.run_root)
     model_paths = _local_model_paths(recipe)
-    preload = _cpu_trainer_preload(recipe)
+    preload = _cpu_preload(recipe)
     probes = ray.get([
         _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
         .remote(run.uri, node["NodeID"], model_paths, preload)
@@ -153,22 +153,26 @@ def _dtype_check(recipe: Recipe, where: str, report: dict[str, Any]) -> Check:
                                      "slower than fp32")
 
 
-def _cpu_trainer_preload(recipe: Recipe) -> str | None:
-    """The library CPU training workers will preload (the driver's path), or None where no stage trains on CPU."""
-    if all(getattr(recipe.stages, name).scaling.use_gpu for name in recipe.TRAINING_STAGES):
+def _cpu_preload(recipe: Recipe) -> str | None:
+    """The library CPU engines and training workers will preload (the driver's path), or None where nothing
+    generates or trains on CPU."""
+    cpu_training = not all(getattr(recipe.stages, name).scaling.use_gpu for name in recipe.TRAINING_STAGES)
+    cpu_engines = any(engine.backend != "openai" and not engine.gpus_per_replica
+                      for engine in _engines(recipe).values())
+    if not (cpu_training or cpu_engines):
         return None
     return training_environment(on_gpu=False).get("LD_PRELOAD") or None
 
 
 def _allocator_check(preload: str, where: str, report: dict[str, Any]) -> Check:
-    """CPU training workers get the driver's path to Ray's jemalloc; a node without that file runs them on glibc's
-    malloc, after a loader error in every worker's log."""
+    """CPU engines and training workers get the driver's path to Ray's jemalloc; a node without that file runs them
+    on glibc's malloc, after a loader error in every process's log."""
     missing = report["preload_missing"]
-    return Check(f"cpu trainer allocator on {where}", not missing,
-                 f"{preload} is missing there: its CPU training workers would fall back to glibc's malloc" if missing
-                 else f"CPU training workers preload {preload}",
+    return Check(f"cpu allocator on {where}", not missing,
+                 f"{preload} is missing there: its CPU engines and training workers would fall back to glibc's malloc"
+                 if missing else f"CPU engines and training workers preload {preload}",
                  "" if not missing else "install the environment at the same path on every node (one container "
-                                        "image), or set LD_PRELOAD= in the driver's environment to train on glibc")
+                                        "image), or set LD_PRELOAD= in the driver's environment to run on glibc")
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -26,7 +26,7 @@ import ray.data
 
 from sphuatuo.local_models import resolve_model
 from sphuatuo.recipe import EngineConfig, SamplingConfig
-from sphuatuo.store.runtime import process_environment
+from sphuatuo.store.runtime import cpu_allocator, process_environment
 
 if TYPE_CHECKING:
     from sphuatuo.engines.serving import EngineServices
@@ -72,11 +72,16 @@ def sampling_params(request: Request, seed: int | None) -> dict[str, Any]:
             **({"allowed_token_ids": list(request.allowed_token_ids)} if request.allowed_token_ids else {})}
 
 
-def cpu_runtime_env(engine: EngineConfig) -> dict[str, dict[str, str]]:
-    """Environment an engine actor needs on a CPU-only node."""
+def cpu_engine_environment(engine: EngineConfig) -> dict[str, str]:
+    """Environment variables of an engine process on a CPU-only node: its compute threads and the CPU allocator."""
     # Ray would set OMP_NUM_THREADS to the actor's CPU count rounded down; an engine should use its share.
     threads = str(engine.cpu_threads or max(1, math.ceil(engine.cpus_per_replica)))
-    return {"env_vars": process_environment(on_gpu=False, extra={"OMP_NUM_THREADS": threads})}
+    return process_environment(on_gpu=False, extra={"OMP_NUM_THREADS": threads, **cpu_allocator()})
+
+
+def cpu_runtime_env(engine: EngineConfig) -> dict[str, dict[str, str]]:
+    """Ray runtime environment of an engine actor on a CPU-only node."""
+    return {"env_vars": cpu_engine_environment(engine)}
 
 
 def generate(

@@ -33,7 +33,7 @@ import ray.data
 
 from sphuatuo.engines import Request, cpu_runtime_env, row_seed, sampling_params
 from sphuatuo.recipe import EngineConfig
-from sphuatuo.store.runtime import LIGHT_CPUS
+from sphuatuo.store.runtime import LIGHT_CPUS, return_freed_pages
 
 REPLY_SCHEMA = pa.schema([("generated_text", pa.string()), ("num_input_tokens", pa.int64()),
                           ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string()),
@@ -142,6 +142,8 @@ class EngineReplica:
             self._engine.engine_core.shutdown()
             self._engine = self._tokenizer = self._held = None
             gc.collect()
+            # On CPU nodes jemalloc keeps freed pages for reuse: the training stage after a release needs them.
+            return_freed_pages()
 
 
 def start_replicas(engine: EngineConfig, spec: EngineSpec,

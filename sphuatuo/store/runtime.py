@@ -34,13 +34,14 @@ CPU_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
 }
 
-# Training processes on a node without GPUs, besides the above: jemalloc (the build Ray ships for its object
-# store) in place of glibc's malloc, with freed pages kept for reuse. glibc serves a buffer over 32 MiB with a fresh
-# mmap and unmaps it when freed, so a buffer of a step's size is page-faulted in again at every step: DeepSpeed
+# Engine and training processes on a node without GPUs, besides the above: jemalloc (the build Ray ships for its
+# object store) in place of glibc's malloc, with freed pages kept for reuse. glibc serves a buffer over 32 MiB with a
+# fresh mmap and unmaps it when freed, so a buffer of a step's size is page-faulted in again at every step: DeepSpeed
 # flattens a gradient bucket at every micro step (0.25 s for SmolLM2-135M's whole gradient, against 0.05 s into
-# pages already touched), the loss builds logits of the vocabulary's size. glibc's own switches (MALLOC_MMAP_MAX_)
-# reach the main thread's heap alone, and Ray Train runs the training loop in a thread of its own. A trainer's
-# memory then stays at its peak until it ends, which a training worker does anyway.
+# pages already touched), the loss builds logits of the vocabulary's size, an engine its activations and logits at
+# every forward. glibc's own switches (MALLOC_MMAP_MAX_) reach the main thread's heap alone, and Ray Train runs the
+# training loop in a thread of its own. A process's memory then stays at its peak: a trainer ends anyway, and a
+# kept engine process hands its pages back when it drops its engine (`return_freed_pages`).
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 # CPUs asked for by the row-wise steps around an engine (reading a folder, building prompts, parsing, writing):
@@ -64,7 +65,7 @@ def process_environment(on_gpu: bool, extra: dict[str, str] | None = None) -> di
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
 
-def cpu_training_allocator() -> dict[str, str]:
+def cpu_allocator() -> dict[str, str]:
     """LD_PRELOAD and MALLOC_CONF for Ray's own jemalloc; empty where Ray ships none (its wheels for Linux do) or
     is not installed. Found without importing Ray."""
     ray = importlib.util.find_spec("ray")
@@ -77,7 +78,22 @@ def cpu_training_allocator() -> dict[str, str]:
 def training_environment(on_gpu: bool) -> dict[str, str]:
     """Environment variables for a training worker: the process environment, with the CPU trainer's allocator
     on a node without GPUs."""
-    return process_environment(on_gpu, extra=None if on_gpu else cpu_training_allocator())
+    return process_environment(on_gpu, extra=None if on_gpu else cpu_allocator())
+
+
+# jemalloc's MALLCTL_ARENAS_ALL: "arena.<i>.purge" with this index purges every arena.
+JEMALLOC_ALL_ARENAS = 4096
+
+
+def return_freed_pages() -> bool:
+    """Hand the freed pages jemalloc keeps for reuse back to the system (a kept engine process that dropped its
+    engine); False, doing nothing, in a process on another allocator."""
+    import ctypes
+
+    mallctl = getattr(ctypes.CDLL(None), "mallctl", None)
+    if mallctl is None:
+        return False
+    return mallctl(f"arena.{JEMALLOC_ALL_ARENAS}.purge".encode(), None, None, None, ctypes.c_size_t(0)) == 0
 
 
 def apply_cpu_environment() -> None:
