@@ -23,14 +23,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sphuatuo.commands.bench_process import run_in_own_process
 from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
 from sphuatuo.engines import Request, cpu_engine_environment
 from sphuatuo.engines.precision import cpu_dtype
@@ -92,15 +91,9 @@ def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: Sampling
                workload: str) -> list[BenchLine]:
     """`bare_vllm_pass` in a process of its own (`python -m sphuatuo.commands.bench_generate SPEC RECORD`), on CPU
     with the environment the Ray lines' engine actors get: the same threads, the same allocator."""
-    with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-bare-") as folder:
-        spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
-        spec.write_text(json.dumps({"engine": engine.model_dump(mode="json"), "prompts": prompts,
-                                    "sampling": sampling.model_dump(mode="json")}))
-        env = {**os.environ, **({} if engine.gpus_per_replica else cpu_engine_environment(engine))}
-        # vLLM's logs go to stderr: stdout carries the table.
-        subprocess.run([sys.executable, "-m", "sphuatuo.commands.bench_generate", str(spec), str(record_path)],
-                       env=env, stdout=sys.stderr, check=True)
-        record = json.loads(record_path.read_text())
+    spec = {"engine": engine.model_dump(mode="json"), "prompts": prompts, "sampling": sampling.model_dump(mode="json")}
+    env = {**os.environ, **({} if engine.gpus_per_replica else cpu_engine_environment(engine))}
+    record, _ = run_in_own_process("sphuatuo.commands.bench_generate", spec, env)
     return [BenchLine("bare vLLM (own process, incl. engine start)", "whole", workload, len(prompts),
                       record["seconds"], record["tokens"]),
             BenchLine("bare vLLM (own process, engine ready)", "steady", workload, len(prompts),

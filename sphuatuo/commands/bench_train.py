@@ -26,14 +26,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from sphuatuo.commands.bench_process import run_in_own_process
 from sphuatuo.data.loaders import SAMPLE_BANK, load_questions, resolve_source_path
 from sphuatuo.local_models import resolve_model
 from sphuatuo.parsing.replies import format_cot
@@ -121,17 +119,10 @@ def _run_bare_trainer(launcher: list[str], model: str, stage: SftStage, examples
     """`python [LAUNCHER] -m sphuatuo.train.bare SPEC RECORD` with a training worker's environment (on CPU
     DS_ACCELERATOR=cpu, jemalloc, ...) and `threads` compute threads, which torchrun would otherwise
     set to 1 per process: rank 0's record and the wall seconds, processes and imports included."""
-    with tempfile.TemporaryDirectory(prefix="sphuatuo-bench-trainer-") as folder:
-        spec, record_path = Path(folder, "spec.json"), Path(folder, "record.json")
-        spec.write_text(json.dumps({"model": model, "stage": stage.model_dump(mode="json"), "examples": examples,
-                                    "threads": threads, "on_gpu": on_gpu, "deepspeed": deepspeed}))
-        env = {**os.environ, **training_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
-        started = time.perf_counter()
-        # The training logs go to stderr: stdout carries the table.
-        subprocess.run([sys.executable, *launcher, "-m", "sphuatuo.train.bare", str(spec), str(record_path)],
-                       env=env, stdout=sys.stderr, check=True)
-        wall = time.perf_counter() - started
-        return json.loads(record_path.read_text()), wall
+    spec = {"model": model, "stage": stage.model_dump(mode="json"), "examples": examples, "threads": threads,
+            "on_gpu": on_gpu, "deepspeed": deepspeed}
+    env = {**os.environ, **training_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
+    return run_in_own_process("sphuatuo.train.bare", spec, env, launcher)
 
 
 def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int,
