@@ -85,15 +85,14 @@ def training_environment(on_gpu: bool) -> dict[str, str]:
 JEMALLOC_ALL_ARENAS = 4096
 
 
-def return_freed_pages() -> bool:
+def return_freed_pages() -> None:
     """Hand the freed pages jemalloc keeps for reuse back to the system (a kept engine process that dropped its
-    engine); False, doing nothing, in a process on another allocator."""
+    engine); nothing to do in a process on another allocator."""
     import ctypes
 
     mallctl = getattr(ctypes.CDLL(None), "mallctl", None)
-    if mallctl is None:
-        return False
-    return mallctl(f"arena.{JEMALLOC_ALL_ARENAS}.purge".encode(), None, None, None, ctypes.c_size_t(0)) == 0
+    if mallctl is not None:
+        mallctl(f"arena.{JEMALLOC_ALL_ARENAS}.purge".encode(), None, None, None, ctypes.c_size_t(0))
 
 
 def apply_cpu_environment() -> None:
