@@ -92,8 +92,8 @@ def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: Sampling
     """`bare_vllm_pass` in a process of its own (`python -m sphuatuo.commands.bench_generate SPEC RECORD`), on CPU
     with the environment the Ray lines' engine actors get: the same threads, the same allocator."""
     spec = {"engine": engine.model_dump(mode="json"), "prompts": prompts, "sampling": sampling.model_dump(mode="json")}
-    env = {**os.environ, **({} if engine.gpus_per_replica else cpu_engine_environment(engine))}
-    record, _ = run_in_own_process("sphuatuo.commands.bench_generate", spec, env)
+    environment = {} if engine.gpus_per_replica else cpu_engine_environment(engine)
+    record, _ = run_in_own_process("sphuatuo.commands.bench_generate", spec, environment)
     return [BenchLine("bare vLLM (own process, incl. engine start)", "whole", workload, len(prompts),
                       record["seconds"], record["tokens"]),
             BenchLine("bare vLLM (own process, engine ready)", "steady", workload, len(prompts),

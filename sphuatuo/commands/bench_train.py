@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -121,8 +120,8 @@ def _run_bare_trainer(launcher: list[str], model: str, stage: SftStage, examples
     set to 1 per process: rank 0's record and the wall seconds, processes and imports included."""
     spec = {"model": model, "stage": stage.model_dump(mode="json"), "examples": examples, "threads": threads,
             "on_gpu": on_gpu, "deepspeed": deepspeed}
-    env = {**os.environ, **training_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
-    return run_in_own_process("sphuatuo.train.bare", spec, env, launcher)
+    environment = {**training_environment(on_gpu=on_gpu), "OMP_NUM_THREADS": str(threads)}
+    return run_in_own_process("sphuatuo.train.bare", spec, environment, launcher)
 
 
 def _ray_train(model: str, stage: SftStage, examples: list[dict[str, Any]], tokens: int,
