@@ -174,6 +174,10 @@ def _build_parser() -> argparse.ArgumentParser:
                                "budget (default: both)")
     generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                           help="gpu: one GPU per engine replica, CUDA graphs on (bare and Ray alike)")
+    generate.add_argument("--rounds", type=_at_least_one, default=1,
+                          help="run every line N times, bare and Ray alternating, and print each line's median "
+                               "ratio over the rounds with its range: where the machine's speed drifts, one "
+                               "round's ratio is noise (default: 1)")
     train = bench_commands.add_parser("train", help="Ray Train + DeepSpeed SFT tokens/s per worker vs bare TRL")
     train.set_defaults(func=bench_train_command)
     train.add_argument("--model", default="builtin:smollm2-135m-instruct",
@@ -382,13 +386,23 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
+    return number
+
+
 def bench_generate_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.bench_generate import bench_engine, bench_generate, bench_header, format_bench
     from sphuatuo.store.runtime import leave_ray
 
     engine = bench_engine(args.model, args.dtype, args.batch_size, args.cpus, args.cpu_threads, args.device)
     lines = bench_generate(engine, args.prompts, args.max_tokens, with_hf=not args.no_hf,
-                           multi_pass=not args.no_multi_pass, workloads=tuple(args.workloads))
+                           multi_pass=not args.no_multi_pass, workloads=tuple(args.workloads), rounds=args.rounds)
     leave_ray()
     print(format_bench(lines, bench_header(engine)))
     return 0

@@ -15,7 +15,8 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _bench(ray_head: dict[str, str], *flags: str) -> list[list[str]]:
+def _bench(ray_head: dict[str, str], *flags: str) -> tuple[list[list[str]], list[str]]:
+    """The table's rows (label, then its numbers) and the lines after its legend."""
     result = subprocess.run(
         [sys.executable, "-m", "sphuatuo.cli", "bench", "generate", "--model", "builtin:tiny", "--prompts", "8",
          "--max-tokens", "8", "--dtype", "float32", "--batch-size", "8", "--cpu-threads", "1", *flags],
@@ -32,7 +33,7 @@ def _bench(ray_head: dict[str, str], *flags: str) -> list[list[str]]:
             break
         label, numbers = line[:58].strip(), line[58:].split()
         rows.append([label, *numbers])
-    return rows
+    return rows, lines[header + len(rows) + 2:]
 
 
 def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(ray_head) -> None:
@@ -40,20 +41,27 @@ def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(
     # elsewhere). No three-pass lines: four more engine starts (one a Serve app), about 150 s here, for passes
     # through the same `_ray_pass` as the Ray Data line and engines kept up as tests/test_engine_services.py runs
     # them; their line and its baseline are checked without Ray in tests/test_bench_tables.py.
-    rows = _bench(ray_head, "--no-hf", "--no-multi-pass", "--workloads", "long-tail")
+    # Two rounds: the sequence runs twice, bare and Ray alternating, and each line's median ratio follows the table.
+    rows, after = _bench(ray_head, "--no-hf", "--no-multi-pass", "--workloads", "long-tail", "--rounds", "2")
     assert [row[0].split(" (")[0] for row in rows] == (["bare vLLM"] * 2 + ["vllm, engine per pass"] * 2
-                                                       + ["vllm, engine kept up"] * 2)
-    assert [row[1] for row in rows] == ["long-tail"] * 6
+                                                       + ["vllm, engine kept up"] * 2) * 2
+    assert [row[1] for row in rows] == ["long-tail"] * 12
+    assert [row[2] for row in rows] == ["1"] * 6 + ["2"] * 6
     assert "incl. engine start" in rows[0][0] and "engine ready" in rows[1][0]
     assert "incl. actor + engine start" in rows[2][0] and "s start-up)" in rows[3][0]
     assert "s engine start)" in rows[4][0] and "engine already up" in rows[5][0]
-    _, _, count, seconds, _, tokens_per_s, ratio = zip(*rows, strict=True)
-    assert count == ("8",) * 6
+    _, _, _, count, seconds, _, tokens_per_s, ratio = zip(*rows, strict=True)
+    assert count == ("8",) * 12
     assert all(float(speed) > 0 for speed in tokens_per_s)
-    # Each kind against its own baseline: bare whole pass, bare steady state.
-    assert ratio[0] == ratio[1] == "1.00"
+    # Each kind against its own baseline in its own round: bare whole pass, bare steady state.
+    assert ratio[0] == ratio[1] == ratio[6] == ratio[7] == "1.00"
     # The steady states leave the start-up out.
-    assert float(seconds[3]) < float(seconds[2]) and float(seconds[5]) < float(seconds[4])
+    assert all(float(seconds[i + 1]) < float(seconds[i]) for i in (2, 4, 8, 10))
+    assert after[0] == "median vs base over 2 rounds (lowest - highest):"
+    assert [line.split(": ")[0] for line in after[1:]] == [
+        "  bare vLLM, whole, long-tail", "  bare vLLM, steady, long-tail", "  vllm, engine per pass, whole, long-tail",
+        "  vllm, engine per pass, steady, long-tail", "  vllm, engine kept up, whole, long-tail",
+        "  vllm, engine kept up, steady, long-tail"]
 
 
 def test_bench_train_lines_share_one_global_batch_and_give_the_steady_state(ray_head) -> None:

@@ -46,6 +46,33 @@ def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_w
     assert table[-1].startswith("vs base: against the first line of the same kind and workload")
 
 
+def test_bench_generate_rounds_set_each_line_against_its_own_rounds_bare_line_and_give_the_median() -> None:
+    from sphuatuo.commands.bench_generate import BenchLine, format_bench
+
+    # Three rounds on a machine whose speed drifts: bare vLLM at 200, 250 and 160 tokens/s, the kept engine at 190,
+    # 200 and 152. Against the first round's bare line the last kept line would read 0.76; against its own, 0.95.
+    lines = []
+    for number, (bare, kept, start) in enumerate([(200, 190, 12), (250, 200, 15), (160, 152, 11)], start=1):
+        lines += [BenchLine("bare vLLM (own process, engine ready)", "steady", "fixed", 8, 1.0, bare, number),
+                  BenchLine(f"vllm, engine kept up (incl. {start} s engine start)", "whole", "fixed", 8, 2.0, kept,
+                            number),
+                  BenchLine("vllm, engine kept up (engine already up)", "steady", "fixed", 8, 1.0, kept, number)]
+    table = format_bench(lines).splitlines()
+    assert table[0].split()[:3] == ["engine", "workload", "round"]
+    rows = [[line[:58].strip(), *line[58:].split()] for line in table[1:10]]
+    assert [row[2] for row in rows] == ["1", "1", "1", "2", "2", "2", "3", "3", "3"]
+    assert [row[-1] for row in rows if row[0].startswith("vllm, engine kept up (engine")] == ["0.95", "0.80", "0.95"]
+    assert table[10].endswith(", in the same round")
+    assert table[11:] == ["median vs base over 3 rounds (lowest - highest):",
+                          "  bare vLLM, steady, fixed: 1.00 (1.00 - 1.00)",
+                          # A whole-pass line with no bare whole pass in the rounds is its kind's own baseline.
+                          "  vllm, engine kept up, whole, fixed: 1.00 (1.00 - 1.00)",
+                          "  vllm, engine kept up, steady, fixed: 0.95 (0.80 - 0.95)"]
+    # One round: the table keeps its columns and has no summary.
+    single = format_bench(lines[:3]).splitlines()
+    assert "round" not in single[0] and single[-1].startswith("vs base:") and not single[-1].endswith("round")
+
+
 def test_bench_train_summary_sets_each_line_against_the_one_that_differs_in_one_thing() -> None:
     from sphuatuo.commands.bench_train import TrainBenchLine, format_train_bench
 

@@ -16,16 +16,22 @@ Each of 1-4 gives a whole-pass line (engine start included) and a steady-state l
 each line's ratio is against the bare line of the same kind; the three-pass lines are against engines per
 pass. Two workloads: `fixed` (greedy, every reply up to `--max-tokens`) and `long-tail` (sampled, natural
 stops, budget 4x: replies of mixed lengths, so the last rows of a pass run nearly alone).
+
+`--rounds N` runs the whole sequence N times, so bare and Ray lines alternate: on a machine whose speed drifts (a
+virtual machine's did by 20% within an hour) one round's ratio is noise, and the median of N per-round ratios,
+with their range, is what to read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
+import re
+import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +49,7 @@ if TYPE_CHECKING:
 WORKLOADS = ("fixed", "long-tail")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BenchLine:
     engine: str
     kind: str  # "whole" | "steady" | "passes": the bare (or per-pass) line of the same kind is its baseline
@@ -51,10 +57,16 @@ class BenchLine:
     rows: int
     seconds: float
     output_tokens: int
+    round: int = 1  # `--rounds`: each round's lines are set against that round's baselines
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds
+
+    @property
+    def name(self) -> str:
+        """The engine label less its measured part (the seconds of start-up in parentheses at its end)."""
+        return re.sub(r" \([^)]*\)$", "", self.engine)
 
 
 def bench_prompts(count: int) -> list[Messages]:
@@ -193,8 +205,9 @@ def bench_header(engine: EngineConfig) -> str:
 
 
 def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_hf: bool = True,
-                   multi_pass: bool = True, workloads: tuple[str, ...] = WORKLOADS) -> list[BenchLine]:
-    """Per workload: bare vLLM first (the baseline), then the Ray Data back-ends and the three-pass lines."""
+                   multi_pass: bool = True, workloads: tuple[str, ...] = WORKLOADS, rounds: int = 1) -> list[BenchLine]:
+    """Per workload and round: bare vLLM first (the baseline), then the Ray Data back-ends and the three-pass
+    lines."""
     from sphuatuo.store.runtime import apply_cpu_environment, connect_ray
 
     apply_cpu_environment()
@@ -202,30 +215,45 @@ def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_
     lines: list[BenchLine] = []
     for workload in workloads:
         sampling = workload_sampling(workload, max_tokens)
-        lines += _bare_vllm(engine, messages, sampling, workload)
-        connect_ray()
-        lines += _ray_stage(engine, messages, sampling, workload)
-        lines += _kept_engine(engine, messages, sampling, workload)
-        if with_hf:
-            lines += _ray_stage(engine.model_copy(update={"backend": "hf"}), messages, sampling, workload)
-        if multi_pass:
-            lines += _three_passes(engine, messages, sampling, workload)
+        for number in range(1, rounds + 1):
+            measured = _bare_vllm(engine, messages, sampling, workload)
+            connect_ray()
+            measured += _ray_stage(engine, messages, sampling, workload)
+            measured += _kept_engine(engine, messages, sampling, workload)
+            if with_hf:
+                measured += _ray_stage(engine.model_copy(update={"backend": "hf"}), messages, sampling, workload)
+            if multi_pass:
+                measured += _three_passes(engine, messages, sampling, workload)
+            lines += [dataclasses.replace(line, round=number) for line in measured]
     return lines
 
 
 def format_bench(lines: list[BenchLine], header: str = "") -> str:
+    """The table, a line per measurement; with several rounds, a round column, and after the table each line's
+    median ratio over the rounds with its range."""
     baselines = {}
     for line in lines:
-        baselines.setdefault((line.workload, line.kind), line.tokens_per_s)
+        baselines.setdefault((line.workload, line.kind, line.round), line.tokens_per_s)
+    rounds = max((line.round for line in lines), default=1)
+    round_column = f" {'round':>5}" if rounds > 1 else ""
     out = [header] if header else []
-    out.append(f"{'engine':<58} {'workload':>9} {'rows':>5} {'seconds':>8} {'rows/s':>7} {'out tok/s':>9} "
-               f"{'vs base':>8}")
+    out.append(f"{'engine':<58} {'workload':>9}{round_column} {'rows':>5} {'seconds':>8} {'rows/s':>7} "
+               f"{'out tok/s':>9} {'vs base':>8}")
+    ratios: dict[tuple[str, str, str], list[float]] = {}
     for line in lines:
-        ratio = line.tokens_per_s / baselines[(line.workload, line.kind)]
-        out.append(f"{line.engine:<58} {line.workload:>9} {line.rows:>5} {line.seconds:>8.1f} "
+        ratio = line.tokens_per_s / baselines[(line.workload, line.kind, line.round)]
+        ratios.setdefault((line.name, line.kind, line.workload), []).append(ratio)
+        number = f" {line.round:>5}" if rounds > 1 else ""
+        out.append(f"{line.engine:<58} {line.workload:>9}{number} {line.rows:>5} {line.seconds:>8.1f} "
                    f"{line.rows / line.seconds:>7.2f} {line.tokens_per_s:>9.1f} {ratio:>8.2f}")
     out.append("vs base: against the first line of the same kind and workload (whole pass: bare vLLM incl. engine "
-               "start; steady state: bare vLLM with its engine ready; three passes: engines per pass)")
+               "start; steady state: bare vLLM with its engine ready; three passes: engines per pass)"
+               + (", in the same round" if rounds > 1 else ""))
+    if rounds > 1:
+        out.append(f"median vs base over {rounds} rounds (lowest - highest):")
+        for (name, kind, workload), values in ratios.items():
+            out.append(f"  {name}, {kind}, {workload}: {statistics.median(values):.2f} "
+                       f"({min(values):.2f} - {max(values):.2f})")
     return "\n".join(out)
 
 
