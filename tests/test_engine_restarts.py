@@ -13,8 +13,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
-from ray.util.state import list_actors
 
 from conftest import cluster_rows, tiny_recipe
 from sphuatuo.engines import Request
@@ -26,10 +26,20 @@ from sphuatuo.store.run_root import RunRoot
 
 pytestmark = pytest.mark.slow
 
-# Enough rows that the pass outlasts the killer's look-up of the replica (Ray's state API, a second or two): with 12,
-# the tiny model finished them first once nothing else competed for the cores.
-KEYS = [f"q{i}" for i in range(48)]
+# Enough rows that the pass outlasts the killer's poll of the folder (0.2 s) and a block's write.
+KEYS = [f"q{i}" for i in range(32)]
 FOLDER = "answers"
+
+
+def replica_pids(replica_class: str) -> list[int]:
+    """The processes of live Ray actors of `replica_class`, found by the title Ray gives an actor's process
+    (`ray::EngineReplica.generate`, as `ps` shows it): at once, where Ray's state API takes a second or two."""
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::") and replica_class in title:
+            pids.append(process.pid)
+    return pids
 
 
 class ReplicaKiller(threading.Thread):
@@ -46,8 +56,7 @@ class ReplicaKiller(threading.Thread):
         while time.monotonic() < deadline:
             written = len(self.root.read_column("key", FOLDER))
             if written >= self.after:
-                replicas = [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-                            if self.replica_class in actor.class_name]
+                replicas = replica_pids(self.replica_class)
                 if replicas:
                     os.kill(replicas[0], signal.SIGKILL)
                     self.rows_at_kill = written
@@ -56,14 +65,14 @@ class ReplicaKiller(threading.Thread):
 
 
 def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> ReplicaKiller:
-    # One row at a time and a long reply each, so the pass is still running when the killer strikes.
+    # One row at a time, so the pass is still running when the killer strikes.
     engine = ctx.recipe.models.teacher.model_copy(update={"batch_size": 1, "max_concurrent_batches": 1,
                                                           "max_restarts": max_restarts})
     killer = ReplicaKiller(ctx.run, kill_after, "EngineReplica" if ctx.engines else "vLLMEngineStage")
     killer.start()
     try:
         generate_pass(ctx, cluster_rows([{"key": key} for key in KEYS]), FOLDER, engine=engine,
-                      request=Request(temperature=0.0, top_p=1.0, max_tokens=128),
+                      request=Request(temperature=0.0, top_p=1.0, max_tokens=32),
                       messages=lambda row: [{"role": "user", "content": f"Question {row['key']}"}])
     finally:
         killer.join(timeout=1)
