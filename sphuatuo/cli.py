@@ -175,8 +175,9 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                           help="gpu: one GPU per engine replica, CUDA graphs on (bare and Ray alike)")
     generate.add_argument("--rounds", type=_at_least_one, default=1,
-                          help="run every line N times, bare and Ray alternating, and print each line's median "
-                               "ratio over the rounds with its range: where the machine's speed drifts, one "
+                          help="run every line N times, bare and Ray alternating (bare once more at the end, so "
+                               "each line is set against the bare passes on either side), and print each line's "
+                               "median ratio over the rounds with its range: where the machine's speed drifts, one "
                                "round's ratio is noise (default: 1)")
     train = bench_commands.add_parser("train", help="Ray Train + DeepSpeed SFT tokens/s per worker vs bare TRL")
     train.set_defaults(func=bench_train_command)

@@ -45,18 +45,24 @@ def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(
     # costs about 60 s for the same passes again.
     rows, after = _bench(ray_head, "--no-hf", "--no-multi-pass", "--workloads", "long-tail")
     assert [row[0].split(" (")[0] for row in rows] == (["bare vLLM"] * 2 + ["vllm, engine per pass"] * 2
-                                                       + ["vllm, engine kept up"] * 2)
-    assert [row[1] for row in rows] == ["long-tail"] * 6
+                                                       + ["vllm, engine kept up"] * 2
+                                                       + ["bare vLLM again"] * 2)
+    assert [row[1] for row in rows] == ["long-tail"] * 8
     assert "incl. engine start" in rows[0][0] and "engine ready" in rows[1][0]
     assert "incl. actor + engine start" in rows[2][0] and "s start-up)" in rows[3][0]
     assert "s engine start)" in rows[4][0] and "engine already up" in rows[5][0]
+    assert "incl. engine start" in rows[6][0] and "engine ready" in rows[7][0]
     _, _, count, seconds, _, tokens_per_s, ratio = zip(*rows, strict=True)  # one round: no round column
-    assert count == ("8",) * 6
+    assert count == ("8",) * 8
     assert all(float(speed) > 0 for speed in tokens_per_s)
-    # Each kind against its own baseline: bare whole pass, bare steady state.
-    assert ratio[0] == ratio[1] == "1.00"
+    # Each kind against the mean of the bare passes of its kind before and after it: whole passes (rows 0, 2, 4
+    # against 0 and 6), steady states (1, 3, 5 against 1 and 7). The bare pass after the round is a baseline only.
+    for kind, lines in ((0, (0, 2, 4)), (1, (1, 3, 5))):
+        base = (float(tokens_per_s[kind]) + float(tokens_per_s[kind + 6])) / 2
+        assert [ratio[i] for i in lines] == [f"{float(tokens_per_s[i]) / base:.2f}" for i in lines]
+    assert ratio[6:] == ("-", "-")
     # The steady states leave the start-up out.
-    assert all(float(seconds[i + 1]) < float(seconds[i]) for i in (2, 4))
+    assert all(float(seconds[i + 1]) < float(seconds[i]) for i in (2, 4, 6))
     assert not any(line.startswith("median") for line in after)  # one round: no medians to give
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 
 def test_bench_scale_table_gives_each_size_against_the_smallest_and_the_memory_target() -> None:
     from sphuatuo.commands.bench_scale import ScaleLine, format_scale_bench
@@ -46,31 +48,33 @@ def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_w
     assert table[-1].startswith("vs base: against the first line of the same kind and workload")
 
 
-def test_bench_generate_rounds_set_each_line_against_its_own_rounds_bare_line_and_give_the_median() -> None:
+def test_bench_generate_sets_each_line_against_the_bare_passes_on_either_side_and_gives_the_median() -> None:
     from sphuatuo.commands.bench_generate import BenchLine, format_bench
 
-    # Three rounds on a machine whose speed drifts: bare vLLM at 200, 250 and 160 tokens/s, the kept engine at 190,
-    # 200 and 152. Against the first round's bare line the last kept line would read 0.76; against its own, 0.95.
+    # Three rounds and the bare pass after the last, on a machine whose speed drifts: bare vLLM at 200, 250, 160 and
+    # then 180 tokens/s; the kept engine between them at 190, 200 and 152. Against the bare pass before it alone, the
+    # second kept line would read 0.80; against the mean of the bare passes on either side (205), 0.98.
     lines = []
-    for number, (bare, kept, start) in enumerate([(200, 190, 12), (250, 200, 15), (160, 152, 11)], start=1):
+    for number, (bare, kept) in enumerate([(200, 190), (250, 200), (160, 152)], start=1):
         lines += [BenchLine("bare vLLM (own process, engine ready)", "steady", "fixed", 8, 1.0, bare, number),
-                  BenchLine(f"vllm, engine kept up (incl. {start} s engine start)", "whole", "fixed", 8, 2.0, kept,
-                            number),
                   BenchLine("vllm, engine kept up (engine already up)", "steady", "fixed", 8, 1.0, kept, number)]
+    lines.append(BenchLine("bare vLLM again (own process, engine ready)", "steady", "fixed", 8, 1.0,
+                           180, 4, closing=True))
     table = format_bench(lines).splitlines()
     assert table[0].split()[:3] == ["engine", "workload", "round"]
-    rows = [[line[:58].strip(), *line[58:].split()] for line in table[1:10]]
-    assert [row[2] for row in rows] == ["1", "1", "1", "2", "2", "2", "3", "3", "3"]
-    assert [row[-1] for row in rows if row[0].startswith("vllm, engine kept up (engine")] == ["0.95", "0.80", "0.95"]
-    assert table[10].endswith(", in the same round")
-    assert table[11:] == ["median vs base over 3 rounds (lowest - highest):",
-                          "  bare vLLM, steady, fixed: 1.00 (1.00 - 1.00)",
-                          # A whole-pass line with no bare whole pass in the rounds is its kind's own baseline.
-                          "  vllm, engine kept up, whole, fixed: 1.00 (1.00 - 1.00)",
-                          "  vllm, engine kept up, steady, fixed: 0.95 (0.80 - 0.95)"]
-    # One round: the table keeps its columns and has no summary.
-    single = format_bench(lines[:3]).splitlines()
-    assert "round" not in single[0] and single[-1].startswith("vs base:") and not single[-1].endswith("round")
+    rows = [[line[:58].strip(), *line[58:].split()] for line in table[1:8]]
+    assert [row[2] for row in rows] == ["1", "1", "2", "2", "3", "3", "-"]
+    assert [row[-1] for row in rows if row[0].startswith("vllm")] == ["0.84", "0.98", "0.89"]
+    # A bare line's own ratio is its drift against the next bare pass; the last bare pass is a baseline only.
+    assert [row[-1] for row in rows if row[0].startswith("bare vLLM")] == ["0.89", "1.22", "0.94", "-"]
+    assert table[8].startswith("vs base:") and "the one after the last round" in table[8]
+    assert table[9:] == ["median vs base over 3 rounds (lowest - highest):",
+                         "  bare vLLM, steady, fixed: 0.94 (0.89 - 1.22)",
+                         "  vllm, engine kept up, steady, fixed: 0.89 (0.84 - 0.98)"]
+    # One round and the bare pass after it: no round column, no summary, the kept line against the mean of the two.
+    single = format_bench([*lines[:2], dataclasses.replace(lines[-1], round=2)]).splitlines()
+    assert "round" not in single[0] and not any(line.startswith("median") for line in single)
+    assert [line[58:].split()[-1] for line in single[1:4]] == ["1.05", "1.00", "-"]
 
 
 def test_bench_train_summary_sets_each_line_against_the_one_that_differs_in_one_thing() -> None:

@@ -17,8 +17,10 @@ each line's ratio is against the bare line of the same kind; the three-pass line
 pass. Two workloads: `fixed` (greedy, every reply up to `--max-tokens`) and `long-tail` (sampled, natural
 stops, budget 4x: replies of mixed lengths, so the last rows of a pass run nearly alone).
 
-`--rounds N` runs the whole sequence N times, so bare and Ray lines alternate: on a machine whose speed drifts (a
-virtual machine's did by 20% within an hour) one round's ratio is noise, and the median of N per-round ratios,
+Bare vLLM runs once more after the last round, so every Ray line sits between two bare passes and is set against
+their mean: on a virtual machine the same bare pass ran 35% slower ten minutes later, while the Ray lines between
+ran steadier, and a ratio against the one bare pass before a line measured the drift as much as the line.
+`--rounds N` runs the whole sequence N times, so bare and Ray lines alternate, and the median of N per-round ratios,
 with their range, is what to read.
 """
 
@@ -58,6 +60,7 @@ class BenchLine:
     seconds: float
     output_tokens: int
     round: int = 1  # `--rounds`: each round's lines are set against that round's baselines
+    closing: bool = False  # the bare pass after the last round (its round is one past the last)
 
     @property
     def tokens_per_s(self) -> float:
@@ -225,30 +228,50 @@ def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_
             if multi_pass:
                 measured += _three_passes(engine, messages, sampling, workload)
             lines += [dataclasses.replace(line, round=number) for line in measured]
+        # The bare pass after the last round: the last round's lines too have a bare pass on either side.
+        lines += [dataclasses.replace(line, engine=line.engine.replace("bare vLLM", "bare vLLM again"),
+                                      round=rounds + 1, closing=True)
+                  for line in _bare_vllm(engine, messages, sampling, workload)]
     return lines
+
+
+# The kinds whose baseline is a bare pass, which also runs after the last round: a line of these kinds is set
+# against the bare passes before and after it.
+BRACKETED_KINDS = ("whole", "steady")
 
 
 def format_bench(lines: list[BenchLine], header: str = "") -> str:
     """The table, a line per measurement; with several rounds, a round column, and after the table each line's
-    median ratio over the rounds with its range."""
-    baselines = {}
+    median ratio over the rounds with its range. The bare pass after the last round is a round of its own."""
+    firsts: dict[tuple[str, str, int], float] = {}
     for line in lines:
-        baselines.setdefault((line.workload, line.kind, line.round), line.tokens_per_s)
-    rounds = max((line.round for line in lines), default=1)
+        firsts.setdefault((line.workload, line.kind, line.round), line.tokens_per_s)
+
+    def baseline(line: BenchLine) -> float:
+        before = firsts[(line.workload, line.kind, line.round)]
+        after = firsts.get((line.workload, line.kind, line.round + 1)) if line.kind in BRACKETED_KINDS else None
+        return before if after is None else (before + after) / 2
+
+    rounds = max((line.round for line in lines if not line.closing), default=1)
     round_column = f" {'round':>5}" if rounds > 1 else ""
     out = [header] if header else []
     out.append(f"{'engine':<58} {'workload':>9}{round_column} {'rows':>5} {'seconds':>8} {'rows/s':>7} "
                f"{'out tok/s':>9} {'vs base':>8}")
     ratios: dict[tuple[str, str, str], list[float]] = {}
     for line in lines:
-        ratio = line.tokens_per_s / baselines[(line.workload, line.kind, line.round)]
+        number = f" {'-' if line.closing else line.round:>5}" if rounds > 1 else ""
+        measured = (f"{line.engine:<58} {line.workload:>9}{number} {line.rows:>5} {line.seconds:>8.1f} "
+                    f"{line.rows / line.seconds:>7.2f} {line.tokens_per_s:>9.1f}")
+        if line.closing:  # a baseline only: the lines before it are set against it
+            out.append(f"{measured} {'-':>8}")
+            continue
+        ratio = line.tokens_per_s / baseline(line)
         ratios.setdefault((line.name, line.kind, line.workload), []).append(ratio)
-        number = f" {line.round:>5}" if rounds > 1 else ""
-        out.append(f"{line.engine:<58} {line.workload:>9}{number} {line.rows:>5} {line.seconds:>8.1f} "
-                   f"{line.rows / line.seconds:>7.2f} {line.tokens_per_s:>9.1f} {ratio:>8.2f}")
-    out.append("vs base: against the first line of the same kind and workload (whole pass: bare vLLM incl. engine "
-               "start; steady state: bare vLLM with its engine ready; three passes: engines per pass)"
-               + (", in the same round" if rounds > 1 else ""))
+        out.append(f"{measured} {ratio:>8.2f}")
+    out.append("vs base: against the first line of the same kind and workload in the same round (whole pass: bare "
+               "vLLM incl. engine start; steady state: bare vLLM with its engine ready; three passes: engines per "
+               "pass); whole pass and steady state: against the mean of that bare line and the next one (the next "
+               "round's, or the one after the last round), so a bare line's own ratio is the drift between the two")
     if rounds > 1:
         out.append(f"median vs base over {rounds} rounds (lowest - highest):")
         for (name, kind, workload), values in ratios.items():
