@@ -57,9 +57,9 @@ def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(
     assert all(float(speed) > 0 for speed in tokens_per_s)
     # Each kind against the mean of the bare passes of its kind before and after it: whole passes (rows 0, 2, 4
     # against 0 and 6), steady states (1, 3, 5 against 1 and 7). The bare pass after the round is a baseline only.
-    for kind, lines in ((0, (0, 2, 4)), (1, (1, 3, 5))):
-        base = (float(tokens_per_s[kind]) + float(tokens_per_s[kind + 6])) / 2
-        assert [ratio[i] for i in lines] == [f"{float(tokens_per_s[i]) / base:.2f}" for i in lines]
+    for bare, measured in ((0, (0, 2, 4)), (1, (1, 3, 5))):
+        base = (float(tokens_per_s[bare]) + float(tokens_per_s[bare + 6])) / 2
+        assert [ratio[i] for i in measured] == [f"{float(tokens_per_s[i]) / base:.2f}" for i in measured]
     assert ratio[6:] == ("-", "-")
     # The steady states leave the start-up out.
     assert all(float(seconds[i + 1]) < float(seconds[i]) for i in (2, 4, 6))

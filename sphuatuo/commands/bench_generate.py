@@ -102,16 +102,16 @@ def bare_vllm_pass(engine: EngineConfig, prompts: list[Messages], sampling: Samp
             "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
 
 
-def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
-               workload: str) -> list[BenchLine]:
+def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig, workload: str,
+               label: str = "bare vLLM") -> list[BenchLine]:
     """`bare_vllm_pass` in a process of its own (`python -m sphuatuo.commands.bench_generate SPEC RECORD`), on CPU
     with the environment the Ray lines' engine actors get: the same threads, the same allocator."""
     spec = {"engine": engine.model_dump(mode="json"), "prompts": prompts, "sampling": sampling.model_dump(mode="json")}
     environment = {} if engine.gpus_per_replica else cpu_engine_environment(engine)
     record, _ = run_in_own_process("sphuatuo.commands.bench_generate", spec, environment)
-    return [BenchLine("bare vLLM (own process, incl. engine start)", "whole", workload, len(prompts),
+    return [BenchLine(f"{label} (own process, incl. engine start)", "whole", workload, len(prompts),
                       record["seconds"], record["tokens"]),
-            BenchLine("bare vLLM (own process, engine ready)", "steady", workload, len(prompts),
+            BenchLine(f"{label} (own process, engine ready)", "steady", workload, len(prompts),
                       record["seconds"] - record["start_seconds"], record["tokens"])]
 
 
@@ -229,9 +229,8 @@ def bench_generate(engine: EngineConfig, prompts: int, max_tokens: int, *, with_
                 measured += _three_passes(engine, messages, sampling, workload)
             lines += [dataclasses.replace(line, round=number) for line in measured]
         # The bare pass after the last round: the last round's lines too have a bare pass on either side.
-        lines += [dataclasses.replace(line, engine=line.engine.replace("bare vLLM", "bare vLLM again"),
-                                      round=rounds + 1, closing=True)
-                  for line in _bare_vllm(engine, messages, sampling, workload)]
+        lines += [dataclasses.replace(line, round=rounds + 1, closing=True)
+                  for line in _bare_vllm(engine, messages, sampling, workload, label="bare vLLM again")]
     return lines
 
 
