@@ -230,6 +230,9 @@ def generate_on_replicas(ds: ray.data.Dataset, replicas: list[ray.actor.ActorHan
             batch = batch.append_column(column, replies[column])
         return batch
 
+    # Blocks of exactly one batch: a task then sends one batch, never a bundle's last rows (a batch of 2 after one
+    # of 128) that would hold a task while they wait behind the batches queued before them.
+    ds = ds.repartition(target_num_rows_per_block=engine.batch_size, strict=True)
     return ds.map_batches(send, batch_size=engine.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                           compute=ray.data.TaskPoolStrategy(size=engine.min_replicas * batches_in_flight(engine)))
 
