@@ -23,7 +23,8 @@ def test_bench_generate_table_sets_each_line_against_the_first_of_its_kind_and_w
 
     lines = []
     for workload, scale in (("fixed", 1), ("long-tail", 2)):
-        lines += [BenchLine("bare vLLM (own process, incl. engine start)", "whole", workload, 8, 10.0, 200 * scale),
+        lines += [BenchLine("bare vLLM (own process, incl. import + engine start)", "whole", workload, 8, 10.0,
+                            200 * scale),
                   BenchLine("bare vLLM (own process, engine ready)", "steady", workload, 8, 2.0, 200 * scale),
                   BenchLine("vllm, engine per pass (incl. actor + engine start)", "whole", workload, 8, 20.0,
                             200 * scale),

@@ -12,7 +12,8 @@ side (dtype, scheduler limits, compute threads, eager or not: printed above the 
 5. three passes with one model (generate, a one-token judge, generate again) as a stage runs them: with
    engines of each pass's own, and with one engine that stays up (`sphuatuo.engines.serving`).
 
-Each of 1-4 gives a whole-pass line (engine start included) and a steady-state line (less the start-up), and
+Each of 1-4 gives a whole-pass line (engine start included: for bare vLLM, from its process's launch, vLLM's
+import included, as a Ray line's engine actor imports it) and a steady-state line (less the start-up), and
 each line's ratio is against the bare line of the same kind; the three-pass lines are against engines per
 pass. Two workloads: `fixed` (greedy, every reply up to `--max-tokens`) and `long-tail` (sampled, natural
 stops, budget 4x: replies of mixed lengths, so the last rows of a pass run nearly alone).
@@ -85,14 +86,16 @@ def workload_sampling(workload: str, max_tokens: int) -> SamplingConfig:
     return SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=4 * max_tokens, seed=0)
 
 
-def bare_vllm_pass(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig) -> dict[str, float]:
-    """`LLM.chat` over `prompts` in this process: the seconds to the engine ready and to the last reply, and the
-    output tokens."""
+def bare_vllm_pass(engine: EngineConfig, prompts: list[Messages], sampling: SamplingConfig,
+                   launched_at: float) -> dict[str, float]:
+    """`LLM.chat` over `prompts` in this process: the seconds to the engine ready and to the last reply, counted
+    from `launched_at` (when this process was launched, by the wall clock), and the output tokens. So the bare
+    engine's start includes the process and vLLM's import, as a Ray line's includes its engine actor's."""
+    started = time.perf_counter() - (time.time() - launched_at)
     from vllm import LLM, SamplingParams
 
     from sphuatuo.engines.vllm import engine_arguments
 
-    started = time.perf_counter()
     llm = LLM(model=engine.model, **engine_arguments(engine, sampling.seed))
     ready = time.perf_counter()
     params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
@@ -106,10 +109,11 @@ def _bare_vllm(engine: EngineConfig, prompts: list[Messages], sampling: Sampling
                label: str = "bare vLLM") -> list[BenchLine]:
     """`bare_vllm_pass` in a process of its own (`python -m sphuatuo.commands.bench_generate SPEC RECORD`), on CPU
     with the environment the Ray lines' engine actors get: the same threads, the same allocator."""
-    spec = {"engine": engine.model_dump(mode="json"), "prompts": prompts, "sampling": sampling.model_dump(mode="json")}
+    spec = {"engine": engine.model_dump(mode="json"), "prompts": prompts, "sampling": sampling.model_dump(mode="json"),
+            "launched_at": time.time()}
     environment = {} if engine.gpus_per_replica else cpu_engine_environment(engine)
     record, _ = run_in_own_process("sphuatuo.commands.bench_generate", spec, environment)
-    return [BenchLine(f"{label} (own process, incl. engine start)", "whole", workload, len(prompts),
+    return [BenchLine(f"{label} (own process, incl. import + engine start)", "whole", workload, len(prompts),
                       record["seconds"], record["tokens"]),
             BenchLine(f"{label} (own process, engine ready)", "steady", workload, len(prompts),
                       record["seconds"] - record["start_seconds"], record["tokens"])]
@@ -284,7 +288,7 @@ def main(spec_path: str, record_path: str) -> None:
     written as JSON."""
     spec = json.loads(Path(spec_path).read_text())
     record = bare_vllm_pass(EngineConfig.model_validate(spec["engine"]), spec["prompts"],
-                            SamplingConfig.model_validate(spec["sampling"]))
+                            SamplingConfig.model_validate(spec["sampling"]), spec["launched_at"])
     Path(record_path).write_text(json.dumps(record))
 
 
