@@ -59,7 +59,8 @@ def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(
     # against 0 and 6), steady states (1, 3, 5 against 1 and 7). The bare pass after the round is a baseline only.
     for bare, measured in ((0, (0, 2, 4)), (1, (1, 3, 5))):
         base = (float(tokens_per_s[bare]) + float(tokens_per_s[bare + 6])) / 2
-        assert [ratio[i] for i in measured] == [f"{float(tokens_per_s[i]) / base:.2f}" for i in measured]
+        # The table rounds tokens/s to 0.1 and divides the unrounded ones: a last digit may differ.
+        assert all(abs(float(ratio[i]) - float(tokens_per_s[i]) / base) < 0.011 for i in measured)
     assert ratio[6:] == ("-", "-")
     # The steady states leave the start-up out.
     assert all(float(seconds[i + 1]) < float(seconds[i]) for i in (0, 2, 4, 6))
