@@ -10,6 +10,7 @@ import pytest
 from ray.util.state import list_actors
 
 from conftest import cluster_rows, tiny_recipe
+from sphuatuo.engines.serving import EngineServices
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.stages import questions
 from sphuatuo.stages.self_play import teacher_cot
@@ -73,7 +74,6 @@ def test_a_released_cpu_replica_hosts_the_next_engine_in_its_process_and_the_run
     """Released before training, a CPU replica drops its engine and keeps its process; the next model's engine loads
     there (no new actor, no imports) and answers as that model; closing the services ends the process."""
     from sphuatuo.engines import Request
-    from sphuatuo.engines.serving import EngineServices
     from sphuatuo.passes.generation import generate_pass
     from sphuatuo.stages import StageContext
     from sphuatuo.store.manifest import StageRecord
@@ -111,7 +111,6 @@ def test_a_cpu_replica_runs_on_jemalloc_and_hands_its_engines_pages_back_when_re
     """jemalloc keeps freed pages for reuse; a replica that drops its engine before a training stage must not keep
     the engine's memory (its 1 GiB KV cache on CPU among it)."""
     from sphuatuo.engines import Request
-    from sphuatuo.engines.serving import EngineServices
     from sphuatuo.passes.generation import generate_pass
     from sphuatuo.stages import StageContext
     from sphuatuo.store.manifest import StageRecord
@@ -135,7 +134,7 @@ def test_a_cpu_replica_runs_on_jemalloc_and_hands_its_engines_pages_back_when_re
 
 
 def test_a_kept_engine_is_sent_one_whole_batch_per_call_whatever_the_blocks_upstream(
-        tmp_path: Path, ray_cluster: dict[str, str]) -> None:
+        tmp_path: Path, kept_engines: EngineServices) -> None:
     """Ray Data bundles blocks until a bundle holds a batch: twelve rows in blocks of three, in batches of four, would
     reach the replica as 4 + 2 and 4 + 2, each bundle's last 2 rows holding their sender while they wait behind the
     rows queued before them (2,000 prompts measured: the engine ran out of queued rows for 176 of 236 s). The feed
@@ -145,26 +144,21 @@ def test_a_kept_engine_is_sent_one_whole_batch_per_call_whatever_the_blocks_upst
 
     from sphuatuo import engines
     from sphuatuo.engines import Request
-    from sphuatuo.engines.serving import EngineServices
 
     engine = tiny_recipe(tmp_path / "run").models.teacher.model_copy(update={"batch_size": 4})
-    services = EngineServices()
-    try:
-        ds = ray.data.from_items([{"messages": [{"role": "user", "content": f"Question {i}"}]} for i in range(12)],
-                                 override_num_blocks=4)
-        rows = engines.generate(ds, engine, Request(temperature=0.0, top_p=1.0, max_tokens=4), services=services,
-                                folder="feed").take_all()
-        assert len(rows) == 12 and all(row["finish_reason"] != "error" for row in rows)
-        (replica,) = next(iter(services.engines.values())).replicas
-        filters = [("actor_id", "=", replica._actor_id.hex()), ("name", "=", "EngineReplica.generate")]
-        deadline, calls = time.monotonic() + 30, []
-        while len(calls) < 3 and time.monotonic() < deadline:  # Ray's state API sees a task a moment after it ends
-            time.sleep(1)
-            calls = list_tasks(filters=filters)
-        time.sleep(2)  # and a fourth call, were there one, by now
-        assert len(list_tasks(filters=filters)) == 3
-    finally:
-        services.close()
+    ds = ray.data.from_items([{"messages": [{"role": "user", "content": f"Question {i}"}]} for i in range(12)],
+                             override_num_blocks=4)
+    rows = engines.generate(ds, engine, Request(temperature=0.0, top_p=1.0, max_tokens=4), services=kept_engines,
+                            folder="feed").take_all()
+    assert len(rows) == 12 and all(row["finish_reason"] != "error" for row in rows)
+    (replica,) = next(iter(kept_engines.engines.values())).replicas
+    filters = [("actor_id", "=", replica._actor_id.hex()), ("name", "=", "EngineReplica.generate")]
+    deadline, calls = time.monotonic() + 30, []
+    while len(calls) < 3 and time.monotonic() < deadline:  # Ray's state API sees a task a moment after it ends
+        time.sleep(1)
+        calls = list_tasks(filters=filters)
+    time.sleep(2)  # and a fourth call, were there one, by now
+    assert len(list_tasks(filters=filters)) == 3
 
 
 def _resident_mib(pid: int) -> int:
