@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from sphuatuo.parsing.replies import (
@@ -161,6 +165,40 @@ FIRST_LAST_CASES = [
 def test_first_and_last_answers(reply: str, options: dict[str, str], first: set[str], last: set[str]) -> None:
     assert first_and_last_answers(reply, options) == (frozenset(first), frozenset(last))
     assert extract_answer(reply, options) == frozenset(last)
+
+
+# A correction SmolLM2-135M wrote in the demo (fp32, on an AVX2-only CPU): a restated list, an answer, then a loop of
+# letters that ends in no statement. The letter-list patterns once took time exponential in such a loop's length
+# (the demo's verdict pass hung on this reply).
+LOOPING_CORRECTION = (
+    "<think>\n<answer>\nA. Oral ciprofloxacin\nB. Intravenous vancomycin\nC. Intramubristine penicillin G\n"
+    "D. Intramubristine penicillin A\n\nThe answer is: D. Intramubristine penicillin A\n\nThis answer contains the "
+    "letter(s) of the correct option(s) but with the letter(s) of the correct answer, and the letter(s) of the "
+    "correct answer are: A, B, C, D, C, D, C, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D, D,"
+)
+SYPHILIS = {"A": "Oral ciprofloxacin", "B": "Intravenous vancomycin", "C": "Intramuscular gentamicin",
+            "D": "Intramuscular benzathine penicillin G"}
+
+
+LOOPS = ["", " D,", " D and", " D  ,  ", " (D)", " \t", " Option D", " A or B or", " answer: d,"]
+
+
+def test_a_reply_that_loops_is_read_in_time_linear_in_its_length() -> None:
+    # In a child process that is killed after a minute: a regex search does not stop for signals, so a hang in the
+    # test's own process would hang the suite instead of failing this test. The loops take about a second together.
+    script = (
+        "import json, sys\n"
+        "from sphuatuo.parsing.replies import first_and_last_answers\n"
+        "reply, options, loops = json.load(sys.stdin)\n"
+        "print(json.dumps([list(map(sorted, first_and_last_answers(reply + loop * 3000, options)))"
+        " for loop in loops]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps([LOOPING_CORRECTION, SYPHILIS, LOOPS]),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for loop, (first, last) in zip(LOOPS, json.loads(done.stdout), strict=True):
+        assert first == ["D"], loop  # "The answer is: D"; the loop after it is what the last statement reads
+        assert set(last) <= set(SYPHILIS), loop
 
 
 SPLIT_THINK_ANSWER_CASES = [

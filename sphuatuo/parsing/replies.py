@@ -177,16 +177,23 @@ class AnswerCommitment:
 # Building blocks for "a list of option letters" (applied to width-folded text):
 # one token: an upper-case letter run that is not part of a word ("B", "AB"; not the "A" of
 # "Aspirin" nor the "B" of "Based"), optionally wrapped in brackets or markdown bold: "(C)", "**B**".
-_TOKEN = r"[(\[【*]*[ \t]*(?<![A-Za-z0-9])[A-Z]+(?![A-Za-z0-9])[ \t]*[)\]】*]*"
+# Spaces belong to a token only inside its brackets, never between tokens (the separator's): were the spaces between
+# two tokens free to go to either, a long list that ends in no statement ("…are: A, B, C, D, D, D, …", a small model's
+# loop) would be tried every way it can be split, 2^n of them, before the pattern gave up.
+_TOKEN = r"(?:[(\[【*]+[ \t]*)?(?<![A-Za-z0-9])[A-Z]+(?![A-Za-z0-9])(?:[ \t]*[)\]】*]+)?"
 # between tokens: a comma, "、", "/", "&", ";", and/or/和/与/及/或, or plain spaces.
 _SEP = r"(?:[ \t]*(?:,|、|/|&|;|\band\b|\bor\b|和|与|及|或)[ \t]*|[ \t]+)"
-# the list itself, captured as `span`; `_letters_in_span` later keeps only option keys.
-_SPAN = rf"(?P<span>{_TOKEN}(?:{_SEP}{_TOKEN})*)"
+# the list itself, captured as `span`; `_letters_in_span` later keeps only option keys. At most as many tokens as
+# the alphabet has letters: a longer run is a loop, and a bounded one keeps every search linear in the reply's
+# length, since a pattern that begins with the list ("B and D are correct") is tried at every token of it.
+MAX_LIST_TOKENS = 26
+_SPAN = rf"(?P<span>{_TOKEN}(?:{_SEP}{_TOKEN}){{0,{MAX_LIST_TOKENS - 1}}})"
 # A lower-case list, only trusted right after an answer label ("answer: c", "the answer is (b) and (d)"):
 # single letters, and the list must end at punctuation or the line end, so "the answer is a vitamin"
 # is not read as "A".
 _LOWER_TOKEN = r"[(\[【]?(?<![A-Za-z0-9])[a-z](?![A-Za-z0-9])[)\]】]?"
-_LOWER_SPAN = rf"(?P<span>{_LOWER_TOKEN}(?:{_SEP}{_LOWER_TOKEN})*)(?=[ \t]*(?:[.,;:!?。)\]]|\n|$))"
+_LOWER_SPAN = (rf"(?P<span>{_LOWER_TOKEN}(?:{_SEP}{_LOWER_TOKEN}){{0,{MAX_LIST_TOKENS - 1}}})"
+               r"(?=[ \t]*(?:[.,;:!?。)\]]|\n|$))")
 # the letter runs inside a captured span.
 _LETTER_RUN = re.compile(r"[A-Z]+")
 # "or"/"或"/"either" inside a span: the reply holds several options open instead of choosing.
@@ -274,6 +281,9 @@ _NEGATION_AFTER = re.compile(
 )
 _NEGATION_BEFORE = re.compile(r"(?:\b(?:not|rule[ \t]+out|exclude|excluding|eliminate|except)|排除|不选|除了?)[ \t]*\Z",
                               re.IGNORECASE)
+# How far a mention's clause is read for a rejection: a clause runs to its end or this many characters, so that a
+# reply of thousands of mentions and no punctuation is read once, not once per mention.
+MAX_CLAUSE_CHARS = 400
 # The end of the clause a mention belongs to ("Option B fits, while option D does not": B stands).
 _CLAUSE_END = re.compile(r"[.,;!?。，；！？\n]|\b(?:but|while|whereas|however)\b|但|而")
 
@@ -315,6 +325,8 @@ _LINE_DECORATION = re.compile(r"^[\s\-*•>\d.)]*|[\s.;,。；，*]*$")
 
 # Runs of whitespace, to compare option texts with replies.
 _SPACES = re.compile(r"\s+")
+# Runs of spaces and tabs within a line.
+_SPACE_RUNS = re.compile(r"[ \t]+")
 # Sentence ends, to take the last sentence of a reply for the similarity fallback.
 _SENTENCE_END = re.compile(r"[.。!?！？;；\n]+")
 
@@ -367,7 +379,8 @@ def _mention_hits(text: str, keys: Mapping[str, str]) -> list[_Hit]:
     question with three or more is a list of candidates."""
     hits = []
     for hit in _hits(text, _MENTIONS, keys):
-        clause = _CLAUSE_END.split(text[hit.position :], maxsplit=1)[0]
+        end = _CLAUSE_END.search(text, hit.position, hit.position + MAX_CLAUSE_CHARS)
+        clause = text[hit.position : end.start() if end else hit.position + MAX_CLAUSE_CHARS]
         if _NEGATION_AFTER.search(clause) or _NEGATION_BEFORE.search(text[max(0, hit.position - 30) : hit.position]):
             continue
         every_option = len(keys) >= 3 and len(hit.letters) == len(keys)
@@ -566,7 +579,9 @@ def answer_commitment(reply: str, options: Mapping[str, str], question: str | No
     options whose text it names (not all of them), the one option whose text is closest to it.
     Letters held open ("A or C", "it could be A, B or C") are `CANDIDATES`, not an answer.
     """
-    text = _fold_width(_final_part(reply or "")).strip()
+    # Runs of spaces count as one space to every pattern here; collapsed, no pattern can split a long run of them
+    # in many ways before it gives up.
+    text = _SPACE_RUNS.sub(" ", _fold_width(_final_part(reply or ""))).strip()
     if not text or not options:
         return AnswerCommitment(_NO_LETTERS, _NO_LETTERS, NO_ANSWER)
     keys = _letter_keys(options)
