@@ -225,6 +225,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="question counts, each in a fresh driver process (default: 5000 50000)")
     scale.add_argument("--batch-size", type=int, default=256, help="rows per batch sent to the engine (default: 256)")
 
+    sampling = bench_commands.add_parser("sampling", help="top-p on CPU, one decode step: vLLM's sort vs the "
+                                                          "likeliest candidates (sphuatuo's vLLM plugin)")
+    sampling.set_defaults(func=bench_sampling_command)
+    sampling.add_argument("--rows", type=int, nargs="+", default=[8, 32, 128],
+                          help="batch sizes: rows sampled in one step (default: 8 32 128)")
+    sampling.add_argument("--vocabulary", type=int, nargs="+", default=None,
+                          help="vocabulary sizes (default: SmolLM2's 49152 and Qwen2.5's 151936)")
+    sampling.add_argument("--top-p", type=float, default=0.9, help="default: 0.9")
+    sampling.add_argument("--steps", type=int, default=10, help="steps timed per line, the median kept (default: 10)")
+    sampling.add_argument("--threads", type=int, default=2, help="torch threads, as a CPU engine's (default: 2)")
+
     status = commands.add_parser("status", help="each stage of a run: done, stale (and why), pending, with counts")
     status.set_defaults(func=status_command)
     status.add_argument("run_root", help="a run's root (local path or s3://…)")
@@ -433,6 +444,17 @@ def bench_scale_command(args: argparse.Namespace) -> int:
     from sphuatuo.commands.bench_scale import bench_scale, format_scale_bench
 
     print(format_scale_bench(bench_scale(args.questions, args.batch_size), args.batch_size))
+    return 0
+
+
+def bench_sampling_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from sphuatuo.commands.bench_sampling import VOCABULARIES, bench_sampling, format_sampling
+
+    torch.set_num_threads(args.threads)
+    vocabularies = ({f"V={size}": size for size in args.vocabulary} if args.vocabulary else VOCABULARIES)
+    print(format_sampling(bench_sampling(args.rows, vocabularies, args.top_p, args.steps), args.top_p, args.threads))
     return 0
 
 
