@@ -125,9 +125,23 @@ def ray_cluster(ray_head: dict[str, str]) -> dict[str, str]:
     """This test process connected to the session's Ray head as a driver."""
     import ray
 
+    from sphuatuo.engines.serving import EngineServices
+
     if not ray.is_initialized():
         ray.init(address=ray_head["address"], log_to_driver=False)
+    # The session's runs hand their idle engine processes on, as a notebook's runs may: each run's first engine then
+    # skips a new process and vLLM's imports (tests/test_engine_services.py runs without them).
+    EngineServices.processes_kept_between_runs = 2
     return ray_head
+
+
+@pytest.fixture
+def no_processes_between_runs(ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No engine process kept from earlier runs, none kept after this test's: as a driver with one run has them."""
+    from sphuatuo.engines.serving import EngineServices
+
+    EngineServices.end_processes_kept_between_runs()
+    monkeypatch.setattr(EngineServices, "processes_kept_between_runs", 0)
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def _pass_with_a_kill(ctx: StageContext, max_restarts: int, kill_after: int) -> 
     return killer
 
 
+@pytest.mark.usefixtures("no_processes_between_runs")  # the killer finds the replica by its process title
 @pytest.mark.parametrize("kept_up", [False, True], ids=["engine_of_the_pass", "engine_kept_up"])
 def test_a_killed_engine_replica_is_restarted_every_key_written_once_and_restarts_are_bounded(
         tmp_path: Path, ray_cluster, kept_up: bool) -> None:

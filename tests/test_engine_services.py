@@ -1,5 +1,6 @@
 """Engines that stay up: one engine per model and engine arguments, shared by the passes of a run, released before
-training and at the end of the run; hosted by plain Ray actors (the CPU default) or by Ray Serve LLM (GPUs)."""
+training and at the end of the run; hosted by plain Ray actors (the CPU default) or by Ray Serve LLM (GPUs). The
+tests that count replica processes run as a driver with one run does: no process kept from an earlier run."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def _engines_up() -> list[str]:
     return apps + replicas
 
 
+@pytest.mark.usefixtures("no_processes_between_runs")
 @pytest.mark.parametrize("host", ["actors", "serve"])
 def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_run(
         tmp_path: Path, ray_cluster: dict[str, str], host: str) -> None:
@@ -50,6 +52,7 @@ def test_teacher_and_judge_of_one_model_share_one_engine_that_is_gone_after_the_
     assert _engines_up() == []
 
 
+@pytest.mark.usefixtures("no_processes_between_runs")
 def test_a_teacher_and_a_judge_of_different_engines_both_stay_up_on_two_cores(tmp_path: Path,
                                                                                ray_cluster: dict[str, str]) -> None:
     # One engine argument apart, teacher and judge are two engines of one core each, and the session's cluster has
@@ -69,6 +72,7 @@ def test_a_teacher_and_a_judge_of_different_engines_both_stay_up_on_two_cores(tm
     assert _engines_up() == []
 
 
+@pytest.mark.usefixtures("no_processes_between_runs")
 def test_a_released_cpu_replica_hosts_the_next_engine_in_its_process_and_the_run_ends_it(
         tmp_path: Path, ray_cluster: dict[str, str]) -> None:
     """Released before training, a CPU replica drops its engine and keeps its process; the next model's engine loads
@@ -106,6 +110,7 @@ def test_a_released_cpu_replica_hosts_the_next_engine_in_its_process_and_the_run
     assert _replica_pids() == []
 
 
+@pytest.mark.usefixtures("no_processes_between_runs")
 def test_a_cpu_replica_runs_on_jemalloc_and_hands_its_engines_pages_back_when_released(
         tmp_path: Path, ray_cluster: dict[str, str]) -> None:
     """jemalloc keeps freed pages for reuse; a replica that drops its engine before a training stage must not keep
