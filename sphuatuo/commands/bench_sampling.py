@@ -98,6 +98,6 @@ def format_sampling(lines: list[SamplingLine], top_p: float, threads: int) -> st
     out += [f"{line.model:<8} {line.vocabulary:>10} {line.rows:>5} {line.vllm_ms:>10.1f} {line.candidates_ms:>10.1f} "
             f"{line.speedup:>7.1f}x {line.differing_rows:>14} {line.largest_gap:>11.1e}" for line in lines]
     out.append("speed-up: the time of vLLM's sort (the baseline) over the candidates'; rows differing: rows whose kept "
-               "tokens differ, each by the token at the nucleus's edge; largest gap: of those rows, the largest "
-               "|nucleus mass - top_p| (float rounding: about 1e-5)")
+               "tokens differ; largest gap: of those rows, the largest |nucleus mass - top_p| (float rounding at the "
+               "nucleus's edge: about 1e-5)")
     return "\n".join(out)
