@@ -20,8 +20,9 @@ def test_the_nucleus_among_candidates_is_vllms_nucleus(vocabulary: int, top_p: f
     logits = language_model_logits(16, vocabulary, temperature=0.7, seed=int(top_p * 100))
     # Two rows whose nucleus reaches past the candidates (flat distributions) take vLLM's path, and a row at
     # top_p 1 keeps every token; the rest are found among the candidates.
-    logits[3] = torch.randn(vocabulary) * 0.1
-    logits[7] = torch.randn(vocabulary) * 0.01
+    flat = torch.Generator().manual_seed(0)
+    logits[3] = torch.randn(vocabulary, generator=flat) * 0.1
+    logits[7] = torch.randn(vocabulary, generator=flat) * 0.01
     p = torch.full((16,), top_p)
     p[11] = 1.0
     ours = top_p_among_candidates(logits.clone(), None, p, vllm_top_p)
