@@ -130,7 +130,7 @@ def ray_cluster(ray_head: dict[str, str]) -> dict[str, str]:
     if not ray.is_initialized():
         ray.init(address=ray_head["address"], log_to_driver=False)
     # The session's runs hand their idle engine processes on, as a notebook's runs may: each run's first engine then
-    # skips a new process and vLLM's imports (tests/test_engine_services.py runs without them).
+    # skips a new process and vLLM's imports (the tests that count or kill replica processes run without them).
     EngineServices.processes_kept_between_runs = 2
     return ray_head
 
