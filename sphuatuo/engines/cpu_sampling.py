@@ -1,12 +1,13 @@
 """Nucleus (top-p) sampling on CPU without sorting the vocabulary.
 
 vLLM-CPU applies top-p by sorting each row's logits over the whole vocabulary at every decode step
-(`apply_top_k_top_p_pytorch`). Measured on a 2-core EPYC, one thread, 32 rows: 158 ms a step for SmolLM2's 49k
-tokens and 507 ms for Qwen's 152k, as long as the model's whole forward pass; SmolLM2 at top_p 0.9 generated 126
-tokens/s against 192 without it. A language model's nucleus is small (tens of tokens at top_p 0.9), so the few
-hundred likeliest tokens almost always hold it: `top_p_among_candidates` finds it there (a top-k of 256: 12 and 21
-ms) and drops the tokens vLLM's rule drops: a token goes when the probability mass of it and of every less likely
-token is at most 1 - p; the likeliest always stays. Up to float rounding: where a nucleus's mass lies within about
+(`apply_top_k_top_p_pytorch`). Measured on a 2-core AVX2-only EPYC, two threads, 32 rows (`sphuatuo bench
+sampling`): 90 ms a step for SmolLM2's 49k tokens and 296 ms for Qwen's 152k, as long as the model's whole forward
+pass; bare vLLM generated SmolLM2 at 130-134 tokens/s with top_p 0.9 against 195-199 without it. A language model's
+nucleus is small (tens of tokens at top_p 0.9), so the few hundred likeliest tokens almost always hold it:
+`top_p_among_candidates` finds it there (a top-k of 256: 7 and 14 ms, and 201-210 tokens/s at top_p 0.9) and
+drops the tokens vLLM's rule drops: a token goes when the probability mass of it and of every less likely token is
+at most 1 - p; the likeliest always stays. Up to float rounding: where a nucleus's mass lies within about
 1e-5 of p, vLLM's float32 sum over the whole vocabulary and this one (the candidates, and the rest as one) may
 decide its edge token apart (`sphuatuo bench sampling` counts such rows). Rows whose nucleus reaches past the
 candidates, and top-k, take vLLM's own path.
