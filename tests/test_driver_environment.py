@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from conftest import REPO
+from sphuatuo.store.runtime import LOCAL_CLUSTER_ENVIRONMENT
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +65,9 @@ def test_training_on_a_local_cluster_is_quiet_and_the_next_pass_finds_its_worker
     workers of the passes before a training stage are still there for the passes after it (with Ray's default
     soft limit on a 2-core machine, 1 of 6 was left, and the next pass started new ones, each importing its
     libraries again)."""
+    # A fresh driver's environment: the local cluster's settings are connect_ray's to set, not this session's.
     env = {key: value for key, value in os.environ.items()
-           if key not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}  # what connect_ray sets, not this session
+           if key != "RAY_ADDRESS" and key not in LOCAL_CLUSTER_ENVIRONMENT}
     with tempfile.TemporaryDirectory(dir="/tmp") as ray_folder:  # short: Ray's socket paths must fit in 107 bytes
         env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=ray_folder)
         done = subprocess.run([sys.executable, "-c", LOCAL_TRAINING_DRIVER, str(tmp_path / "runs")], env=env,
