@@ -379,6 +379,10 @@ class TrainStage(Strict):
 class SftStage(TrainStage):
     packing: bool = Field(default=False, description="pack several examples per row (TRL best-fit decreasing, "
                                                      "padding-free): for long CoT; needs flash attention on GPU")
+    padding_free: bool = Field(default=True, description="each micro-batch trains as one row of its examples "
+                                                         "without padding, attention kept within each example by "
+                                                         "its position ids: the padded batch's loss, less compute "
+                                                         "where lengths differ (packing implies it)")
 
 
 class DpoStage(TrainStage):

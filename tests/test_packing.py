@@ -1,5 +1,5 @@
 """SFT `packing`: TRL packs several examples into each row, padding-free, and the per-step sample order still names
-every example a step trained on.
+every example a step trained on. Without packing, a micro-batch trains padding-free with the padded batch's loss.
 
 The first test builds the SFT trainer in this process (no Ray, no training); the second trains with packing through
 the SFT stage on one Ray Train worker.
@@ -69,6 +69,35 @@ def test_packed_rows_and_their_batches_name_the_examples_whose_tokens_they_hold(
     for batch, ids in zip(batches, queued):
         assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
         assert batch["input_ids"].numel() == sum(len(unpacked[example]["input_ids"]) for example in ids)
+
+
+def test_a_padding_free_micro_batch_has_the_padded_batchs_loss(tiny_model: str, tmp_path: Path) -> None:
+    """SFT's default: a micro-batch's examples in one row without padding. Its loss is the padded batch's only if
+    attention stays within each example (a leak across examples changes it); the padding it saves is compute."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from sphuatuo.recipe import SftStage
+    from sphuatuo.train.launcher import training_arguments
+    from sphuatuo.train.sft import sft_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    rows = _rows()[::2]  # four examples of uneven length
+    batches, losses = {}, {}
+    for padding_free in (False, True):
+        stage = SftStage(padding_free=padding_free, micro_batch_size=len(rows), max_length=MAX_LENGTH)
+        args = sft_config({**training_arguments(stage, str(tmp_path), on_gpu=False), "deepspeed": None,
+                           "report_to": "none"}, stage)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model))
+        batch = batches[padding_free] = next(iter(trainer.get_train_dataloader()))
+        losses[padding_free] = trainer.compute_loss(model, batch).item()
+    padded, flat = batches[False], batches[True]
+    assert padded["input_ids"].shape[0] == len(rows) and flat["input_ids"].shape[0] == 1
+    assert "attention_mask" not in flat and flat["input_ids"].numel() == padded["attention_mask"].sum()
+    assert flat["input_ids"].numel() < padded["input_ids"].numel()  # the padding left out
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
 @pytest.mark.slow
