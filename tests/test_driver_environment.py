@@ -55,7 +55,8 @@ LOCAL_TRAINING_DRIVER = textwrap.dedent("""
     TorchTrainer(lambda: time.sleep(3), scaling_config=ScalingConfig(num_workers=1),
                  run_config=RunConfig(name="quiet", storage_path=sys.argv[1])).fit()
     time.sleep(3)  # idle workers past Ray's soft limit end a second after they idle
-    print(f"trained; workers still there: {sum(map(psutil.pid_exists, before))} of {len(before)}")
+    helpers = sorted({actor["ActorClassName"] for actor in ray._private.state.actors().values()})
+    print(f"trained with {helpers}; workers still there: {sum(map(psutil.pid_exists, before))} of {len(before)}")
 """)
 
 
@@ -64,7 +65,7 @@ def test_training_on_a_local_cluster_is_quiet_and_the_next_pass_finds_its_worker
     cleaner queries once a second, warning at each failure: the driver's console shows none of that. And the task
     workers of the passes before a training stage are still there for the passes after it (with Ray's default
     soft limit on a 2-core machine, 1 of 6 was left, and the next pass started new ones, each importing its
-    libraries again)."""
+    libraries again). Nor does the training start Ray Train's preemption watcher, which one machine has no use for."""
     # A fresh driver's environment: the local cluster's settings are connect_ray's to set, not this session's.
     env = {key: value for key, value in os.environ.items()
            if key != "RAY_ADDRESS" and key not in LOCAL_CLUSTER_ENVIRONMENT}
@@ -74,6 +75,8 @@ def test_training_on_a_local_cluster_is_quiet_and_the_next_pass_finds_its_worker
                               capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-3000:]
     last_line = done.stdout.strip().splitlines()[-1]
-    kept, started = re.fullmatch(r"trained; workers still there: (\d+) of (\d+)", last_line).groups()
+    helpers, kept, started = re.fullmatch(r"trained with (.*); workers still there: (\d+) of (\d+)",
+                                          last_line).groups()
     assert kept == started and int(started) >= 3
+    assert "TrainController" in helpers and "PreemptionWatcher" not in helpers, helpers
     assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr

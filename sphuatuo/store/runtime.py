@@ -53,8 +53,11 @@ LIGHT_CPUS = 0.1
 # that default ended the workers of a stage's passes while its trainer or the next engine started, so every stage's
 # first pass began with new workers importing pyarrow, Ray Data and the tokenizer's libraries: 5-10 s a stage
 # (the Self-Play shape run's student answers 19.8 -> 6.8 s, its evaluation 20.1 -> 10.5 s). An idle worker holds no
-# cores; its memory is what those imports take.
-LOCAL_CLUSTER_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_num_workers_soft_limit": "8"}
+# cores; its memory is what those imports take. Nor does Ray Train start its preemption watcher there: an actor per
+# training stage that polls Ray's drain state for nodes a cloud provider reclaims, which one machine has none of; its
+# process start took 2 s of CPU from the trainer workers' own (the Self-Play shape run's SFT 29.4 -> 26.5-27.4 s).
+LOCAL_CLUSTER_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_num_workers_soft_limit": "8",
+                             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # The driver process. Ray Data's usage collector starts a thread there that queries Prometheus every 10 s and logs
 # each failed query with its traceback. On CPython 3.11 before 3.11.8, formatting a traceback parses source with
