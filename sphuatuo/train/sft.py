@@ -19,12 +19,15 @@ def sft_config(arguments: dict[str, Any], stage: Any) -> Any:
     padding-free micro-batches."""
     from trl import SFTConfig
 
-    if stage.padding_free and not stage.packing:
+    # A micro-batch of one example has no padding to leave out (TRL warns that it saves nothing); packing is
+    # padding-free in any case.
+    padding_free = stage.padding_free and stage.micro_batch_size > 1
+    if padding_free and not stage.packing:
         # TRL cuts nothing without packing and so refuses a max_length here; every example already fits it
         # (`fit_to_length` dropped or cut the longer ones by the same token count).
         arguments = {**arguments, "max_length": None}
     return SFTConfig(**arguments, completion_only_loss=True, packing=stage.packing, packing_strategy="bfd",
-                     padding_free=stage.padding_free)
+                     padding_free=padding_free)
 
 
 def sft_worker(config: dict[str, Any]) -> None:
