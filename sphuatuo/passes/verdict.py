@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-from transformers import AutoTokenizer
 
 from sphuatuo.data.questions import Question
 from sphuatuo.engines import ComingPass, Request, start_ahead
@@ -89,6 +88,10 @@ def conclusion_verifier(prompt: str) -> VerdictSpec:
 @cache
 def single_token_ids(model: str, words: tuple[str, str], trust_remote_code: bool) -> tuple[int, int] | None:
     """Token ids of the two words when each is one distinct token in the model's vocabulary, else None."""
+    # Imported here, on the driver: the row-wise tasks that load this module (the rule split, the LLM's verdicts)
+    # never need a tokenizer, and transformers with torch takes a fresh task worker 5-6 s to import.
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
     encoded = [tokenizer.encode(word, add_special_tokens=False) for word in words]
     if any(len(ids) != 1 for ids in encoded) or encoded[0] == encoded[1]:
