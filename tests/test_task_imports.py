@@ -1,6 +1,7 @@
-"""The modules whose functions Ray Data runs as row-wise tasks (every stage and pass) import neither torch,
-transformers nor vLLM. A task worker loads a function's module before its first row: with transformers and torch
-that took a fresh worker 5-6 s here, and the Self-Play shape run's student answers 12.2 s instead of 4.1."""
+"""The modules whose functions Ray Data runs as row-wise tasks (stages, passes, data loaders, the run root's
+storage) import neither torch, transformers nor vLLM. A task worker loads a function's module before its first row:
+with transformers and torch that took a fresh worker 5-6 s here, and the Self-Play shape run's student answers 12.2 s
+instead of 4.1."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import pkgutil
 import subprocess
 import sys
 
+import sphuatuo.data
 import sphuatuo.passes
 import sphuatuo.stages
+import sphuatuo.store
 from conftest import REPO
 
 HEAVY = ("torch", "transformers", "vllm")
 
 
-def test_stage_and_pass_modules_leave_torch_transformers_and_vllm_unimported() -> None:
-    modules = [module.name for package in (sphuatuo.stages, sphuatuo.passes)
+def test_row_wise_modules_leave_torch_transformers_and_vllm_unimported() -> None:
+    modules = [module.name for package in (sphuatuo.stages, sphuatuo.passes, sphuatuo.data, sphuatuo.store)
                for module in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
     assert "sphuatuo.passes.verdict" in modules and "sphuatuo.stages.huatuo_o1.rl" in modules
     code = ("import importlib, sys\n"
