@@ -172,12 +172,11 @@ def test_judge_tokenizer_and_reward_verifiers_load_with_the_recipe_flag(monkeypa
         def eval(self) -> FakeModel:
             return self
 
-    monkeypatch.setattr(verdict, "AutoTokenizer", FakeTokenizer)
+    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
     assert verdict.single_token_ids("/models/remote-judge", ("1", "2"), True) == (10, 11)
     assert loads == [("/models/remote-judge", True)]
 
     loads.clear()
-    monkeypatch.setattr(transformers, "AutoTokenizer", FakeTokenizer)
     monkeypatch.setattr(transformers, "AutoModelForSequenceClassification", FakeModel)
     monkeypatch.setattr(transformers, "AutoModelForCausalLM", FakeModel)
     build_verifier(RewardVerifierConfig(kind="classifier", model="/models/verifier", trust_remote_code=True))
