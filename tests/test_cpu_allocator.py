@@ -1,19 +1,16 @@
 """The allocator of CPU processes: engines and training workers on Ray's jemalloc, which keeps a step's buffers for
-the next step; a kept engine process hands its pages back when it drops its engine."""
+the next step. A training worker's process is checked in tests/test_driver_environment.py, a kept engine process
+handing its pages back in tests/test_engine_services.py."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from sphuatuo.commands.doctor import _allocator_check, _cpu_preload
 from sphuatuo.engines import cpu_engine_environment
-from sphuatuo.recipe import EngineConfig, SftStage, load_recipe
-from sphuatuo.store.run_root import RunRoot
+from sphuatuo.recipe import EngineConfig, load_recipe
 from sphuatuo.store.runtime import CPU_ENVIRONMENT, JEMALLOC_CONF, training_environment
 
 ALLOCATOR = ("LD_PRELOAD", "MALLOC_CONF")
@@ -52,23 +49,3 @@ def test_doctor_names_a_node_without_the_preloaded_allocator(monkeypatch: pytest
     assert _cpu_preload(load_recipe(PIPELINES / "huatuo_o1_7b.yaml")) is None
     monkeypatch.setenv("LD_PRELOAD", "")  # the driver's choice of glibc: nothing to check
     assert _cpu_preload(load_recipe(demo)) is None
-
-
-@pytest.mark.slow
-def test_a_ray_train_worker_on_cpu_trains_with_jemalloc_loaded(tmp_path: Path, ray_cluster,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from sphuatuo.train.launcher import fit
-
-    for name in ALLOCATOR:
-        monkeypatch.delenv(name, raising=False)
-
-    def record_environment(config: dict[str, Any]) -> None:
-        mapped = Path("/proc/self/maps").read_text()
-        seen = {"jemalloc_mapped": "libjemalloc.so" in mapped, "MALLOC_CONF": os.environ.get("MALLOC_CONF"),
-                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR")}
-        RunRoot(config["run_root"], config["filesystem"]).write_text(json.dumps(seen), config["stage_name"], "env.json")
-
-    run = RunRoot(str(tmp_path / "run"))
-    fit(run, "environment", SftStage(scaling={"num_workers": 1, "zero_stage": 0}), record_environment, {})
-    seen = json.loads(run.read_text("environment", "env.json"))
-    assert seen == {"jemalloc_mapped": True, "MALLOC_CONF": JEMALLOC_CONF, "DS_ACCELERATOR": "cpu"}

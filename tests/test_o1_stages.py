@@ -22,7 +22,7 @@ from sphuatuo.passes.verdict import conclusion_verifier, verdict_pass
 from sphuatuo.pipeline import run_pipeline
 from sphuatuo.recipe import O1Recipe
 from sphuatuo.stages import StageContext, questions
-from sphuatuo.stages.huatuo_o1 import reasoning_search, rl
+from sphuatuo.stages.huatuo_o1 import reasoning_search
 from sphuatuo.stages.huatuo_o1 import sft as o1_sft
 from sphuatuo.store.manifest import Manifest, StageRecord
 from sphuatuo.store.run_root import RunRoot
@@ -35,7 +35,8 @@ def tiny_o1_recipe(run_root: Path, **changes: object) -> O1Recipe:
 
 
 def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    recipe = tiny_o1_recipe(tmp_path / "run")
+    # RL by RLOO: the o1 demo's test (test_end_to_end.py) runs the recipes' GRPO.
+    recipe = tiny_o1_recipe(tmp_path / "run", **{"stages.rl.algorithm": "rloo"})
     with rows_only_on_workers(monkeypatch):  # every stage's rows stay in the cluster
         run = run_pipeline(recipe)
     stages = Manifest.model_validate_json(run.read_text("manifest.json")).stages
@@ -71,9 +72,12 @@ def test_o1_pipeline_end_to_end_on_the_tiny_model(tmp_path: Path, ray_cluster, m
 
     assert stages["sft"].status == "skipped" and "zero training examples" in stages["sft"].error
 
-    # RL: GRPO through Ray Train on the 2 RL problems, from the base model; losses finite, rewards logged.
+    # RL: RLOO through Ray Train on the 2 RL problems, from the base model (no SFT model to start from); losses
+    # finite, rewards logged.
     rl = stages["rl"]
-    assert rl.status == "done" and rl.details["steps"] == 2 and rl.details["reward_steps"] == 2
+    assert rl.status == "done" and rl.details["algorithm"] == "rloo" and rl.rows_out == 2
+    assert rl.details["steps"] == 2 and rl.details["reward_steps"] == 2
+    assert any(note.startswith("RL starts from the base student: ") for note in rl.details["notes"])
     log = json.loads(run.read_text("rl", "train_log.json"))
     steps_logged = [entry for entry in log if "loss" in entry]
     assert len(steps_logged) == 2
@@ -169,22 +173,6 @@ def test_a_verdict_pass_cut_short_before_the_llm_resumes_with_every_key_once(tmp
     files = run.parquet_files("verdicts")
     verdict_pass(ctx, rows, "verdicts", judge, spec)  # nothing left to decide: nothing written
     assert run.parquet_files("verdicts") == files and len(run.read_rows("verdicts_raw")) == 3
-
-
-def test_rloo_trains_through_ray_train(tmp_path: Path, ray_cluster) -> None:
-    recipe = tiny_o1_recipe(tmp_path / "run", **{"stages.rl.algorithm": "rloo", "stages.rl.start_from": "base",
-                                                 "data.test": []})
-    run = RunRoot(recipe.run_root)
-    questions.run(StageContext(recipe, run, StageRecord()))
-    problems = [{**q, "problem": q["question"], "ground_truth": q["reference"]}
-                for q in run.read_rows("questions", "train")]
-    run.write_rows(problems, "verifiable_problems", "rl")
-    ctx = StageContext(recipe, run, StageRecord())
-    rl.run(ctx)
-    assert ctx.record.rows_out == len(problems) and ctx.record.details["algorithm"] == "rloo"
-    logged = [e for e in json.loads(run.read_text("rl", "train_log.json")) if "loss" in e]
-    assert len(logged) == 2 and all(math.isfinite(e["loss"]) and "rewards/o1_reward/mean" in e for e in logged)
-    assert run.exists("rl", "model", "model.safetensors")
 
 
 def test_verified_items_are_written_up_each_item_ends_once_and_a_rerun_generates_nothing(

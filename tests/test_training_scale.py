@@ -114,9 +114,9 @@ def _latest_checkpoint(storage: Path) -> list[dict] | None:
         return None
 
 
-def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: dict) -> None:
+def _kill_a_worker_after_the_first_checkpoint(storage: Path) -> dict[str, int]:
     """SIGKILL one worker of the group once Ray Train has registered its first checkpoint (the pids of
-    the group are in that checkpoint's sample order)."""
+    the group are in that checkpoint's sample order); the pid and the checkpoint's step."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         time.sleep(0.1)
@@ -125,33 +125,10 @@ def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: dict) -> No
             continue
         pid = order[-1]["worker_pids"][-1]
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        if pid in [actor.pid for actor in workers]:
-            os.kill(pid, signal.SIGKILL)
-            killed.update(pid=pid, at_step=order[-1]["step"])
-        return
-
-
-def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_sample_order(
-        tmp_path: Path, zero3_run: RunRoot) -> None:
-    recipe = tiny_recipe(tmp_path / "run", **SCALE)
-    ctx = _sft_inputs(recipe)
-    killed: dict[str, int] = {}
-    killer = threading.Thread(target=_kill_a_worker_after_the_first_checkpoint,
-                              args=(Path(ctx.run.fs_path("checkpoints", "sft")), killed), daemon=True)
-    killer.start()
-    sft.run(ctx)
-    killer.join(timeout=1)
-    assert killed, "no worker was killed"
-
-    order = _sample_order(ctx.run)
-    # Steps up to the checkpoint were trained by the first worker group, the rest by its replacement.
-    assert killed["at_step"] < STEPS
-    assert killed["pid"] in order[0]["worker_pids"] and killed["pid"] not in order[-1]["worker_pids"]
-    assert [step["step"] for step in order] == list(range(1, STEPS + 1))
-    assert [step["ids"] for step in order] == [step["ids"] for step in _sample_order(zero3_run)]
-    log = json.loads(ctx.run.read_text("sft", "train_log.json"))
-    assert [entry["step"] for entry in log if "loss" in entry] == list(range(1, STEPS + 1))
-    assert ctx.run.exists("sft", "model", "model.safetensors")
+        assert pid in [actor.pid for actor in workers], "the group ended before a worker could be killed"
+        os.kill(pid, signal.SIGKILL)
+        return {"pid": pid, "at_step": order[-1]["step"]}
+    raise AssertionError("no checkpoint registered in 4 minutes")
 
 
 # A driver of its own for one SFT stage, as `sphuatuo run` is one: the test kills it, then runs the stage again.
@@ -170,17 +147,27 @@ sft.run(StageContext(recipe=recipe, run=RunRoot(recipe.run_root), record=StageRe
 """
 
 
-def test_a_driver_killed_mid_training_is_resumed_from_its_last_checkpoint_by_the_next_driver(
+def test_a_killed_worker_then_a_killed_driver_each_resume_from_the_last_checkpoint_in_the_same_sample_order(
         tmp_path: Path, ray_head, zero3_run: RunRoot) -> None:
+    """One SFT run loses a worker (Ray Train restarts the group from the last checkpoint), then its driver (the next
+    driver resumes from the last checkpoint the replacement group registered): every step trained once, in the
+    uninterrupted run's sample order."""
     recipe = tiny_recipe(tmp_path / "run", **SCALE)
     ctx = _sft_inputs(recipe)
     (tmp_path / "recipe.json").write_text(recipe.model_dump_json())
+    storage = Path(ctx.run.fs_path("checkpoints", "sft"))
     driver = subprocess.Popen([sys.executable, "-c", SFT_DRIVER, str(tmp_path / "recipe.json"), ray_head["address"]],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = _kill_a_worker_after_the_first_checkpoint(storage)
+
+    def replacement_checkpointed() -> bool:
+        order = _latest_checkpoint(storage)
+        return order is not None and killed["pid"] not in order[-1]["worker_pids"]
+
     deadline = time.monotonic() + 300
-    while _latest_checkpoint(Path(ctx.run.fs_path("checkpoints", "sft"))) is None:
+    while not replacement_checkpointed():
         assert driver.poll() is None, "the driver ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint registered in 5 minutes"
+        assert time.monotonic() < deadline, "the replacement group registered no checkpoint in 5 minutes"
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -189,9 +176,14 @@ def test_a_driver_killed_mid_training_is_resumed_from_its_last_checkpoint_by_the
     sft.run(ctx)  # the next driver
     order = _sample_order(ctx.run)
     assert [step["step"] for step in order] == list(range(1, STEPS + 1))  # no step trained twice, none skipped
-    first_group, last_group = set(order[0]["worker_pids"]), set(order[-1]["worker_pids"])
-    assert first_group.isdisjoint(last_group), "the steps after the checkpoint were trained by the next driver"
+    # Three worker groups in turn: the first (with the killed worker) up to its checkpoint, its replacement up to
+    # the driver's death, then the next driver's.
+    groups = list(dict.fromkeys(frozenset(step["worker_pids"]) for step in order))
+    assert len(groups) == 3 and killed["pid"] in groups[0] and killed["at_step"] < STEPS
+    assert all(first.isdisjoint(later) for i, first in enumerate(groups) for later in groups[i + 1:])
     assert [step["ids"] for step in order] == [step["ids"] for step in _sample_order(zero3_run)]
+    log = json.loads(ctx.run.read_text("sft", "train_log.json"))
+    assert [entry["step"] for entry in log if "loss" in entry] == list(range(1, STEPS + 1))
     assert ctx.run.exists("sft", "model", "model.safetensors")
 
 
