@@ -95,12 +95,17 @@ def test_zero3_sft_checkpoints_logs_and_exports_a_model_vllm_serves(zero3_run: R
 
     from sphuatuo import engines
     from sphuatuo.engines import Request
+    from sphuatuo.engines.serving import EngineServices
     from sphuatuo.recipe import EngineConfig, SamplingConfig
 
     engine = EngineConfig(backend="vllm", model=model, max_model_len=512, batch_size=2)
     request = Request.from_config(SamplingConfig(temperature=0.0, max_tokens=8))
     prompts = [{"key": 0, "messages": [{"role": "user", "content": "Which vitamin deficiency causes scurvy?"}]}]
-    rows = engines.generate(ray.data.from_items(prompts), engine, request).take_all()
+    services = EngineServices()  # the engine a run keeps up (the engine of a pass has its own tests)
+    try:
+        rows = engines.generate(ray.data.from_items(prompts), engine, request, services=services).take_all()
+    finally:
+        services.close()
     assert len(rows) == 1 and rows[0]["num_generated_tokens"] > 0 and rows[0]["generated_text"]
 
 
