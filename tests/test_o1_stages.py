@@ -1,9 +1,9 @@
 """The HuatuoGPT-o1 stages through real Ray on the tiny model: transformers actor pools for generation and
-verification, Ray Train + DeepSpeed ZeRO-2 with TRL's GRPO and SFT trainers.
+verification, Ray Train + DeepSpeed ZeRO-2 with TRL's RLOO and SFT trainers (GRPO: the o1 demo's test).
 
 The tiny model is random: it never writes the JSON the rewrite and the search ask for. So the run shows
 the failure paths for real (bounded retries, reasons kept, search rounds up to the label-revealed step,
-nothing solved, SFT skipped with its reason), open-ended items become problems as they are, and GRPO
+nothing solved, SFT skipped with its reason), open-ended items become problems as they are, and RLOO
 trains on them. The SFT stage is then run on verified paths written by hand, in the o1 format.
 """
 
