@@ -59,8 +59,11 @@ def test_bench_generate_runs_bare_vllm_and_ray_data_against_their_own_baselines(
     # against 0 and 6), steady states (1, 3, 5 against 1 and 7). The bare pass after the round is a baseline only.
     for bare, measured in ((0, (0, 2, 4)), (1, (1, 3, 5))):
         base = (float(tokens_per_s[bare]) + float(tokens_per_s[bare + 6])) / 2
-        # The table rounds tokens/s to 0.1 and divides the unrounded ones: a last digit may differ.
-        assert all(abs(float(ratio[i]) - float(tokens_per_s[i]) / base) < 0.011 for i in measured)
+        # The table prints tokens/s to 0.1 and ratios to 0.01 of the unrounded numbers: at the few tokens/s of a
+        # whole pass here, the printed numbers' ratio may be several hundredths off, never outside these bounds.
+        for i in measured:
+            speed = float(tokens_per_s[i])
+            assert (speed - 0.05) / (base + 0.05) - 0.005 <= float(ratio[i]) <= (speed + 0.05) / (base - 0.05) + 0.005
     assert ratio[6:] == ("-", "-")
     # The steady states leave the start-up out.
     assert all(float(seconds[i + 1]) < float(seconds[i]) for i in (0, 2, 4, 6))
