@@ -20,12 +20,14 @@ Four built-ins, addressed by `resolve_model`:
 Both directories are ordinary Hugging Face model folders (safetensors, ChatML template with `{% generation %}`
 markers, eos ``<|im_end|>``) that transformers, TRL and vLLM load as they are. A build happens once per cache
 directory: it is written into a temporary folder next to its final place, finished with a ``.complete`` marker and
-renamed into place, so concurrent builders never see or leave a half-written model. Directory names carry a hash of
-everything the build depends on, so a changed recipe or question bank never reuses a stale build.
+renamed into place, so no reader ever sees a half-written model, and processes of one machine that ask for a model
+being built wait for that build (a lock file beside it) instead of building it again beside it. Directory names carry
+a hash of everything the build depends on, so a changed recipe or question bank never reuses a stale build.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.resources
 import importlib.util
@@ -193,10 +195,21 @@ def _digest(*parts: str) -> str:
 
 
 def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
-    """Return `target` if complete, else build it into a sibling temp dir, mark it complete and rename it there."""
+    """Return `target` if complete, else build it into a sibling temp dir, mark it complete and rename it there.
+    One build at a time per target: a second caller waits on `<target>.lock` and returns the first one's build, where
+    the processes of a fresh node asking for one model at once (an engine, training workers) would each build it on
+    the node's shared cores."""
     if (target / _MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its holder dies
+        if not (target / _MARKER).is_file():
+            _build_into_place(target, write)
+    return target
+
+
+def _build_into_place(target: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared with other workers
     try:
@@ -207,11 +220,10 @@ def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / _MARKER).is_file():  # not a lost race: a real failure
+            if not (target / _MARKER).is_file():  # not a build of another machine sharing the cache: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _tiny_corpus() -> Iterator[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -93,15 +92,17 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_cache_dir() == Path.home() / ".cache" / "sphuatuo" / "models"
 
 
-def test_tiny_builds_complete_and_cached(model_cache: Path, tiny_dir: Path) -> None:
+def test_tiny_builds_complete_and_cached(model_cache: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert tiny_dir.parent == model_cache.resolve() and tiny_dir.name.startswith("tiny-qwen2-")
     for name in (".complete", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (tiny_dir / name).is_file(), name
     assert not [p.name for p in model_cache.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
-    start = time.perf_counter()
+    def build_again(out: Path, corpus: list[str]) -> None:
+        raise AssertionError("a complete build was built again")
+
+    monkeypatch.setattr(local_models, "_write_tiny", build_again)
     assert build_tiny_model(model_cache) == tiny_dir
-    assert time.perf_counter() - start < 0.5
 
     config = json.loads((tiny_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
@@ -116,15 +117,23 @@ def test_tiny_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
         assert _sha256(again / name) == _sha256(tiny_dir / name), name
 
 
-def test_concurrent_builds_agree(tmp_path: Path) -> None:
+def test_concurrent_builds_agree_and_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[Path] = []
+    write_tiny = local_models._write_tiny
+
+    def counted(out: Path, corpus: list[str]) -> None:
+        writes.append(out)
+        write_tiny(out, corpus)
+
+    monkeypatch.setattr(local_models, "_write_tiny", counted)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(build_tiny_model(tmp_path))) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(results) == 2 and results[0] == results[1]
-    assert [p.name for p in tmp_path.iterdir()] == [results[0].name]
+    assert len(results) == 2 and results[0] == results[1] and len(writes) == 1  # the second waited for the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [results[0].name, f"{results[0].name}.lock"]
     assert (results[0] / ".complete").is_file()
 
 
