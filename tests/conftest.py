@@ -178,34 +178,14 @@ def _start_openai_server() -> OpenAIServer:
 
 
 _servers_started_early: dict[str, OpenAIServer] = {}
-_model_builds: list[subprocess.Popen] = []
-# Every built-in model, at a lower priority than the tests; ended by SIGTERM, a build removes its temp folder.
-_BUILD_MODELS = """
-import os, signal, sys
-from sphuatuo.local_models import BUILTINS, resolve_model
-os.nice(10)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-for name in BUILTINS.values():
-    resolve_model(name)
-"""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The unit tests first (in seconds, on one core), then the slow ones, each kind in its usual order: a broken
-    unit shows at once, and the work started beside them below has a core to run on."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Where slow tests are selected, build the project's models (on a fresh machine about 90 s: tiny-think's minute
-    of training, SmolLM2's conversion) and start the session's `vllm serve` if a test needs it (two processes
-    importing vLLM, about 40 s) beside the unit tests, which leave a core idle, instead of in the first slow test
-    that asks for them. A test that asks for a model still being built waits for that build (`build_cached`)."""
+    """Start the session's `vllm serve` once the selected tests are known to need it: its start (two processes
+    importing vLLM, about 40 s on 2 cores) then runs beside the first tests, which leave a core idle about a quarter
+    of the time, instead of holding up the first test that asks for it."""
     if session.config.option.collectonly:
         return
-    if any(item.get_closest_marker("slow") for item in session.items):
-        _model_builds.append(subprocess.Popen([sys.executable, "-c", _BUILD_MODELS], stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL, start_new_session=True))
     if any("openai_server" in getattr(item, "fixturenames", ()) for item in session.items):
         _servers_started_early["openai"] = _start_openai_server()
 
@@ -213,9 +193,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     for server in _servers_started_early.values():  # started, but no test got to use it
         os.killpg(server.process.pid, signal.SIGTERM)
-    for build in _model_builds:  # builds no test waited for
-        if build.poll() is None:
-            os.killpg(build.pid, signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")
