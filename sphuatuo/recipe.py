@@ -120,8 +120,7 @@ class EngineConfig(Strict):
                                "that grows with the backlog as the autoscaler adds GPU nodes")
     batch_size: int = Field(default=16, ge=1, description="rows per batch sent to a replica")
     max_concurrent_batches: int = Field(default=8, ge=1, description="batches in flight per replica, so the "
-                                                                     "engine's continuous batching never runs dry "
-                                                                     "(on CPU nodes at most 2)")
+                                                                     "engine's continuous batching never runs dry")
     cpus_per_replica: float = Field(default=1, gt=0)
     cpu_threads: int | None = Field(default=None, ge=1, description="CPU engines: compute threads per replica "
                                                                    "(default: cpus_per_replica rounded up)")

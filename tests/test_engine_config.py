@@ -4,7 +4,6 @@ vLLM user sets reaches the engine or the actor pool, and GPU-only settings stay 
 from __future__ import annotations
 
 from sphuatuo.engines import Request, row_seed
-from sphuatuo.engines.actors import CPU_BATCHES_IN_FLIGHT, batches_in_flight
 from sphuatuo.engines.vllm import processor_config
 from sphuatuo.recipe import EngineConfig
 
@@ -33,11 +32,6 @@ def test_cpu_engine_is_eager_seeded_engine_wide_and_threads_its_share() -> None:
     assert config.runtime_env["env_vars"]["OMP_NUM_THREADS"] == "2"
     assert config.get_concurrency(autoscaling_enabled=False) == {"size": 1}
 
-
-
-def test_a_kept_cpu_engine_is_sent_the_recipes_batches_in_flight_up_to_its_cap() -> None:
-    assert batches_in_flight(EngineConfig(model="builtin:tiny", max_concurrent_batches=1)) == 1
-    assert batches_in_flight(EngineConfig(model="builtin:tiny")) == CPU_BATCHES_IN_FLIGHT == 2  # default 8, capped
 
 
 def test_each_sample_of_a_question_gets_its_own_seed() -> None:
