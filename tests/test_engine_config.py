@@ -33,7 +33,6 @@ def test_cpu_engine_is_eager_seeded_engine_wide_and_threads_its_share() -> None:
     assert config.get_concurrency(autoscaling_enabled=False) == {"size": 1}
 
 
-
 def test_each_sample_of_a_question_gets_its_own_seed() -> None:
     request = Request(temperature=0.7, top_p=0.9, max_tokens=16, seed=100)
     assert [row_seed(request, {"sample": k}) for k in range(3)] == [100, 101, 102]
