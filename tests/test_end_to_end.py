@@ -129,6 +129,9 @@ O1_SMALL = [
     f"stages.rl.data={RELEASED / 'medical_o1_verifiable_problem_sample.jsonl'}",
     "stages.sft.epochs=1",
     "stages.rl.max_steps=2",
+    # The SFT model's replies in the format run about 32 tokens: half the demo's budget still holds them, and GRPO
+    # generates and trains on half the tokens per step.
+    "stages.rl.max_response_length=64",
     "stages.evaluate.models=[rl]",
     # Two protocols, so two evaluation passes: a short budget each (what is checked is the table, not the score).
     "stages.evaluate.sampling.max_tokens=32",
