@@ -51,8 +51,8 @@ def tiny_tokenizer(tiny_dir: Path) -> PreTrainedTokenizerBase:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    # The suite's own cache, where the o1 demo's test finds it too: one conversion (30 s) per suite, not two. Building
-    # into a given cache and reusing it is shown on the tiny model.
+    # The cache every test resolves built-ins from (`default_cache_dir`), where the o1 demo's test finds it too: one
+    # conversion (30 s) per suite, not two. Building into a given cache and reusing it is shown on the tiny model.
     return Path(resolve_model(SMOLLM2))
 
 
